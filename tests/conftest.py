@@ -1,0 +1,41 @@
+"""Shared test helpers: C fixtures compiled with the machine's gcc at test time."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CACHE = Path(os.environ.get("PYPROBES_FIXTURE_CACHE", Path(__file__).parent / ".fixture-cache"))
+
+
+def compile_fixture(source: str, *flags: str, output: str | None = None, compiler: str = "gcc") -> Path:
+    """Compile tests/fixtures/SOURCE with gcc and FLAGS; cached by source text and flags."""
+    src = FIXTURES / source
+    text = src.read_bytes()
+    key = hashlib.sha256(text + "\0".join((compiler,) + flags).encode()).hexdigest()[:16]
+    name = output or src.stem
+    out_dir = CACHE / key
+    exe = out_dir / name
+    if exe.exists():
+        return exe
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (name + ".tmp")
+    cmd = [compiler, "-g", "-O1", "-o", str(tmp), str(src), *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {source} failed:\n{' '.join(cmd)}\n{result.stderr}")
+    os.replace(tmp, exe)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def build():
+    """build(source, *flags, output=None) -> Path of the compiled fixture."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    return compile_fixture
