@@ -1,0 +1,261 @@
+"""Perform an instruction's effect in the tracer instead of running a copy.
+
+An emulated probe costs one ptrace stop and no slot, and it is the only safe
+way to run a ``call`` (a copy would push a return address inside the slot).
+``apply`` runs on every hit, inside a budget of about a microsecond, so
+everything that can be known from the instruction (targets, the return
+address bytes, the register's attribute name, the condition test) is worked
+out once in compile_emulation(); ``apply`` only does the arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from iced_x86 import Code, ConditionCode, Register
+
+from .classify import (
+    CALL_REL_CODES,
+    JCC_CODES,
+    JMP_REL_CODES,
+    NOP_CODES,
+    PUSH_REG_CODES,
+    RET_CODES,
+    Kind,
+    classify,
+)
+from .decode import Insn
+
+__all__ = [
+    "CallRel",
+    "Emulation",
+    "Jcc",
+    "JccSigned",
+    "JmpRel",
+    "Nop",
+    "PushReg",
+    "Ret",
+    "compile_emulation",
+    "condition_test",
+]
+
+MASK64 = (1 << 64) - 1
+
+# RFLAGS bits the condition codes read.
+CF = 1 << 0
+PF = 1 << 2
+ZF = 1 << 6
+SF = 1 << 7
+OF = 1 << 11
+
+
+# Each condition as (mask, negate, signed): taken when (flags & mask) != 0,
+# inverted when negate. The four signed conditions compare SF with OF; they
+# first fold SF^OF into bit 7 (OF is bit 11, so flags ^ (flags >> 4) puts
+# OF^SF at bit 7) and keep ZF at bit 6, so every condition is one mask test.
+# That keeps a hit to a couple of integer operations and no extra call.
+_CONDITIONS: dict[int, tuple[int, bool, bool]] = {
+    ConditionCode.O: (OF, False, False),
+    ConditionCode.NO: (OF, True, False),
+    ConditionCode.B: (CF, False, False),
+    ConditionCode.AE: (CF, True, False),
+    ConditionCode.E: (ZF, False, False),
+    ConditionCode.NE: (ZF, True, False),
+    ConditionCode.BE: (CF | ZF, False, False),
+    ConditionCode.A: (CF | ZF, True, False),
+    ConditionCode.S: (SF, False, False),
+    ConditionCode.NS: (SF, True, False),
+    ConditionCode.P: (PF, False, False),
+    ConditionCode.NP: (PF, True, False),
+    ConditionCode.L: (0x80, False, True),
+    ConditionCode.GE: (0x80, True, True),
+    ConditionCode.LE: (0x80 | ZF, False, True),
+    ConditionCode.G: (0x80 | ZF, True, True),
+}
+
+
+def _fold_signed(flags: int) -> int:
+    return ((flags ^ (flags >> 4)) & 0x80) | (flags & ZF)
+
+
+# ptrace's user_regs_struct field names.
+_REGISTER_NAMES: dict[int, str] = {
+    Register.RAX: "rax", Register.RCX: "rcx", Register.RDX: "rdx", Register.RBX: "rbx",
+    Register.RSP: "rsp", Register.RBP: "rbp", Register.RSI: "rsi", Register.RDI: "rdi",
+    Register.R8: "r8", Register.R9: "r9", Register.R10: "r10", Register.R11: "r11",
+    Register.R12: "r12", Register.R13: "r13", Register.R14: "r14", Register.R15: "r15",
+}
+
+
+def condition_test(condition: int) -> Callable[[int], bool]:
+    """The function deciding, from RFLAGS, whether a jcc with CONDITION is taken."""
+    mask, negate, signed = _CONDITIONS[condition]
+    if signed:
+        return lambda flags: ((_fold_signed(flags) & mask) == 0) == negate
+    return lambda flags: ((flags & mask) == 0) == negate
+
+
+class Emulation:
+    """The effect of one instruction on registers and memory.
+
+    ``regs`` has integer attributes rip, rsp, eflags and the 16 GPRs (a ctypes
+    user_regs_struct in practice); ``memory`` has ``read(address, size)`` and
+    ``write(address, data)``. ``needs_memory`` tells the caller whether it
+    must supply a working ``memory``.
+    """
+
+    __slots__ = ()
+    needs_memory: bool = False
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        raise NotImplementedError
+
+
+class Nop(Emulation):
+    __slots__ = ("next",)
+
+    def __init__(self, next_address: int) -> None:
+        self.next = next_address
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        regs.rip = self.next
+
+    def __repr__(self) -> str:
+        return f"Nop(next={self.next:#x})"
+
+
+class JmpRel(Emulation):
+    __slots__ = ("target",)
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        regs.rip = self.target
+
+    def __repr__(self) -> str:
+        return f"JmpRel(target={self.target:#x})"
+
+
+class Jcc(Emulation):
+    """A conditional jump on CF/PF/ZF/SF/OF alone."""
+
+    __slots__ = ("target", "next", "condition", "mask", "negate")
+
+    def __init__(self, condition: int, target: int, next_address: int) -> None:
+        self.condition = condition
+        self.mask, self.negate, _ = _CONDITIONS[condition]
+        self.target = target
+        self.next = next_address
+
+    def taken(self, flags: int) -> bool:
+        return ((flags & self.mask) == 0) == self.negate
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        # taken <=> (flags & mask) != 0, inverted by negate
+        regs.rip = self.target if ((regs.eflags & self.mask) == 0) == self.negate else self.next
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(condition={self.condition}, target={self.target:#x}, "
+                f"next={self.next:#x})")
+
+
+class JccSigned(Jcc):
+    """jl/jge/jle/jg: SF != OF (and ZF), folded into one mask test."""
+
+    __slots__ = ()
+
+    def taken(self, flags: int) -> bool:
+        return ((_fold_signed(flags) & self.mask) == 0) == self.negate
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        f = regs.eflags
+        f = ((f ^ (f >> 4)) & 0x80) | (f & ZF)
+        regs.rip = self.target if ((f & self.mask) == 0) == self.negate else self.next
+
+
+class CallRel(Emulation):
+    __slots__ = ("target", "return_address", "_return_bytes")
+    needs_memory = True
+
+    def __init__(self, target: int, return_address: int) -> None:
+        self.target = target
+        self.return_address = return_address
+        self._return_bytes = return_address.to_bytes(8, "little")
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        rsp = (regs.rsp - 8) & MASK64
+        # Memory first: if the stack write fails the registers are untouched
+        # and the caller can report the hit without corrupting the thread.
+        memory.write(rsp, self._return_bytes)
+        regs.rsp = rsp
+        regs.rip = self.target
+
+    def __repr__(self) -> str:
+        return f"CallRel(target={self.target:#x}, return_address={self.return_address:#x})"
+
+
+class Ret(Emulation):
+    __slots__ = ("pop",)
+    needs_memory = True
+
+    def __init__(self, imm16: int = 0) -> None:
+        # ret imm16 releases the callee-popped arguments after the address.
+        self.pop = 8 + imm16
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        rsp = regs.rsp
+        rip = int.from_bytes(memory.read(rsp, 8), "little")
+        regs.rsp = (rsp + self.pop) & MASK64
+        regs.rip = rip
+
+    def __repr__(self) -> str:
+        return f"Ret(pop={self.pop})"
+
+
+class PushReg(Emulation):
+    __slots__ = ("register", "next")
+    needs_memory = True
+
+    def __init__(self, register: str, next_address: int) -> None:
+        self.register = register
+        self.next = next_address
+
+    def apply(self, regs: Any, memory: Any) -> None:
+        # Read before decrementing: "push rsp" stores the old RSP.
+        value = getattr(regs, self.register) & MASK64
+        rsp = (regs.rsp - 8) & MASK64
+        memory.write(rsp, value.to_bytes(8, "little"))
+        regs.rsp = rsp
+        regs.rip = self.next
+
+    def __repr__(self) -> str:
+        return f"PushReg({self.register}, next={self.next:#x})"
+
+
+def compile_emulation(insn: Insn) -> Emulation:
+    """Precompute the emulation of an instruction classify() marks EMULATE.
+
+    Raises ValueError for any other instruction (including an emulatable
+    opcode whose prefixes make classify() refuse it).
+    """
+    verdict = classify(insn)
+    if verdict.kind is not Kind.EMULATE:
+        raise ValueError(f"{insn.address:#x}: '{insn.text}' is not emulated ({verdict.kind.value}: "
+                         f"{verdict.reason})")
+    i = insn.instruction
+    code = i.code
+    next_address = (insn.address + insn.length) & MASK64
+    if code in NOP_CODES:
+        return Nop(next_address)
+    if code in JMP_REL_CODES:
+        return JmpRel(i.near_branch_target)
+    if code in JCC_CODES:
+        signed = _CONDITIONS[i.condition_code][2]
+        return (JccSigned if signed else Jcc)(i.condition_code, i.near_branch_target, next_address)
+    if code in CALL_REL_CODES:
+        return CallRel(i.near_branch_target, next_address)
+    if code in RET_CODES:
+        return Ret(i.immediate16 if code == Code.RETNQ_IMM16 else 0)
+    if code in PUSH_REG_CODES:
+        return PushReg(_REGISTER_NAMES[i.op0_register], next_address)
+    raise ValueError(f"{insn.address:#x}: no emulation for '{insn.text}'")  # sets out of sync
