@@ -1,0 +1,216 @@
+"""Our own small ctypes binding of ptrace(2), process_vm_readv(2) and the x86-64 register file.
+
+python-ptrace lacks PTRACE_SEIZE/INTERRUPT/LISTEN and thread support, so pyprobes carries
+exactly what it needs here and nothing more. Every function raises OSError with errno set,
+so callers can tell ESRCH (thread gone) from EPERM or EIO.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_ptrace = _libc.ptrace
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_ptrace.restype = ctypes.c_long
+
+# Requests (linux/ptrace.h).
+PTRACE_PEEKUSER = 3
+PTRACE_POKEUSER = 6
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SETSIGINFO = 0x4203
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+# Options and the events they report in (status >> 16).
+PTRACE_O_TRACECLONE = 0x08
+PTRACE_O_TRACEFORK = 0x02
+PTRACE_O_TRACEVFORK = 0x04
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_O_TRACEVFORKDONE = 0x20
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_EXITKILL = 0x100000
+
+PTRACE_EVENT_FORK = 1
+PTRACE_EVENT_VFORK = 2
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_VFORK_DONE = 5
+PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_STOP = 128
+
+WALL = 0x40000000  # __WALL: wait for every thread, cloned or not
+WNOHANG = os.WNOHANG
+
+SI_KERNEL = 0x80
+SI_USER = 0
+TRAP_BRKPT = 1
+TRAP_TRACE = 2
+
+TRACE_OPTIONS = (PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK
+                 | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT)
+
+REGISTER_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+    "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+)
+
+
+class Regs(ctypes.Structure):
+    """struct user_regs_struct (x86-64), as PTRACE_GETREGS fills it."""
+
+    _fields_ = [(name, ctypes.c_ulonglong) for name in REGISTER_NAMES]
+
+    def copy(self) -> "Regs":
+        clone = Regs()
+        ctypes.pointer(clone)[0] = self
+        return clone
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in REGISTER_NAMES}
+
+    def __repr__(self) -> str:
+        return "Regs(" + ", ".join(f"{n}={getattr(self, n):#x}" for n in REGISTER_NAMES[:19]) + ")"
+
+
+# Byte offsets into struct user (the regs come first), for PEEKUSER/POKEUSER.
+REG_OFFSET = {name: 8 * i for i, name in enumerate(REGISTER_NAMES)}
+RIP_OFFSET = REG_OFFSET["rip"]
+
+
+class SigInfo(ctypes.Structure):
+    """siginfo_t: the fields pyprobes reads, plus the raw 128 bytes to hand back unchanged."""
+
+    _fields_ = [
+        ("si_signo", ctypes.c_int),
+        ("si_errno", ctypes.c_int),
+        ("si_code", ctypes.c_int),
+        ("_pad0", ctypes.c_int),
+        ("si_addr", ctypes.c_ulonglong),  # also si_pid / si_uid for kill()
+        ("_rest", ctypes.c_byte * 104),
+    ]
+
+    @property
+    def si_pid(self) -> int:
+        return self.si_addr & 0xFFFFFFFF
+
+
+def _call(request: int, tid: int, addr: int | None, data: object) -> int:
+    result = _ptrace(request, tid, addr, data)
+    if result == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise OSError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+    return result
+
+
+def seize(tid: int, options: int = TRACE_OPTIONS) -> None:
+    _call(PTRACE_SEIZE, tid, None, options)
+
+
+def set_options(tid: int, options: int = TRACE_OPTIONS) -> None:
+    _call(PTRACE_SETOPTIONS, tid, None, options)
+
+
+def interrupt(tid: int) -> None:
+    _call(PTRACE_INTERRUPT, tid, None, None)
+
+
+def listen(tid: int) -> None:
+    _call(PTRACE_LISTEN, tid, None, None)
+
+
+def cont(tid: int, signal: int = 0) -> None:
+    _call(PTRACE_CONT, tid, None, signal)
+
+
+def singlestep(tid: int, signal: int = 0) -> None:
+    _call(PTRACE_SINGLESTEP, tid, None, signal)
+
+
+def detach(tid: int, signal: int = 0) -> None:
+    _call(PTRACE_DETACH, tid, None, signal)
+
+
+def getregs(tid: int, regs: Regs | None = None) -> Regs:
+    if regs is None:
+        regs = Regs()
+    _call(PTRACE_GETREGS, tid, None, ctypes.byref(regs))
+    return regs
+
+
+def setregs(tid: int, regs: Regs) -> None:
+    _call(PTRACE_SETREGS, tid, None, ctypes.byref(regs))
+
+
+def peekuser(tid: int, offset: int) -> int:
+    # PEEKUSER returns the word itself, so -1 is ambiguous: clear errno first.
+    ctypes.set_errno(0)
+    value = _ptrace(PTRACE_PEEKUSER, tid, offset, None)
+    if value == -1 and ctypes.get_errno():
+        err = ctypes.get_errno()
+        raise OSError(err, f"ptrace(PEEKUSER, {tid}): {os.strerror(err)}")
+    return value & 0xFFFFFFFFFFFFFFFF
+
+
+def pokeuser(tid: int, offset: int, value: int) -> None:
+    _call(PTRACE_POKEUSER, tid, offset, value & 0xFFFFFFFFFFFFFFFF)
+
+
+def get_rip(tid: int) -> int:
+    return peekuser(tid, RIP_OFFSET)
+
+
+def set_rip(tid: int, rip: int) -> None:
+    pokeuser(tid, RIP_OFFSET, rip)
+
+
+def geteventmsg(tid: int) -> int:
+    value = ctypes.c_ulong()
+    _call(PTRACE_GETEVENTMSG, tid, None, ctypes.byref(value))
+    return value.value
+
+
+def getsiginfo(tid: int) -> SigInfo:
+    info = SigInfo()
+    _call(PTRACE_GETSIGINFO, tid, None, ctypes.byref(info))
+    return info
+
+
+def setsiginfo(tid: int, info: SigInfo) -> None:
+    _call(PTRACE_SETSIGINFO, tid, None, ctypes.byref(info))
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                              ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+_process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def process_vm_readv(pid: int, address: int, size: int) -> bytes:
+    """Read SIZE bytes at ADDRESS of PID in one system call; OSError if any part is unreadable."""
+    buf = ctypes.create_string_buffer(size)
+    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
+    remote = _IoVec(address, size)
+    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv({pid}, {address:#x}, {size}): {os.strerror(err)}")
+    if n != size:
+        raise OSError(14, f"process_vm_readv({pid}, {address:#x}, {size}): short read of {n} bytes")
+    return buf.raw
