@@ -544,12 +544,12 @@ class Tracee:
         if t.state is ThreadState.STOPPED and not t.event_pending and not self._freezing:
             self._resume_quietly(t)
 
-    def stopped_thread(self) -> int:
-        """Some stopped, live thread (for injecting a system call)."""
+    def stopped_thread(self) -> int | None:
+        """Some stopped, live thread to inject a system call into, or None."""
         for t in self.threads.values():
             if t.state is ThreadState.STOPPED and not t.exiting and not t.vfork_child:
                 return t.tid
-        raise TraceeError("no stopped thread to work with: freeze() first")
+        return None
 
     # ------------------------------------------------------------------ registers
     def get_regs(self, tid: int, regs: Regs | None = None) -> Regs:

@@ -38,11 +38,20 @@ def inject_syscall(tracee: Tracee, tid: int, number: int, *args: int) -> int:
     regs.orig_rax = _MASK  # -1: no system call to restart
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(regs, name, value & _MASK)
-    regs.rip = tracee.syscall_instruction()
-    tracee.set_regs(tid, regs)
+    regs.rip = insn = tracee.syscall_instruction()
     try:
-        tracee.step(tid)
-        result = tracee.get_regs(tid).rax
+        # A thread stopped inside a system call (the exec stop, say) finishes that call first,
+        # which writes its result over our rax, and reports the step trap before running
+        # anything: the call has run only once RIP is past the instruction.
+        for _ in range(3):
+            tracee.set_regs(tid, regs)
+            tracee.step(tid)
+            after = tracee.get_regs(tid)
+            if after.rip != insn:
+                break
+        else:
+            raise OSError(5, f"the injected system call {number} did not run on thread {tid}")
+        result = after.rax
     finally:
         if tid in tracee.threads:
             tracee.set_regs(tid, saved)

@@ -1,0 +1,367 @@
+"""The probe engine: placing probes, the hit path of DESIGN.md, signals, migration out of slots.
+
+The hit path (thread trapped on int3 at A, RIP = A+1):
+  pre-handlers (regs with RIP = A), then
+  emulated insn -> apply its effect, resume                         (1 stop)
+  boosted slot  -> RIP = slot, PTRACE_CONT; the slot jumps back       (1 stop)
+  stepped slot  -> RIP = slot, PTRACE_SINGLESTEP; on the step trap:
+                   fix RIP (and a pushed return address or flags), post-handlers, resume (2 stops);
+                   as in the seed, a clean step with no post-handler makes the point boosted.
+"""
+from __future__ import annotations
+
+import signal as _signal
+import sys
+from typing import Callable, Iterable
+
+from ..slots import SlotCache
+from ..symbols import SymbolError, Target, resolve
+from ..tracee import Event, EventKind, Regs, Tracee
+from ..tracee import ptrace
+from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile_emulation,
+                   decode_function, instruction_at, pushed_flags_fixup, relocate, return_address_fixup,
+                   step_fixup)
+from .probe import Handler, Probe, ProbeError, ProbePoint
+from .slothost import TraceeSlotHost
+
+# Signals a copied instruction raises itself: report them at the original address.
+FAULT_SIGNALS = frozenset({_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGFPE, _signal.SIGILL})
+UNSIZED_FUNCTION_BYTES = 256
+
+
+class Engine:
+    def __init__(self, tracee: Tracee) -> None:
+        self.tracee = tracee
+        self.memory = tracee.memory
+        self.points: dict[int, ProbePoint] = {}
+        self.probes: list[Probe] = []
+        self.host = TraceeSlotHost(tracee, self)
+        self.slots = SlotCache(self.host)
+        self.stats = {"threads_migrated": 0, "signals_held": 0, "faults_in_slots": 0}
+        self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
+        self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
+        self._regs = Regs()
+        self.handler_errors: list[tuple[Probe, BaseException]] = []
+        self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
+
+    # ------------------------------------------------------------------ placing
+    def targets(self, spec: str | int) -> list[Target]:
+        try:
+            return resolve(self.tracee.pid, spec)
+        except SymbolError as e:
+            raise ProbeError(str(e)) from None
+
+    def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
+                  boost: bool = True) -> Probe:
+        point = self.points.get(target.address) or self._new_point(target)
+        probe = Probe(self, point, target, target.spec, pre, post, boost)
+        point.probes.append(probe)
+        self.probes.append(probe)
+        self.update_point(point)
+        return probe
+
+    def _function_code(self, start: int, size: int) -> bytes:
+        data = self.memory.read(start, size)
+        return self.tracee.breakpoints.restore_view(start, data)
+
+    def _new_point(self, target: Target) -> ProbePoint:
+        address = target.address
+        if target.symbol is None:
+            raise ProbeError(f"{address:#x} is in no known function, so its instruction boundaries "
+                             "cannot be checked")
+        size = target.symbol.size or UNSIZED_FUNCTION_BYTES
+        code = self._function_code(target.symbol_address, max(size, target.offset + 16))
+        try:
+            insn = instruction_at(code, target.symbol_address, address)
+        except MidInstructionError as e:
+            raise ProbeError(f"cannot probe {target.name}: {e}") from None
+        return self._point_for(address, insn, target.name)
+
+    def _point_for(self, address: int, insn, name: str) -> ProbePoint:
+        verdict = classify(insn)
+        if verdict.kind is Kind.REFUSE:
+            raise ProbeError(f"cannot probe {name} ({insn.text}): {verdict.reason}")
+        point = ProbePoint(address, insn, verdict.kind, verdict.reason, name)
+        if verdict.kind is Kind.EMULATE:
+            point.emulation = compile_emulation(insn)
+        else:
+            self._give_slot(point)
+        self.points[address] = point
+        return point
+
+    def _give_slot(self, point: ProbePoint) -> None:
+        slot = self.slots.get(point.address)
+        try:
+            # Boostable copies carry their jmp back from the start: stepping stops before it,
+            # and boosting later then needs no rewrite of a slot a thread may be in.
+            code = relocate(point.insn, slot.address, boosted=not point.step_only)
+        except RelocationError as e:
+            self.slots.free(slot, dirty=False)
+            raise ProbeError(f"cannot probe {point.name}: {e}") from None
+        self.memory.write(slot.address, code.code)
+        point.slot, point.slot_code = slot, code
+        point.call_fix = return_address_fixup(point.insn, slot.address, code)
+        point.pushf_width = pushed_flags_fixup(point.insn)
+        self._slot_origin[slot.address] = point
+
+    def update_point(self, point: ProbePoint) -> None:
+        """Arm or disarm after a change: the int3 is there exactly while an enabled probe wants it."""
+        point.refresh()
+        want = bool(point.counting or point.pre or point.post) and not point.removed
+        if want and not point.armed:
+            self.tracee.breakpoints.insert(point.address)
+            point.armed = True
+        elif not want and point.armed:
+            self.tracee.breakpoints.remove(point.address)
+            point.armed = False
+
+    def remove_probe(self, probe: Probe) -> None:
+        probe.removed = True
+        probe.enabled = False
+        point = probe.point
+        point.probes.remove(probe)
+        if probe in self.probes:
+            self.probes.remove(probe)
+        if point.probes:
+            self.update_point(point)
+            return
+        point.removed = True
+        self.update_point(point)
+        del self.points[point.address]
+        self._release_slot(point)
+
+    def _release_slot(self, point: ProbePoint) -> None:
+        # A thread single-stepping the copy is inside the slot until its trap is seen: the free
+        # waits for the last one (on_step), so a clean free is never reused under a stepper.
+        if point.slot is None or point.steppers:
+            return
+        slot, point.slot = point.slot, None
+        if self.tracee.alive:
+            self.slots.free(slot, dirty=point.dirty)
+
+    # ------------------------------------------------------------------ the hit path
+    def handle(self, event: Event) -> None:
+        kind = event.kind
+        if kind is EventKind.BREAKPOINT:
+            self.on_breakpoint(event.tid, event.address)
+        elif kind is EventKind.SINGLESTEP:
+            self.on_step(event.tid)
+        elif kind is EventKind.SIGNAL:
+            self.on_signal(event)
+        elif kind is EventKind.EXEC:
+            self.on_exec()
+            self.tracee.resume(event.tid)
+        elif kind is EventKind.THREAD_EXIT:
+            point = self._stepping.pop(event.tid, None)
+            if point is not None:
+                self._step_done(point)
+        elif event.needs_resume:
+            self.tracee.handle_default(event)
+
+    def on_breakpoint(self, tid: int, address: int) -> None:
+        point = self.points.get(address)
+        tracee = self.tracee
+        if point is None or not point.armed:
+            # Removed after this thread trapped on it: run the original instruction instead.
+            ptrace.set_rip(tid, address)
+            tracee.resume(tid)
+            return
+        for probe in point.counting:
+            if probe.pre is None:
+                probe.hits += 1
+        if point.pre or point.emulation is not None:
+            regs = ptrace.getregs(tid, self._regs)
+            regs.rip = address
+            if point.pre:
+                before = bytes(regs)
+                self._call_handlers(point.pre, "pre", tid, regs)
+                if regs.rip != address:
+                    # The handler moved execution elsewhere: the instruction is skipped (kprobes'
+                    # pre_handler returning 1).
+                    ptrace.setregs(tid, regs)
+                    tracee.resume(tid)
+                    return
+                changed = bytes(regs) != before
+            else:
+                changed = False
+            if point.emulation is not None:
+                point.emulation.apply(regs, self.memory)
+                ptrace.setregs(tid, regs)
+                tracee.resume(tid)
+                return
+            regs.rip = point.slot.address
+            if changed:
+                ptrace.setregs(tid, regs)
+            else:
+                ptrace.set_rip(tid, regs.rip)
+        else:
+            ptrace.set_rip(tid, point.slot.address)
+        if point.boosted:
+            point.dirty = True
+            tracee.resume(tid)
+        else:
+            point.steppers += 1
+            self._stepping[tid] = point
+            tracee.resume(tid, step=True)
+
+    def _call_handlers(self, probes: Iterable[Probe], which: str, tid: int, regs: Regs) -> None:
+        for probe in probes:
+            try:
+                getattr(probe, which)(tid, regs)
+            except Exception as e:  # a handler's bug must not take the traced program down
+                probe.missed += 1
+                probe.last_error = e
+                self.handler_errors.append((probe, e))
+                if self.on_handler_error is not None:
+                    self.on_handler_error(probe, e)
+            else:
+                if which == "pre":
+                    probe.hits += 1
+
+    def on_step(self, tid: int) -> None:
+        point = self._stepping.pop(tid, None)
+        if point is None:
+            self.tracee.resume(tid)
+            return
+        slot_address = point.slot.address
+        rip = ptrace.get_rip(tid)
+        if rip == slot_address:
+            # A rep string instruction between iterations: step on.
+            self._stepping[tid] = point
+            self.tracee.resume(tid, step=True)
+            return
+        self._after_copy(tid, point, slot_address, rip)
+        point.steppers -= 1
+        if point.post:
+            regs = ptrace.getregs(tid, self._regs)
+            before = bytes(regs)
+            self._call_handlers(point.post, "post", tid, regs)
+            if bytes(regs) != before:
+                ptrace.setregs(tid, regs)
+        if point.removed:
+            self._release_slot(point)
+        elif not point.boosted and not point.post and not point.step_only \
+                and all(p.boost for p in point.probes):
+            point.boosted = True
+        self.tracee.resume(tid)
+
+    def _after_copy(self, tid: int, point: ProbePoint, slot_address: int, rip: int) -> int:
+        """Once the copy has run under a step: put RIP and anything it pushed back in original terms."""
+        if point.call_fix is not None:
+            wrong, right = point.call_fix
+            rsp = ptrace.peekuser(tid, ptrace.REG_OFFSET["rsp"])
+            if self.memory.read_u64(rsp) == wrong:
+                self.memory.write_u64(rsp, right)
+        if point.pushf_width:
+            rsp = ptrace.peekuser(tid, ptrace.REG_OFFSET["rsp"])
+            image = int.from_bytes(self.memory.read(rsp, point.pushf_width), "little") & ~0x100
+            self.memory.write(rsp, image.to_bytes(point.pushf_width, "little"))
+        new = step_fixup(point.insn, point.slot_code, slot_address, rip)
+        if new != rip:
+            ptrace.set_rip(tid, new)
+        return new
+
+    def on_signal(self, event: Event) -> None:
+        tid, sig = event.tid, event.signal
+        rip = ptrace.get_rip(tid)
+        stepping = self._stepping.get(tid)
+        if stepping is None and not self.slots.contains(rip):
+            self.tracee.resume(tid, sig)
+            return
+        # The thread is inside a slot: no signal may be delivered there (invariant 2).
+        info = event.siginfo or ptrace.getsiginfo(tid)
+        slot = self.slots.slot_at(rip)
+        owner = self._slot_origin.get(slot.address) if slot is not None else stepping
+        if owner is not None and slot is not None and rip == slot.address \
+                and sig in FAULT_SIGNALS and info.si_code > 0:
+            # The copied instruction faulted: report it at the original address, as if it had
+            # executed in place (kprobes' fault handler does the same).
+            self.stats["faults_in_slots"] += 1
+            if stepping is not None:
+                self._stepping.pop(tid)
+                stepping.steppers -= 1
+                if stepping.removed:
+                    self._release_slot(stepping)
+            ptrace.set_rip(tid, owner.address)
+            self.tracee.resume(tid, sig)
+            return
+        self.stats["signals_held"] += 1
+        self.tracee.threads[tid].held_signals.append((sig, info))
+        if stepping is not None:
+            self.tracee.resume(tid, step=True)  # the step's trap resumes it with the held signal
+        else:
+            self.migrate_out_of_slot(tid)
+            self.tracee.resume(tid)
+
+    def migrate_out_of_slot(self, tid: int) -> None:
+        """Step a stopped thread until its RIP is back in original code."""
+        rip = ptrace.get_rip(tid)
+        migrated = False
+        while self.slots.contains(rip):
+            slot = self.slots.slot_at(rip)
+            point = self._slot_origin[slot.address]
+            stepping = self._stepping.get(tid)
+            if rip == slot.address:
+                self.tracee.step(tid)
+                rip = ptrace.get_rip(tid)
+                if rip == slot.address:
+                    continue
+                rip = self._after_copy(tid, point, slot.address, rip)
+            elif stepping is point:
+                rip = self._after_copy(tid, point, slot.address, rip)  # its step ran; the trap is queued
+            else:
+                new = step_fixup(point.insn, point.slot_code, slot.address, rip)
+                if new == rip:
+                    self.tracee.step(tid)  # somewhere unexpected in the slot: let the code itself lead out
+                    rip = ptrace.get_rip(tid)
+                    continue
+                ptrace.set_rip(tid, new)
+                rip = new
+            if stepping is point:
+                self._stepping.pop(tid)
+                point.steppers -= 1
+            migrated = True
+        if migrated:
+            self.stats["threads_migrated"] += 1
+
+    def on_exec(self) -> None:
+        """The image is gone, and with it every int3, slot and probe placed in it."""
+        for probe in self.probes:
+            probe.removed = True
+            probe.enabled = False
+        for point in self.points.values():
+            point.removed = True
+            point.armed = False
+            point.slot = None
+        self.points.clear()
+        self.probes.clear()
+        self._stepping.clear()
+        self._slot_origin.clear()
+        self.slots = SlotCache(self.host)
+
+    # ------------------------------------------------------------------ leaving
+    def detach(self) -> None:
+        """Every int3 removed, every thread out of the slots, pages unmapped, threads detached."""
+        tracee = self.tracee
+        if not tracee.attached:
+            return
+        if tracee.alive:
+            try:
+                for point in list(self.points.values()):
+                    if point.armed:
+                        tracee.breakpoints.remove(point.address)
+                        point.armed = False
+                snapshot = tracee.freeze()
+                for tid, regs in snapshot.regs.items():
+                    if self.slots.contains(regs.rip) or tid in self._stepping:
+                        self.migrate_out_of_slot(tid)
+                self._stepping.clear()
+                self.slots.release_all()
+            except Exception as e:  # the process died under us: nothing left to restore
+                if tracee.alive:
+                    print(f"pyprobes: while detaching: {e}", file=sys.stderr)
+        for probe in self.probes:
+            probe.removed = True
+            probe.enabled = False
+        self.points.clear()
+        tracee.detach()

@@ -1,0 +1,119 @@
+"""Probes and probe points: what a user asked for, and the one breakpoint that serves them.
+
+Several probes on one address share one ProbePoint (kprobes' aggregate probe): one int3, one
+slot, one decoded instruction, each probe with its own handlers, enable flag and counters.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import PyprobesError
+from ..slots import Slot
+from ..x86 import Emulation, Insn, Kind, SlotCode
+
+if TYPE_CHECKING:
+    from ..symbols import Target
+    from .engine import Engine
+
+Handler = Callable[[int, Any], Any]
+
+
+class ProbeError(PyprobesError):
+    """A probe cannot be placed (refused instruction, mid-instruction address, no room for a slot...)."""
+
+
+class ProbePoint:
+    """One probed address: the int3, the displaced instruction and how it is executed."""
+
+    __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "slot_code", "boosted",
+                 "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
+                 "name", "step_only", "call_fix", "pushf_width")
+
+    def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
+        self.address = address
+        self.insn = insn
+        self.kind = kind                      # the classification: emulated / stepped / boosted
+        self.reason = reason
+        self.name = name
+        self.emulation: Emulation | None = None
+        self.slot: Slot | None = None
+        self.slot_code: SlotCode | None = None
+        self.step_only = kind is Kind.STEP    # never boost this one
+        self.boosted = False                  # as in the seed: boosted after a clean step, if allowed
+        self.dirty = False                    # the slot ran boosted: freeing it makes garbage
+        self.probes: list[Probe] = []
+        self.pre: tuple[Probe, ...] = ()      # enabled probes with a pre-handler (hoisted for the hit path)
+        self.post: tuple[Probe, ...] = ()
+        self.counting: tuple[Probe, ...] = ()  # every enabled probe: each hit counts for each
+        self.armed = False
+        self.steppers = 0                     # threads single-stepping in the slot right now
+        self.removed = False
+        self.call_fix: tuple[int, int] | None = None  # a stepped call pushed (this, instead of that)
+        self.pushf_width = 0                  # a stepped pushf left TF in this many bytes at [rsp]
+
+    @property
+    def mode(self) -> str:
+        if self.emulation is not None:
+            return "emulated"
+        return "boosted" if self.boosted else "stepped"
+
+    def refresh(self) -> None:
+        """Recompute the hoisted handler lists after a probe was added, removed, enabled or disabled."""
+        enabled = [p for p in self.probes if p.enabled]
+        self.counting = tuple(enabled)
+        self.pre = tuple(p for p in enabled if p.pre is not None)
+        self.post = tuple(p for p in enabled if p.post is not None)
+        may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
+        if not may_boost:
+            self.boosted = False
+
+
+class Probe:
+    """A user's probe. `hits` counts every execution reported to it; `missed` those its handler failed on."""
+
+    def __init__(self, engine: "Engine", point: ProbePoint, target: "Target | None", spec: str | int,
+                 pre: Handler | None, post: Handler | None, boost: bool) -> None:
+        self._engine = engine
+        self.point = point
+        self.target = target
+        self.spec = spec
+        self.pre = pre
+        self.post = post
+        self.boost = boost
+        self.enabled = True
+        self.removed = False
+        self.hits = 0
+        self.missed = 0
+        self.last_error: BaseException | None = None
+
+    @property
+    def address(self) -> int:
+        return self.point.address
+
+    @property
+    def name(self) -> str:
+        return self.point.name
+
+    @property
+    def mode(self) -> str:
+        return self.point.mode
+
+    def enable(self) -> None:
+        if self.removed:
+            raise ProbeError(f"probe {self.name} was removed")
+        if not self.enabled:
+            self.enabled = True
+            self._engine.update_point(self.point)
+
+    def disable(self) -> None:
+        if self.enabled and not self.removed:
+            self.enabled = False
+            self._engine.update_point(self.point)
+
+    def remove(self) -> None:
+        if not self.removed:
+            self._engine.remove_probe(self)
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else ("enabled" if self.enabled else "disabled")
+        return f"<Probe {self.name} at {self.address:#x} {self.mode} {state} hits={self.hits}>"

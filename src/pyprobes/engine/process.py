@@ -1,0 +1,130 @@
+"""The Python API: a traced process with probes on it.
+
+    with pyprobes.spawn(["./prog", "arg"]) as proc:     # or pyprobes.attach(pid)
+        p = proc.probe("hit", pre=on_hit)
+        proc.run()
+        p.hits, p.missed, p.mode
+"""
+from __future__ import annotations
+
+import signal as _signal
+import threading
+import time
+from typing import Sequence
+
+from ..slots import SlotCache
+from ..tracee import EventKind, ProcessExited, Tracee
+from .engine import Engine
+from .probe import Handler, Probe, ProbeError
+
+
+class Process:
+    """A process under pyprobes' control (spawned stopped before its first instruction, or attached)."""
+
+    def __init__(self, tracee: Tracee) -> None:
+        self.tracee = tracee
+        self.engine = Engine(tracee)
+        self._stop_requested = False
+
+    @property
+    def pid(self) -> int:
+        return self.tracee.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.tracee.exit_code
+
+    @property
+    def alive(self) -> bool:
+        return self.tracee.alive
+
+    @property
+    def slots(self) -> SlotCache:
+        return self.engine.slots
+
+    @property
+    def probes(self) -> list[Probe]:
+        return list(self.engine.probes)
+
+    def probe(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
+              boost: bool = True) -> Probe:
+        """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address)."""
+        targets = self.engine.targets(spec)
+        if len(targets) != 1:
+            names = ", ".join(t.name for t in targets[:5])
+            raise ProbeError(f"{spec!r} matches {len(targets)} functions ({names}...): use probe_all()")
+        return self.engine.add_probe(targets[0], pre=pre, post=post, boost=boost)
+
+    def probe_all(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
+                  boost: bool = True) -> list[Probe]:
+        """A probe at every function SPEC matches (globs: 'libc:str*')."""
+        return [self.engine.add_probe(t, pre=pre, post=post, boost=boost) for t in self.engine.targets(spec)]
+
+    def stop(self) -> None:
+        """Make run() return soon; safe from a handler or a signal handler."""
+        self._stop_requested = True
+        if self.tracee.alive:
+            self.tracee.wake()
+
+    def run(self, timeout: float | None = None) -> int | None:
+        """Handle events until the process exits (return its exit code) or TIMEOUT/stop() (return None)."""
+        tracee, engine = self.tracee, self.engine
+        if not tracee.alive:
+            return self.exit_code
+        self._stop_requested = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = None
+        if deadline is not None and in_main:
+            previous = _signal.signal(_signal.SIGALRM, lambda *_: tracee.wake())
+            _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
+        block = deadline is None or in_main
+        tracee.thaw()
+        try:
+            while True:
+                try:
+                    event = tracee.wait(block)
+                except ProcessExited:
+                    return self.exit_code
+                if event is None:  # polling without a timer (not the main thread)
+                    if time.monotonic() >= deadline:
+                        return None
+                    time.sleep(0.001)
+                    continue
+                kind = event.kind
+                if kind is EventKind.PROCESS_EXIT:
+                    return self.exit_code
+                if kind is EventKind.WAKE:
+                    if self._stop_requested or (deadline is not None and time.monotonic() >= deadline):
+                        return None
+                    continue
+                engine.handle(event)
+                if self._stop_requested:
+                    return None
+        finally:
+            if previous is not None:
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
+                _signal.signal(_signal.SIGALRM, previous)
+
+    def detach(self) -> None:
+        """Remove every probe and let the process run on untraced, exactly as it was."""
+        self.engine.detach()
+
+    def kill(self) -> int | None:
+        return self.tracee.kill()
+
+    def __enter__(self) -> "Process":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def spawn(argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None) -> Process:
+    """Start ARGV traced, stopped before its first instruction, so probes can go in before main."""
+    return Process(Tracee.spawn(argv, env=env, cwd=cwd))
+
+
+def attach(pid: int) -> Process:
+    """Trace the running process PID (every thread)."""
+    return Process(Tracee.attach(pid))

@@ -1,0 +1,112 @@
+"""The slot cache's view of a traced process: pages mapped by injected mmap, freeze, migrate."""
+from __future__ import annotations
+
+import errno
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from ..slots import PAGE_SIZE, REACH, SlotMapError
+from ..tracee import Tracee
+from ..tracee import syscalls
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# Room left free after the heap and below the stack, so slot pages never stop brk or the
+# main stack from growing where the program expects them to.
+HEAP_MARGIN = 1 << 30
+STACK_MARGIN = 64 << 20
+MAX_TRIES = 16
+
+
+def _gaps(pid: int) -> list[tuple[int, int]]:
+    """Unmapped ranges of the address space (user half), minus the heap's and stack's growth room."""
+    spans: list[tuple[int, int]] = []
+    reserved: list[tuple[int, int]] = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+            name = fields[5] if len(fields) > 5 else ""
+            if name == "[heap]":
+                reserved.append((end, end + HEAP_MARGIN))
+            elif name == "[stack]":
+                reserved.append((start - STACK_MARGIN, start))
+    spans.extend(reserved)
+    spans.sort()
+    gaps, cursor = [], 0x10000  # stay clear of mmap_min_addr
+    for start, end in spans:
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    top = 0x7FFF_FFFF_F000
+    if cursor < top:
+        gaps.append((cursor, top))
+    return gaps
+
+
+def page_candidates(gaps: list[tuple[int, int]], near: int) -> list[int]:
+    """Page addresses in free gaps within REACH of NEAR, nearest first."""
+    lo, hi = near - REACH + PAGE_SIZE, near + REACH - PAGE_SIZE
+    candidates = []
+    for start, end in gaps:
+        start = max(start, lo)
+        end = min(end, hi)
+        start = (start + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        if end - start < PAGE_SIZE:
+            continue
+        page = min(max(near & ~(PAGE_SIZE - 1), start), end - PAGE_SIZE)
+        candidates.append(page)
+    candidates.sort(key=lambda p: abs(p - near))
+    return candidates
+
+
+class TraceeSlotHost:
+    """Implements slots.SlotHost for a live tracee."""
+
+    def __init__(self, tracee: Tracee, engine: "Engine") -> None:
+        self.tracee = tracee
+        self.engine = engine
+
+    @contextmanager
+    def _stopped_thread(self) -> Iterator[int]:
+        """A stopped thread to inject into: one the tracer already holds, else freeze for the call."""
+        tid = self.tracee.stopped_thread()
+        if tid is not None:
+            yield tid
+            return
+        self.tracee.freeze()
+        try:
+            tid = self.tracee.stopped_thread()
+            assert tid is not None, "freeze() left no thread stopped"
+            yield tid
+        finally:
+            self.tracee.thaw()
+
+    def map_page(self, near: int) -> int:
+        with self._stopped_thread() as tid:
+            for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
+                try:
+                    return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE,
+                                              syscalls.PROT_READ | syscalls.PROT_EXEC)
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
+                        raise
+        raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for instruction slots")
+
+    def unmap_page(self, address: int) -> None:
+        with self._stopped_thread() as tid:
+            syscalls.munmap(self.tracee, tid, address, PAGE_SIZE)
+
+    def freeze_and_migrate(self, inside: Callable[[int], bool]) -> int:
+        snapshot = self.tracee.freeze()
+        migrated = 0
+        for tid, regs in snapshot.regs.items():
+            if inside(regs.rip):
+                self.engine.migrate_out_of_slot(tid)
+                migrated += 1
+        return migrated
+
+    def thaw(self) -> None:
+        self.tracee.thaw()
