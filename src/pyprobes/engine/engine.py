@@ -285,8 +285,8 @@ class Engine:
             ptrace.set_rip(tid, owner.address)
             self.tracee.resume(tid, sig)
             return
-        self.stats["signals_held"] += 1
-        self.tracee.threads[tid].held_signals.append((sig, info))
+        self.stats["signals_held"] += 1  # resuming it with a step holds the signal (Tracee.resume)
+        event.siginfo = info
         if stepping is not None:
             self.tracee.resume(tid, step=True)  # the step's trap resumes it with the held signal
         else:

@@ -285,7 +285,7 @@ class Tracee:
 
     def _pending(self, t: Thread, event: Event) -> Event:
         """An event its owner must handle; the thread stays stopped until resume()."""
-        t.event_pending = True
+        t.event_pending = event
         if self._freezing:
             self._queue.append(event)
         return event
@@ -408,7 +408,11 @@ class Tracee:
     def resume(self, tid: int, signal: int = 0, step: bool = False) -> None:
         """Resume a stopped thread, injecting SIGNAL; deliver a held signal when its stop allows."""
         t = self.threads[tid]
-        t.event_pending = False
+        owed = t.event_pending
+        t.event_pending = None
+        if step and not signal and owed is not None and owed.kind is EventKind.SIGNAL:
+            # Stepping on from a signal stop would drop its signal: hold it for a later stop.
+            t.held_signals.append((owed.signal, owed.siginfo or ptrace.getsiginfo(tid)))
         if not signal and t.held_signals and t.stop_kind is StopKind.SIGNAL and not step:
             signal, info = t.held_signals.pop(0)
             if info is not None:
@@ -471,7 +475,7 @@ class Tracee:
             if event is not None and event.needs_resume:
                 self._queue.remove(event)
                 if event.kind is EventKind.SINGLESTEP:
-                    t.event_pending = False
+                    t.event_pending = None
                     return event
                 if event.kind is EventKind.SIGNAL:
                     # Hold it: it must reach the program only once the thread is back in original code.
@@ -480,7 +484,7 @@ class Tracee:
                     self._queue.append(event)
                     raise TraceeError(f"thread {tid} reported {event.kind.value} while single-stepping")
             # Any other stop (a stale interrupt, an informational event) leaves the step to redo.
-            t.event_pending = False
+            t.event_pending = None
             t.stepping = True
             t.state = ThreadState.RUNNING
             ptrace.singlestep(tid, 0)
@@ -598,12 +602,18 @@ class Tracee:
             return
         self.breakpoints.remove_all()
         pending = {}
-        while self._queue:
-            event = self._queue.popleft()
-            if event.kind is EventKind.BREAKPOINT and event.tid in self.threads:
-                ptrace.set_rip(event.tid, event.address)  # run the original instruction instead
-            elif event.kind is EventKind.SIGNAL and event.tid in self.threads:
-                pending[event.tid] = event.signal
+        # Events never handled (queued by the freeze, or a handler interrupted by Ctrl-C):
+        # a thread stopped on a breakpoint runs the original instruction instead, and a
+        # signal still owed to a thread is delivered as it detaches.
+        for t in self.threads.values():
+            event = t.event_pending
+            if event is None:
+                continue
+            if event.kind is EventKind.BREAKPOINT and ptrace.get_rip(t.tid) == event.address + 1:
+                ptrace.set_rip(t.tid, event.address)
+            elif event.kind is EventKind.SIGNAL:
+                pending[t.tid] = event.signal
+        self._queue.clear()
         self._freezing = False
         for t in list(self.threads.values()):
             signals = [s for s, _ in t.held_signals]

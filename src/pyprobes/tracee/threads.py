@@ -27,7 +27,7 @@ class Thread:
         self.state = state
         self.stop_kind = StopKind.EVENT
         self.stepping = False          # resumed with PTRACE_SINGLESTEP: its next SIGTRAP is the step's
-        self.event_pending = False     # stopped with an event its owner has not handled yet
+        self.event_pending = None      # the event it stopped with that its owner has not handled yet
         self.held = False              # kept stopped across thaw() by its owner's request
         self.group_stopped = False     # inside a job-control stop: resume it with LISTEN, not CONT
         self.exiting = False           # past PTRACE_EVENT_EXIT: it never runs user code again
