@@ -1,0 +1,128 @@
+"""Signals through the tracer: a storm of signals with freezes in between loses none, and a
+job-control stop (SIGSTOP from outside) survives freeze/thaw and ends with SIGCONT."""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+import time
+
+import pytest
+
+from pyprobes.tracee import EventKind, ProcessExited, ThreadState
+
+from .conftest import drain, expect_exit, proc_state, proc_tids, pump
+
+
+class Shared:
+    """struct shared of tr_sigrecv.c / tr_sigsend.c, read through our own mapping of the file."""
+
+    def __init__(self, region: mmap.mmap) -> None:
+        self.region = region
+
+    count = property(lambda self: struct.unpack_from("q", self.region, 0)[0])
+    sent = property(lambda self: struct.unpack_from("q", self.region, 8)[0])
+    done = property(lambda self: struct.unpack_from("i", self.region, 16)[0])
+    ready = property(lambda self: struct.unpack_from("i", self.region, 20)[0])
+
+
+@pytest.mark.parametrize("mode,nsignals", [("ack", 1500), ("rt", 3000)])
+def test_signal_storm_with_freezes_loses_none(procs, fixture, tmp_path, mode, nsignals):
+    """ack: SIGUSR1, the sender waits for each to be counted (standard signals coalesce);
+    rt: SIGRTMIN, queued, in bursts of up to 64 before waiting for them to be counted."""
+    path = tmp_path / "shared"
+    path.write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as f:
+        region = mmap.mmap(f.fileno(), 4096)
+    shared = Shared(region)
+    try:
+        tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+        tracee.thaw()
+        pump(tracee, lambda: shared.ready, output=out)
+        delivered = {}
+
+        def count(event):
+            if event.kind is EventKind.SIGNAL:
+                delivered[event.signal] = delivered.get(event.signal, 0) + 1
+            return False
+
+        procs.detached([fixture("tr_sigsend"), tracee.pid, nsignals, mode, path])
+        freezes = 0
+        deadline = time.monotonic() + 30
+        try:
+            # The program may finish (and wait() raise) as soon as the sender is done.
+            while not shared.done:
+                assert time.monotonic() < deadline, f"sender stuck: {shared.count} counted"
+                snap = tracee.freeze()
+                freezes += 1
+                assert snap.tids == proc_tids(tracee.pid)
+                tracee.thaw()
+                # Handle signal stops for a while before the next freeze.
+                for _ in range(3):
+                    drain(tracee, count)
+                    out.poll()
+                    time.sleep(0.0002)
+            exit_code = expect_exit(tracee)
+        except ProcessExited as e:
+            exit_code = e.exit_code
+        assert shared.sent == nsignals, "the sender could not send them all"
+        assert exit_code == tracee.exit_code == 0
+        text = out.read_to_eof()
+        assert f"received {nsignals} sent {nsignals}" in text
+        assert shared.count == nsignals
+        assert freezes > 10
+        sig = signal.SIGUSR1 if mode == "ack" else signal.SIGRTMIN
+        assert delivered.get(sig, 0) > 0
+    finally:
+        region.close()
+
+
+def _ready(out):
+    m = out.search(r"^ready (0x[0-9a-f]+) (\d+) (0x[0-9a-f]+) (\d+)$")
+    return m and (int(m[1], 16), int(m[2]), int(m[3], 16), int(m[4]))
+
+
+def test_group_stop_survives_freeze_and_ends_with_sigcont(procs, fixture):
+    nthreads = 2
+    tracee, out = procs.spawn([fixture("tr_counters"), nthreads])
+    tracee.thaw()
+    base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
+    tids = proc_tids(tracee.pid)
+    counters = lambda: [tracee.memory.read_u64(base + i * stride) for i in range(n)]  # noqa: E731
+
+    group_stopped = set()
+
+    def on_event(event):
+        if event.kind is EventKind.GROUP_STOP:
+            assert event.signal == signal.SIGSTOP
+            group_stopped.add(event.tid)
+        return False
+
+    os.kill(tracee.pid, signal.SIGSTOP)
+    pump(tracee, lambda: group_stopped == tids, output=out, on_event=on_event)
+    pump(tracee, lambda: all(proc_state(tracee.pid, t) in "tT" for t in tids), output=out)
+    assert all(tracee.threads[t].group_stopped for t in tids)
+    for _ in range(5):
+        snap = tracee.freeze()
+        assert snap.tids == tids
+        tracee.thaw()
+        drain(tracee, on_event)
+        before = counters()
+        time.sleep(0.05)
+        drain(tracee, on_event)
+        assert counters() == before, "a thread ran after thaw though the process is stopped"
+        assert all(proc_state(tracee.pid, t) in "tT" for t in tids)
+    time.sleep(0.2)
+    drain(tracee, on_event)
+    assert counters() == before
+
+    os.kill(tracee.pid, signal.SIGCONT)
+    pump(tracee, lambda: all(a != b for a, b in zip(before, counters())), output=out, on_event=on_event)
+    assert not any(t.group_stopped for t in tracee.threads.values())
+    assert all(t.state is ThreadState.RUNNING for t in tracee.threads.values())
+    # And freeze/thaw works as usual afterwards.
+    tracee.freeze()
+    tracee.memory.write(stop, (1).to_bytes(4, "little"))
+    assert expect_exit(tracee) == 0
+    assert f"done threads {nthreads} moved {nthreads}" in out.read_to_eof()
