@@ -1,0 +1,72 @@
+"""The command line: `pyprobes list | trace | count | demo`.
+
+One module per command (list.py, trace.py, count.py, demo.py), shared session handling in
+session.py and output in output.py. This is the top layer: it imports everything below it and
+nothing below imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import PyprobesError
+from . import count, demo, list as list_cmd, trace
+from .output import CliError, error
+
+EPILOG = """\
+examples:
+  pyprobes demo                                  a 3-second tour on a built-in program
+  pyprobes list ./prog                           functions, and how a probe on each would run
+  pyprobes count main 'libc:puts' -- ./prog      hits per probe while ./prog runs
+  pyprobes trace -p 1234 'libc:open*'            each hit, with arguments, until Ctrl-C
+
+Run `pyprobes COMMAND --help` for each command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    parser = argparse.ArgumentParser(
+        prog="pyprobes", description="kprobes for ordinary Linux x86-64 processes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pyprobes {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    list_cmd.add_parser(sub)
+    trace.add_parser(sub)
+    count.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Everything after the first `--` is the command to run, passed on untouched."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [*(sys.argv[1:] if argv is None else argv)]  # (`list` here is the list.py submodule)
+    ours, command = split_command(argv)
+    parser = build_parser()
+    args = parser.parse_args(ours)
+    if args.cmd is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if "--" in argv and not command and args.cmd in ("trace", "count"):
+        error("no command after --")
+        return 2
+    try:
+        return args.func(args, command)
+    except CliError as e:
+        error(str(e))
+        return e.status
+    except PyprobesError as e:
+        error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1

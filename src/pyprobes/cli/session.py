@@ -1,0 +1,276 @@
+"""What `trace` and `count` share: start or attach, place probes, run until done, leave cleanly.
+
+Spawned commands are started stopped at their exec; pyprobes runs them to their ELF entry point
+(AT_ENTRY: the dynamic loader has mapped every library the program links by then) before placing
+the user's probes, so `libc:puts` resolves in a command pyprobes starts itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+import time
+from typing import Callable
+
+import pyprobes
+from ..engine import Probe, ProbeError, Process
+from ..errors import PyprobesError
+from ..symbols import Symbol, SymbolError, Target, find_module, modules, parse_spec, symbolize
+from .output import CliError, Report, note
+
+AT_ENTRY = 9
+MAX_BLOCK = 1.0
+SIGNAL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+PreFactory = Callable[[Target], Callable | None]
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def entry_point(pid: int) -> int | None:
+    """The runtime address the kernel will jump to after the dynamic loader (AT_ENTRY)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
+        if key == AT_ENTRY:
+            return value
+    return None
+
+
+class Session:
+    """One traced process for one CLI command."""
+
+    def __init__(self, pid: int | None, command: list[str], report: Report, verbose: bool = False) -> None:
+        if pid is not None and command:
+            raise CliError("give either -p PID or a command after --, not both", 2)
+        if pid is None and not command:
+            raise CliError("nothing to trace: give -p PID, or a command after -- (see --help)", 2)
+        self.pid_arg = pid
+        self.command = command
+        self.report = report
+        self.verbose = verbose
+        self.proc: Process | None = None
+        self.probes: list[Probe] = []
+        self.stop_signal: int | None = None
+        self.start = time.monotonic()
+        self.end: float | None = None
+        self._held: list[int] = []
+        self._old_handlers: dict[int, object] = {}
+        self.child_status: int | None = None  # subprocess-style: negative for a killing signal
+
+    @property
+    def spawned(self) -> bool:
+        return bool(self.command)
+
+    # ------------------------------------------------------------------ starting
+    def open(self) -> Process:
+        try:
+            if self.spawned:
+                self.proc = pyprobes.spawn(self.command)
+            else:
+                self.proc = pyprobes.attach(self.pid_arg)
+        except PyprobesError as e:
+            raise CliError(str(e), 1) from None
+        except OSError as e:
+            raise CliError(f"cannot trace: {e.strerror or e}", 1) from None
+        if self.verbose:
+            what = " ".join(self.command) if self.spawned else f"PID {self.pid_arg}"
+            note(f"{'started' if self.spawned else 'attached to'} {what} (PID {self.proc.pid})")
+        if self.spawned:
+            self._run_to_entry()
+        return self.proc
+
+    def _run_to_entry(self) -> None:
+        """Let the dynamic loader map the libraries, stopping the main thread at the program's entry."""
+        proc = self.proc
+        entry = entry_point(proc.pid)
+        if entry is None:
+            return
+        target = symbolize(entry, modules(proc.pid))
+        if target is None:
+            return
+        if target.symbol is None or target.offset:
+            mod = target.module
+            sym = Symbol("(entry)", mod.to_link(entry), 0, "global")
+            target = Target(entry, mod, sym, entry, 0, f"0x{entry:x}")
+        held = self._held
+
+        def arrived(tid, regs):
+            proc.tracee.hold(tid)  # keep it stopped while the probes go in
+            held.append(tid)
+            proc.stop()
+
+        point_probe: list[Probe] = []
+
+        def pre(tid, regs):
+            if point_probe and point_probe[0].point.emulation is not None:
+                arrived(tid, regs)  # emulated: no step, no post-handler
+
+        try:
+            probe = proc.engine.add_probe(target, pre=pre, post=arrived, boost=False)
+        except PyprobesError:
+            return  # an entry we cannot probe: libraries will be resolved as they are at exec
+        point_probe.append(probe)
+        code = proc.run()
+        probe.remove()
+        if code is not None or not proc.alive:
+            raise CliError(f"{self.command[0]} exited before its entry point (status {code})", 1)
+
+    # ------------------------------------------------------------------ probes
+    def place(self, specs: list[str], pre_for: PreFactory | None = None) -> list[Probe]:
+        proc = self.proc
+        for spec in specs:
+            try:
+                parsed = parse_spec(spec)
+            except SymbolError as e:
+                raise CliError(str(e), 2) from None
+            if parsed.is_return:
+                raise CliError(f"{spec}: return probes are not yet supported", 2)
+            if parsed.module is not None:
+                try:
+                    find_module(modules(proc.pid), parsed.module)
+                except SymbolError as e:
+                    msg = str(e)
+                    if msg.startswith("no module"):
+                        msg = (f"module {parsed.module!r} is not loaded in process {proc.pid} "
+                               f"(pending probes are not yet supported){msg[msg.find(';'):]}")
+                    raise CliError(msg, 2) from None
+                except ProcessLookupError:
+                    raise CliError(f"process {proc.pid} is gone", 1) from None
+            try:
+                targets = proc.engine.targets(spec)
+                placed = []
+                for target in targets:
+                    pre = pre_for(target) if pre_for is not None else None
+                    probe = proc.engine.add_probe(target, pre=pre)
+                    placed.append(probe)
+                    if self.verbose:
+                        point = probe.point
+                        how = point.kind.value + (f" ({point.reason})" if point.reason else "")
+                        note(f"{spec} -> {probe.name} at {probe.address:#x} in {target.module.path}: "
+                             f"{point.insn.text}, {how}")
+            except ProbeError as e:
+                raise CliError(str(e), 2) from None
+            except PyprobesError as e:
+                raise CliError(str(e), 1) from None
+            if self.verbose and len(targets) > 1:
+                note(f"{spec}: {len(targets)} probes placed")
+            self.probes.extend(placed)
+        return self.probes
+
+    # ------------------------------------------------------------------ running
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        if self.proc is not None and self.proc.alive:
+            self.proc.stop()
+
+    def install_signals(self) -> None:
+        for sig in SIGNAL_STOPS:
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signals(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    def go(self) -> None:
+        """The probes are in: start the clock and let the held thread(s) run."""
+        self.start = time.monotonic()
+        for tid in self._held:
+            self.proc.tracee.release(tid)
+        self._held.clear()
+
+    def run(self, duration: float | None = None, interval: float | None = None,
+            tick: Callable[[], None] | None = None) -> None:
+        """Run until the process exits, a stop signal, or DURATION; call TICK every INTERVAL."""
+        proc = self.proc
+        deadline = None if duration is None else self.start + duration
+        next_tick = None if interval is None else self.start + interval
+        while self.stop_signal is None:
+            now = time.monotonic()
+            waits = [t - now for t in (deadline, next_tick) if t is not None]
+            # Never block for long: a stop signal landing just before run() starts is seen here.
+            timeout = max(min(waits + [MAX_BLOCK]), 0.0)
+            try:
+                code = proc.run(timeout)
+            except PyprobesError as e:
+                raise CliError(str(e), 1) from None
+            if code is not None or not proc.alive:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if next_tick is not None and now >= next_tick:
+                next_tick += interval * (1 + int((now - next_tick) // interval))
+                if tick is not None:
+                    tick()
+        self.end = time.monotonic()
+
+    @property
+    def duration(self) -> float:
+        return (self.end if self.end is not None else time.monotonic()) - self.start
+
+    def close(self) -> None:
+        """Detach (text restored, slots gone); for a spawned command, wait for it and keep its status."""
+        proc = self.proc
+        if proc is None:
+            return
+        if self._held and proc.alive:
+            for tid in self._held:
+                proc.tracee.release(tid)
+            self._held.clear()
+        try:
+            proc.detach()
+        except PyprobesError as e:
+            note(f"while detaching: {e}")
+        if self.end is None:
+            self.end = time.monotonic()
+        if not self.spawned:
+            return
+        if not proc.alive:
+            self.child_status = proc.exit_code
+            return
+        if self.stop_signal == signal.SIGTERM or self.stop_signal == signal.SIGHUP:
+            # The command did not get this signal (it went to pyprobes alone): pass it on.
+            try:
+                os.kill(proc.pid, self.stop_signal)
+            except ProcessLookupError:
+                pass
+        # Ctrl-C reached the command too (same process group): it decides, we wait for it.
+        while True:
+            try:
+                _, status = os.waitpid(proc.pid, 0)
+                break
+            except ChildProcessError:
+                status = None
+                break
+            except InterruptedError:
+                continue
+        if status is None:
+            self.child_status = proc.exit_code
+        elif os.WIFSIGNALED(status):
+            self.child_status = -os.WTERMSIG(status)
+        else:
+            self.child_status = os.WEXITSTATUS(status)
+
+    def exit_status(self) -> int:
+        """pyprobes' own exit status: the command's (128+N for a killing signal), else 0."""
+        if not self.spawned:
+            return 0
+        code = self.child_status
+        if code is None:
+            note(f"could not learn how {self.command[0]} ended")
+            return 1
+        if code < 0:
+            note(f"{self.command[0]} was killed by signal {-code} ({signal_name(-code)})")
+            return 128 - code
+        return code
