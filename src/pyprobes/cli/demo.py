@@ -51,7 +51,7 @@ def build() -> Path:
     except OSError as e:
         raise CliError(f"the demo source is missing from this installation ({SOURCE}: {e.strerror})", 1)
     key = hashlib.sha256(text).hexdigest()[:12]
-    exe = cache_dir() / f"demo-{key}" / "pyprobes-demo"
+    exe = cache_dir() / f"demo.{key}" / "pyprobes-demo"
     if exe.exists():
         return exe
     gcc = shutil.which("gcc") or shutil.which("cc")
