@@ -1,0 +1,121 @@
+"""Exact counts (invariant 4): 8 threads hammer a probed function; the probe's hits equal the
+program's own count of calls, for each way a probed instruction is executed.
+
+Sizes: 8 threads x 8,000 calls for one-stop probes (boosted, emulated) and 8 x 5,000 for
+two-stop (stepped) ones, about 2-4 s each on 2 cores at 30-90 us per hit; the issue's
+8 x 100,000 would take 25-70 s per test.
+"""
+from __future__ import annotations
+
+import pytest
+
+THREADS = 8
+ONE_STOP = 8_000
+TWO_STOPS = 5_000
+
+
+def _check_run(run, func: str, per_thread: int) -> int:
+    assert run.finish() == 0, run.text
+    res = run.results
+    calls = res[("func", func)]
+    assert calls == {"calls": THREADS * per_thread, "bad": 0}, run.text
+    assert res[()]["sigtrap"] == 0
+    return calls["calls"]
+
+
+def test_boosted_probe_counts_every_call(procs, fixture):
+    run = procs.spawn(fixture("eng_work"), "lea", THREADS, ONE_STOP)
+    p = run.proc.probe("w_lea")
+    assert p.mode == "stepped"  # boostable, but boosted only after its first clean step
+    calls = _check_run(run, "lea", ONE_STOP)
+    assert p.mode == "boosted"
+    assert (p.hits, p.missed) == (calls, 0)
+    stats = run.proc.slots.stats()
+    assert stats["slots_used"] == 1 and stats["pages"] == 1
+
+
+def test_emulated_probe_counts_every_call(procs, fixture):
+    run = procs.spawn(fixture("eng_work"), "push", THREADS, ONE_STOP)
+    seen = {"pre": 0, "bad_rip": 0}
+
+    def pre(tid, regs):
+        seen["pre"] += 1
+        if regs.rip != p.address:
+            seen["bad_rip"] += 1
+
+    p = run.proc.probe("w_push", pre=pre)
+    assert p.mode == "emulated"
+    calls = _check_run(run, "push", ONE_STOP)
+    assert (p.hits, p.missed) == (calls, 0)
+    assert seen == {"pre": calls, "bad_rip": 0}
+    assert run.proc.slots.stats()["slots_used"] == 0  # an emulated probe needs no slot
+
+
+def test_stepped_probe_counts_every_call(procs, fixture):
+    run = procs.spawn(fixture("eng_work"), "lea", THREADS, TWO_STOPS)
+    p = run.proc.probe("w_lea", boost=False)
+    calls = _check_run(run, "lea", TWO_STOPS)
+    assert p.mode == "stepped"
+    assert (p.hits, p.missed) == (calls, 0)
+
+
+def test_post_handler_keeps_a_boostable_probe_stepped(procs, fixture):
+    run = procs.spawn(fixture("eng_work"), "lea", THREADS, TWO_STOPS)
+    seen = {"post": 0, "bad": 0}
+
+    def post(tid, regs):
+        # After the lea: rax = 3*rdi, RIP on the next instruction of w_lea (original code).
+        seen["post"] += 1
+        if regs.rax != 3 * regs.rdi or regs.rip != p.address + 4:
+            seen["bad"] += 1
+
+    p = run.proc.probe("w_lea", post=post)
+    calls = _check_run(run, "lea", TWO_STOPS)
+    assert p.mode == "stepped"
+    assert (p.hits, p.missed) == (calls, 0)
+    assert seen == {"post": calls, "bad": 0}
+
+
+def test_step_only_instruction_counts_every_call(procs, fixture):
+    """`lock add [rip+x], 1` is never boosted: every hit is stepped, and its memory effect
+    (a RIP-relative locked add run from the slot) happens exactly once per call."""
+    run = procs.spawn(fixture("eng_work"), "lock", THREADS, TWO_STOPS)
+    p = run.proc.probe("w_lock")
+    calls = _check_run(run, "lock", TWO_STOPS)
+    assert p.mode == "stepped"
+    assert (p.hits, p.missed) == (calls, 0)
+    assert run.results[()]["lock_total"] == calls
+
+
+def test_aggregate_probes_on_one_address_each_count_every_call(procs, fixture):
+    """Three probes on one address share one int3 and one slot; each counts every call, and
+    one disabled for the whole run counts none."""
+    run = procs.spawn(fixture("eng_work"), "lea,push", 4, 2_000)
+    n = {"a": 0}
+    a = run.proc.probe("w_lea", pre=lambda tid, regs: n.__setitem__("a", n["a"] + 1))
+    b = run.proc.probe("w_lea")
+    c = run.proc.probe("w_lea")
+    c.disable()
+    assert a.point is b.point is c.point
+    assert run.finish() == 0, run.text
+    calls = run.results[("func", "lea")]["calls"]
+    assert calls == 8_000
+    assert a.hits == b.hits == n["a"] == calls
+    assert c.hits == 0
+    assert run.proc.slots.stats()["slots_used"] == 1
+
+
+@pytest.mark.parametrize("func", ["lea", "push"])
+def test_handler_error_counts_as_missed(procs, fixture, func):
+    """A raising handler: the hit is counted as missed, never lost, and the program is unharmed."""
+    run = procs.spawn(fixture("eng_work"), func, 2, 1_000)
+
+    def pre(tid, regs):
+        raise RuntimeError("handler bug")
+
+    p = run.proc.probe("w_" + func, pre=pre)
+    assert run.finish() == 0, run.text
+    calls = run.results[("func", func)]["calls"]
+    assert calls == 2_000
+    assert (p.hits, p.missed) == (0, calls)
+    assert isinstance(p.last_error, RuntimeError)
