@@ -22,6 +22,7 @@ from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile
                    decode_function, instruction_at, pushed_flags_fixup, relocate, return_address_fixup,
                    step_fixup)
 from .probe import Handler, Probe, ProbeError, ProbePoint
+from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
 
 # Signals a copied instruction raises itself: report them at the original address.
@@ -43,6 +44,8 @@ class Engine:
         self._regs = Regs()
         self.handler_errors: list[tuple[Probe, BaseException]] = []
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
+        self.returns = ReturnProbes(self)
+        tracee.fork_hooks.append(self.returns.restore_forked_child)
 
     # ------------------------------------------------------------------ placing
     def targets(self, spec: str | int) -> list[Target]:
@@ -152,6 +155,7 @@ class Engine:
             self.on_exec()
             self.tracee.resume(event.tid)
         elif kind is EventKind.THREAD_EXIT:
+            self.returns.thread_exited(event.tid)
             point = self._stepping.pop(event.tid, None)
             if point is not None:
                 self._step_done(point)
@@ -162,6 +166,10 @@ class Engine:
         point = self.points.get(address)
         tracee = self.tracee
         if point is None or not point.armed:
+            if address == self.returns.trampoline:
+                self.returns.on_trampoline(tid)
+                tracee.resume(tid)
+                return
             # Removed after this thread trapped on it: run the original instruction instead.
             ptrace.set_rip(tid, address)
             tracee.resume(tid)
@@ -338,6 +346,7 @@ class Engine:
         self._stepping.clear()
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
+        self.returns.forget()
 
     # ------------------------------------------------------------------ leaving
     def detach(self) -> None:
@@ -355,8 +364,14 @@ class Engine:
                 for tid, regs in snapshot.regs.items():
                     if self.slots.contains(regs.rip) or tid in self._stepping:
                         self.migrate_out_of_slot(tid)
+                    pending = tracee.threads[tid].event_pending
+                    if pending is not None and pending.kind is EventKind.BREAKPOINT \
+                            and pending.address == self.returns.trampoline:
+                        self.returns.on_trampoline(tid)
                 self._stepping.clear()
+                self.returns.restore_all()
                 self.slots.release_all()
+                self.returns.release()
             except Exception as e:  # the process died under us: nothing left to restore
                 if tracee.alive:
                     print(f"pyprobes: while detaching: {e}", file=sys.stderr)

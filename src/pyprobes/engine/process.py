@@ -16,6 +16,7 @@ from ..slots import SlotCache
 from ..tracee import EventKind, ProcessExited, Tracee
 from .engine import Engine
 from .probe import Handler, Probe, ProbeError
+from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 
 
 class Process:
@@ -59,6 +60,18 @@ class Process:
                   boost: bool = True) -> list[Probe]:
         """A probe at every function SPEC matches (globs: 'libc:str*')."""
         return [self.engine.add_probe(t, pre=pre, post=post, boost=boost) for t in self.engine.targets(spec)]
+
+    def return_probe(self, spec: str | int, handler: "ReturnHandler | None" = None,
+                     entry: "EntryHandler | None" = None, maxactive: int = DEFAULT_MAXACTIVE) -> ReturnProbe:
+        """A probe on the return of the function at SPEC: handler(tid, retval, elapsed_ns, data),
+        where data is what entry(tid, regs) returned at the call. At most MAXACTIVE calls per
+        thread are followed at once; deeper ones count as missed."""
+        if isinstance(spec, str) and spec.endswith("%return"):
+            spec = spec[: -len("%return")]
+        targets = self.engine.targets(spec)
+        if len(targets) != 1:
+            raise ProbeError(f"{spec!r} matches {len(targets)} functions: a return probe needs exactly one")
+        return self.engine.returns.add(targets[0], handler, entry=entry, maxactive=maxactive)
 
     def stop(self) -> None:
         """Make run() return soon; safe from a handler or a signal handler."""

@@ -23,6 +23,11 @@ class Breakpoints:
     def __contains__(self, address: int) -> bool:
         return address in self.original
 
+    def own(self, address: int) -> None:
+        """An int3 that pyprobes wrote into a page of its own (a return trampoline): it hides nothing."""
+        self.original[address] = b""
+        self.retired.discard(address)
+
     def insert(self, address: int) -> None:
         if address in self.original:
             return
@@ -35,7 +40,8 @@ class Breakpoints:
 
     def remove(self, address: int) -> None:
         byte = self.original.pop(address)
-        self.memory.write(address, byte)
+        if byte:
+            self.memory.write(address, byte)
         self.retired.add(address)
 
     def remove_all(self) -> None:
@@ -45,7 +51,8 @@ class Breakpoints:
     def scrub(self, memory: Memory) -> None:
         """Write the original bytes into another address space (a forked child's copy of ours)."""
         for address, byte in self.original.items():
-            memory.write(address, byte)
+            if byte:
+                memory.write(address, byte)
 
     def restore_view(self, address: int, data: bytes) -> bytes:
         """DATA read at ADDRESS with our int3 bytes replaced by the original ones."""
@@ -54,7 +61,7 @@ class Breakpoints:
         out = bytearray(data)
         end = address + len(data)
         for bp, byte in self.original.items():
-            if address <= bp < end:
+            if byte and address <= bp < end:
                 out[bp - address] = byte[0]
         return bytes(out)
 

@@ -11,7 +11,7 @@ import shutil
 import signal as _signal
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import ptrace
 from .breakpoints import Breakpoints
@@ -89,6 +89,8 @@ class Tracee:
         self._freezing = False
         self._wake_requested = False
         self._syscall_insn: int | None = None
+        # Called as hook(child_memory, forking_tid) before a forked child is let go untraced.
+        self.fork_hooks: list[Callable[[Memory, int], None]] = []
 
     # ------------------------------------------------------------------ starting
     @classmethod
@@ -240,7 +242,7 @@ class Tracee:
             return self._settle(t, Event(EventKind.CLONE, tid, child=child))
         if event == ptrace.PTRACE_EVENT_FORK:
             child = ptrace.geteventmsg(tid)
-            self._release_fork_child(child)
+            self._release_fork_child(child, tid)
             return self._settle(t, Event(EventKind.FORK, tid, child=child))
         if event == ptrace.PTRACE_EVENT_VFORK:
             child = ptrace.geteventmsg(tid)
@@ -264,7 +266,16 @@ class Tracee:
             return self._pending(t, self._after_exec(tid))
         if event == ptrace.PTRACE_EVENT_EXIT:
             t.exiting = True
-            return self._settle(t, Event(EventKind.EXITING, tid, exit_code=_exit_code(ptrace.geteventmsg(tid))))
+            exiting = Event(EventKind.EXITING, tid, exit_code=_exit_code(ptrace.geteventmsg(tid)))
+            if self._freezing:
+                self._queue.append(exiting)
+            # Let it finish at once, even while freezing or held: it never runs user code again,
+            # and keeping it stopped would keep its whole thread group from ending (an exited
+            # group leader is reported only once every other thread is reaped, so a freeze
+            # waiting for that leader would wait forever).
+            t.held = t.group_stopped = False
+            self._resume_quietly(t)
+            return exiting
         return self._settle(t, Event(EventKind.WAKE, tid))
 
     def _handle_sigtrap(self, t: Thread) -> Event | None:
@@ -331,13 +342,15 @@ class Tracee:
                 return False
         return os.WIFSTOPPED(status)
 
-    def _release_fork_child(self, child: int) -> None:
+    def _release_fork_child(self, child: int, parent_tid: int) -> None:
         """A forked child inherits our int3 bytes: scrub them, then let it go untraced."""
         if not self._wait_for_first_stop(child):
             return
         memory = Memory(child)
         try:
             self.breakpoints.scrub(memory)
+            for hook in self.fork_hooks:
+                hook(memory, parent_tid)
         finally:
             memory.close()
         try:
@@ -483,6 +496,8 @@ class Tracee:
                 else:
                     self._queue.append(event)
                     raise TraceeError(f"thread {tid} reported {event.kind.value} while single-stepping")
+            if t.exiting:
+                continue  # dying, and already resumed: its exit comes next
             # Any other stop (a stale interrupt, an informational event) leaves the step to redo.
             t.event_pending = None
             t.stepping = True

@@ -23,6 +23,7 @@ PTRACE_KILL = 8
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
+PTRACE_GETFPREGS = 14
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
@@ -152,6 +153,16 @@ def getregs(tid: int, regs: Regs | None = None) -> Regs:
 
 def setregs(tid: int, regs: Regs) -> None:
     _call(PTRACE_SETREGS, tid, None, ctypes.byref(regs))
+
+
+XMM0_OFFSET = 160  # in struct user_fpregs_struct (the FXSAVE image): xmm_space follows st_space
+
+
+def get_xmm0(tid: int) -> bytes:
+    """The 16 bytes of xmm0 (where the SysV ABI returns a float or double)."""
+    image = ctypes.create_string_buffer(512)
+    _call(PTRACE_GETFPREGS, tid, None, image)
+    return image.raw[XMM0_OFFSET:XMM0_OFFSET + 16]
 
 
 def peekuser(tid: int, offset: int) -> int:

@@ -1,0 +1,266 @@
+"""Return probes (kretprobes / uretprobes): return values and latency through a shadow stack.
+
+At a function's entry the return address at [rsp] is replaced by the address of a return
+trampoline, an int3 in a page of ours. Each thread keeps a shadow stack of (original return
+address, where it was on the stack, probe, entry time, entry data). When the function returns,
+the thread traps on the trampoline; the tracer pops the matching entry, sets RIP to the real
+return address and reports the return value and the elapsed time.
+
+A frame left without returning (longjmp, an exception, a tail-call chain) leaves its entry
+behind; since the stack grows down, an entry whose stack slot lies below the current stack
+pointer is dead and is dropped on the thread's next entry or return (uprobes'
+arch_uretprobe_is_alive). Every way of leaving the process — detach, fork, a C++ throw —
+first writes the hijacked return addresses back, so no frame is left returning into a page
+that is about to vanish or was never there.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..slots import PAGE_SIZE
+from ..symbols import SymbolError, Target, resolve
+from ..tracee import Memory, ptrace
+from .probe import ProbeError
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .probe import Probe
+
+ReturnHandler = Callable[[int, "ReturnValue", int, Any], Any]
+EntryHandler = Callable[[int, Any], Any]
+DEFAULT_MAXACTIVE = 64
+# Where an exception starts unwinding: from here on return addresses are read by the unwinder,
+# which cannot find a frame for a trampoline address (and would call std::terminate).
+UNWIND_ENTRIES = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
+
+
+class ReturnValue(int):
+    """rax as an int; .double / .xmm0 read the floating-point return (valid inside the handler only)."""
+
+    _tid: int
+
+    @property
+    def xmm0(self) -> bytes:
+        return ptrace.get_xmm0(self._tid)
+
+    @property
+    def double(self) -> float:
+        return struct.unpack("<d", self.xmm0[:8])[0]
+
+    @property
+    def signed(self) -> int:
+        return self - (1 << 64) if self >= 1 << 63 else int(self)
+
+
+class ShadowEntry:
+    __slots__ = ("return_address", "stack_slot", "probe", "start_ns", "data")
+
+    def __init__(self, return_address: int, stack_slot: int, probe: "ReturnProbe", start_ns: int, data: Any) -> None:
+        self.return_address = return_address
+        self.stack_slot = stack_slot
+        self.probe = probe
+        self.start_ns = start_ns
+        self.data = data
+
+
+class ReturnProbe:
+    """hits: returns reported; missed: calls not hijacked (depth limit) or whose handler failed;
+    dropped: frames left without returning (longjmp, exceptions)."""
+
+    def __init__(self, returns: "ReturnProbes", target: Target, handler: ReturnHandler | None,
+                 entry: EntryHandler | None, maxactive: int) -> None:
+        self._returns = returns
+        self.target = target
+        self.handler = handler
+        self.entry = entry
+        self.maxactive = maxactive
+        self.hits = 0
+        self.missed = 0
+        self.dropped = 0
+        self.removed = False
+        self.last_error: BaseException | None = None
+        self.entry_probe: Probe | None = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name + "%return"
+
+    @property
+    def address(self) -> int:
+        return self.target.address
+
+    def remove(self) -> None:
+        """Stop hijacking new calls; calls in flight still report their return."""
+        if not self.removed:
+            self.removed = True
+            if self.entry_probe is not None:
+                self.entry_probe.remove()
+
+    def __repr__(self) -> str:
+        return f"<ReturnProbe {self.name} hits={self.hits} missed={self.missed} dropped={self.dropped}>"
+
+
+class ReturnProbes:
+    """Every return probe of one process, the trampoline, and each thread's shadow stack."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.trampoline: int | None = None
+        self.stacks: dict[int, list[ShadowEntry]] = {}
+        self.probes: list[ReturnProbe] = []
+        self._unwind_probes: list["Probe"] = []
+        self.restored_for_unwind = 0
+
+    # ------------------------------------------------------------------ placing
+    def add(self, target: Target, handler: ReturnHandler | None, entry: EntryHandler | None = None,
+            maxactive: int = DEFAULT_MAXACTIVE) -> ReturnProbe:
+        if target.symbol is None or target.offset != 0:
+            raise ProbeError(f"a return probe goes on a function's entry, not {target.name}")
+        if maxactive < 1:
+            raise ProbeError("maxactive must be at least 1")
+        self._ensure_trampoline()
+        rp = ReturnProbe(self, target, handler, entry, maxactive)
+        rp.entry_probe = self.engine.add_probe(target, pre=lambda tid, regs: self._on_entry(rp, tid, regs),
+                                               boost=True)
+        self.probes.append(rp)
+        return rp
+
+    def _ensure_trampoline(self) -> None:
+        if self.trampoline is not None:
+            return
+        host = self.engine.host
+        page = host.map_page(_anchor(self.engine))
+        self.engine.memory.write(page, b"\xcc" * 16)
+        self.trampoline = page
+        self.engine.tracee.breakpoints.own(page)
+        self._watch_unwinder()
+
+    def _watch_unwinder(self) -> None:
+        """Probe where C++ exceptions start unwinding, in whichever loaded library defines it."""
+        for name in UNWIND_ENTRIES:
+            try:
+                targets = resolve(self.engine.tracee.pid, name)
+            except SymbolError:
+                continue
+            for target in targets:
+                try:
+                    probe = self.engine.add_probe(target, pre=self._on_unwind)
+                except ProbeError:
+                    continue
+                self._unwind_probes.append(probe)
+
+    # ------------------------------------------------------------------ the two hits
+    def _on_entry(self, rp: ReturnProbe, tid: int, regs: Any) -> None:
+        if rp.removed:
+            return
+        rsp = regs.rsp
+        stack = self.stacks.get(tid)
+        if stack is None:
+            stack = self.stacks[tid] = []
+        # A frame at or below this slot can no longer be live: a new call is using it.
+        while stack and stack[-1].stack_slot <= rsp:
+            self._drop(stack.pop())
+        if len(stack) >= rp.maxactive:
+            rp.missed += 1
+            return
+        memory = self.engine.memory
+        data = rp.entry(tid, regs) if rp.entry is not None else None
+        stack.append(ShadowEntry(memory.read_u64(rsp), rsp, rp, time.perf_counter_ns(), data))
+        memory.write_u64(rsp, self.trampoline)
+
+    def on_trampoline(self, tid: int, report: bool = True) -> None:
+        """A thread returned into the trampoline: send it to its real caller and report."""
+        now = time.perf_counter_ns()
+        regs = ptrace.getregs(tid, self.engine._regs)
+        slot = regs.rsp - 8  # ret popped the hijacked slot
+        stack = self.stacks.get(tid) or []
+        while stack and stack[-1].stack_slot < slot:
+            self._drop(stack.pop())
+        if not stack or stack[-1].stack_slot != slot:
+            raise ProbeError(f"thread {tid} returned through the trampoline with no matching shadow entry "
+                             f"(rsp {regs.rsp:#x})")
+        top = stack.pop()
+        regs.rip = top.return_address
+        ptrace.setregs(tid, regs)
+        rp = top.probe
+        if not report:
+            return
+        if rp.handler is None:
+            rp.hits += 1
+            return
+        value = ReturnValue(regs.rax)
+        value._tid = tid
+        try:
+            rp.handler(tid, value, now - top.start_ns, top.data)
+        except Exception as e:  # a handler's bug must not take the traced program down
+            rp.missed += 1
+            rp.last_error = e
+        else:
+            rp.hits += 1
+
+    def _drop(self, entry: ShadowEntry) -> None:
+        entry.probe.dropped += 1
+
+    def _on_unwind(self, tid: int, regs: Any) -> None:
+        self.restore_thread(tid, self.engine.memory)
+
+    # ------------------------------------------------------------------ giving frames back
+    def restore_thread(self, tid: int, memory: Memory) -> None:
+        """Write TID's hijacked return addresses back into its stack (in MEMORY) and drop the entries."""
+        stack = self.stacks.pop(tid, None) or []
+        for entry in stack:
+            self._write_back(memory, entry)
+            self._drop(entry)
+            self.restored_for_unwind += 1
+
+    def _write_back(self, memory: Memory, entry: ShadowEntry) -> None:
+        try:
+            if memory.read_u64(entry.stack_slot) == self.trampoline:
+                memory.write_u64(entry.stack_slot, entry.return_address)
+        except OSError:
+            pass  # the stack is gone (the thread exited): nothing returns there
+
+    def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
+        """A forked child copied the forking thread's stack, hijacked slots included."""
+        for entry in self.stacks.get(parent_tid, ()):
+            self._write_back(memory, entry)
+
+    def restore_all(self) -> None:
+        """Detach time (every thread frozen): every frame returns to its real caller later."""
+        for tid in list(self.stacks):
+            for entry in self.stacks.pop(tid):
+                self._write_back(self.engine.memory, entry)
+
+    def thread_exited(self, tid: int) -> None:
+        for entry in self.stacks.pop(tid, ()):
+            self._drop(entry)
+
+    def forget(self) -> None:
+        """After exec: the old image, its stacks and the trampoline page are gone."""
+        self.stacks.clear()
+        self.trampoline = None
+        for rp in self.probes:
+            rp.removed = True
+        self.probes.clear()
+        self._unwind_probes.clear()
+
+    def release(self) -> None:
+        """Unmap the trampoline page (only after restore_all, with every thread frozen)."""
+        if self.trampoline is not None and self.engine.tracee.alive:
+            try:
+                self.engine.host.unmap_page(self.trampoline)
+            except OSError:
+                pass
+        self.trampoline = None
+
+
+def _anchor(engine: "Engine") -> int:
+    """Somewhere for the trampoline page: near the main binary, like the slots it serves."""
+    from ..symbols import main_module
+
+    try:
+        return main_module(engine.tracee.pid).base
+    except Exception:
+        return 0x7F00_0000_0000 - PAGE_SIZE
