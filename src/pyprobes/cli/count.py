@@ -55,6 +55,7 @@ def run(args, command: list[str], on_done=None) -> int:
         if value is not None and value <= 0:
             from .output import CliError
             raise CliError(f"--{name} must be a positive number of seconds", 2)
+    Session.check_specs(args.probes)
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose)
     try:

@@ -93,11 +93,12 @@ def _binary(path: str) -> ElfFile:
 def _glob_filter(functions, pattern: str | None):
     """One symbol per address (aliases are one function), names matching PATTERN."""
     match = re.compile(fnmatch.translate(pattern)).match if pattern else None
+    skip_cold = not pattern or ".cold" not in pattern  # gcc's cold fragments are not functions
     chosen = {}
     for sym in functions:
         if match is not None and not match(sym.name):
             continue
-        if match is None and ".cold" in sym.name:
+        if skip_cold and ".cold" in sym.name:
             continue
         old = chosen.get(sym.address)
         if old is None or preference(sym) < preference(old):

@@ -64,6 +64,7 @@ class Session:
         self.start = time.monotonic()
         self.end: float | None = None
         self._held: list[int] = []
+        self.started = False  # go() was called: the command runs with its probes
         self._old_handlers: dict[int, object] = {}
         self.child_status: int | None = None  # subprocess-style: negative for a killing signal
 
@@ -72,6 +73,17 @@ class Session:
         return bool(self.command)
 
     # ------------------------------------------------------------------ starting
+    @staticmethod
+    def check_specs(specs: list[str]) -> None:
+        """Syntax errors and unsupported forms, before anything is started or attached."""
+        for spec in specs:
+            try:
+                parsed = parse_spec(spec)
+            except SymbolError as e:
+                raise CliError(str(e), 2) from None
+            if parsed.is_return:
+                raise CliError(f"{spec}: return probes are not yet supported", 2)
+
     def open(self) -> Process:
         try:
             if self.spawned:
@@ -184,6 +196,7 @@ class Session:
 
     def go(self) -> None:
         """The probes are in: start the clock and let the held thread(s) run."""
+        self.started = True
         self.start = time.monotonic()
         for tid in self._held:
             self.proc.tracee.release(tid)
@@ -223,6 +236,21 @@ class Session:
         """Detach (text restored, slots gone); for a spawned command, wait for it and keep its status."""
         proc = self.proc
         if proc is None:
+            return
+        if self.spawned and not self.started:
+            # Probes could not be placed: the command has not run a line of its own code; it
+            # must not run at all. Un-hold without resuming (a held thread would never be let
+            # through its exit stop).
+            for tid in self._held:
+                thread = proc.tracee.threads.get(tid)
+                if thread is not None:
+                    thread.held = False
+            self._held.clear()
+            try:
+                proc.kill()
+            except (PyprobesError, OSError):
+                pass
+            self.child_status = None
             return
         if self._held and proc.alive:
             for tid in self._held:

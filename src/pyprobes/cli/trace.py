@@ -43,6 +43,7 @@ def run(args, command: list[str]) -> int:
         raise CliError(f"--args must be between 0 and {len(ARG_REGISTERS)}", 2)
     if args.duration is not None and args.duration <= 0:
         raise CliError("--duration must be a positive number of seconds", 2)
+    Session.check_specs(args.probes)
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose)
     registers = ARG_REGISTERS[: args.args]
