@@ -70,3 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as e:
+        error(f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""))
+        return 1

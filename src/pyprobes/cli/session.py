@@ -217,6 +217,8 @@ class Session:
                 code = proc.run(timeout)
             except PyprobesError as e:
                 raise CliError(str(e), 1) from None
+            except OSError as e:  # a ptrace call failed under the engine: report it, then detach
+                raise CliError(f"lost control of process {proc.pid}: {e}", 1) from None
             if code is not None or not proc.alive:
                 break
             now = time.monotonic()
