@@ -161,6 +161,11 @@ class Tracee:
                 tracer, name = _tracer_of(pid)
                 if tracer:
                     raise AlreadyTraced(pid, tracer, name) from None
+                if _is_zombie(pid, pid) and os.path.exists(f"/proc/{pid}"):
+                    # The kernel refuses to attach to an exited task, and the leader's tid is
+                    # the one every process-wide event (exit, exec) is reported on.
+                    raise TraceeError(f"cannot attach to PID {pid}: its main thread has exited "
+                                      "(pthread_exit) while other threads run on") from None
                 raise PermissionDenied(pid) from None
             raise TraceeError(f"cannot attach to PID {pid}: {e.strerror}") from None
         self.threads[pid] = Thread(pid)
@@ -658,6 +663,10 @@ class Tracee:
             except ProcessLookupError:
                 pass
             self._queue.clear()
+            # A killed thread still reports its exit stop (TRACEEXIT) and waits there to be
+            # resumed: a held one would never be, and the process would never finish dying.
+            for t in self.threads.values():
+                t.held = False
             while self.alive:
                 tid, status = self._reap(block=True)
                 if status != -1:

@@ -1,0 +1,126 @@
+"""The seed's scenario, made deterministic: a thread stopped inside a boosted slot while its
+probe is removed. The slot becomes garbage; it is not handed out again until a collection
+has migrated the thread out of it (invariant 1); the thread then goes on correctly.
+
+A pre-handler on the boosted probe holds the hitting thread (Tracee.hold): the hit path then
+sets its RIP to the slot and "resumes" it, which a held thread ignores, so it stays stopped
+exactly where a preempted thread would be: at the slot's first byte, or (after one manual
+step) on the slot's jmp back.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from .conftest import maps
+
+
+def _hold_in_boosted_slot(run, spec):
+    proc = run.proc
+    held: dict[str, int] = {}
+
+    def pre(tid, regs):
+        if p.mode == "boosted" and not held:
+            proc.tracee.hold(tid)
+            held["tid"] = tid
+            held["rdi"] = regs.rdi
+            proc.stop()
+
+    p = proc.probe(spec, pre=pre)
+    run.run_until(r"^ready")
+    for _ in range(50):
+        if held:
+            break
+        proc.run(timeout=0.2)
+    assert held, "no boosted hit seen"
+    return p, held
+
+
+@pytest.mark.parametrize("where", ["slot-start", "on-jmp-back"])
+def test_thread_held_in_boosted_slot_is_migrated_before_reuse(procs, fixture, where):
+    run = procs.spawn(fixture("eng_work"), "lea,many", 4, 0)
+    proc, tracee = run.proc, run.proc.tracee
+    p, held = _hold_in_boosted_slot(run, "w_lea")
+    tid = held["tid"]
+    slot = p.point.slot
+    assert tracee.get_rip(tid) == slot.address
+    if where == "on-jmp-back":
+        tracee.step(tid)  # the copied lea runs; the thread now sits on the slot's jmp back
+        rip = tracee.get_rip(tid)
+        assert slot.address < rip < slot.address + 32
+        assert tracee.get_regs(tid).rax == 3 * held["rdi"]
+
+    before = dict(proc.slots.stats())
+    p.remove()
+    # Threads that hit the probe just before it was boosted may still be single-stepping
+    # the copy: the slot is given back when the last of them reports its step.
+    for _ in range(20):
+        if p.point.slot is None:
+            break
+        proc.run(timeout=0.05)
+    assert p.point.slot is None and p.point.steppers == 0
+    stats = proc.slots.stats()
+    assert stats["garbage"] == before["garbage"] + 1  # dirty: it ran boosted
+    assert stats["threads_migrated"] == before["threads_migrated"]
+    assert tracee.get_rip(tid) in range(slot.address, slot.address + 32)
+
+    # The garbage slot is not handed out while the thread may be in it.
+    q = proc.probe("w_many")
+    assert q.point.slot.address != slot.address
+    proc.run(timeout=0.2)  # the others run on through the new probe meanwhile
+    assert tracee.get_rip(tid) in range(slot.address, slot.address + 32)
+
+    reclaimed = proc.slots.collect_garbage()
+    assert reclaimed == 1
+    stats = proc.slots.stats()
+    assert stats["garbage"] == 0
+    assert stats["threads_migrated"] == before["threads_migrated"] + 1
+    assert proc.engine.stats["threads_migrated"] >= 1
+    # Out of the slot, in original code just after the lea, which ran exactly once.
+    regs = tracee.get_regs(tid)
+    assert regs.rip == p.address + 4
+    assert regs.rax == 3 * held["rdi"]
+
+    # Now the slot is reused: new code is written where the held thread used to be.
+    r = proc.probe("w_many+0x3")
+    assert r.point.slot.address == slot.address
+    proc.run(timeout=0.2)
+    tracee.release(tid)
+    proc.run(timeout=0.3)
+    assert q.hits > 0 and r.hits > 0
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert run.finish() == 0, run.text
+    res = run.results
+    assert res[("func", "lea")]["bad"] == 0
+    assert res[("func", "many")]["bad"] == 0
+    assert res[()]["sigtrap"] == 0
+    assert r.hits <= res[("func", "many")]["calls"]
+
+
+def test_detach_migrates_a_held_thread_and_unmaps_slots(procs, fixture):
+    """Detach with a thread stopped in a boosted slot: it is stepped out, every slot page is
+    unmapped, and the program finishes correctly untraced."""
+    run = procs.spawn(fixture("eng_work"), "lea,push", 4, 0)
+    proc = run.proc
+    p, held = _hold_in_boosted_slot(run, "w_lea")
+    page = p.point.slot.page
+    assert any(start <= page < end for start, end, _, _ in maps(proc.pid))
+    pid = proc.pid
+    proc.detach()
+    assert not any(start <= page < end for start, end, _, _ in maps(pid))
+    os.kill(pid, signal.SIGUSR1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, run.text)
+    res = run.results
+    assert res[("func", "lea")]["bad"] == 0 and res[()]["sigtrap"] == 0
+
+
+def test_kill_with_a_thread_held_in_a_slot(procs, fixture):
+    """Killing the process while a thread is held: the held thread's exit stop must be
+    resumed too, or the process never finishes dying (Tracee.kill used to hang here)."""
+    run = procs.spawn(fixture("eng_work"), "lea", 4, 0)
+    _hold_in_boosted_slot(run, "w_lea")
+    assert run.proc.kill() == -signal.SIGKILL
+    assert not run.proc.alive
