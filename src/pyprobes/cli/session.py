@@ -139,7 +139,17 @@ class Session:
 
     # ------------------------------------------------------------------ probes
     def place(self, specs: list[str], pre_for: PreFactory | None = None) -> list[Probe]:
+        """Place every probe while every thread is frozen; run() thaws them.
+
+        Frozen, no thread can hit a probe placed a moment ago while a later one is being placed
+        (a slot page mapped by a syscall injected in a thread, for instance): all the probes go
+        in at once, as far as the program can tell.
+        """
         proc = self.proc
+        try:
+            proc.tracee.freeze()
+        except PyprobesError as e:
+            raise CliError(str(e), 1) from None
         for spec in specs:
             try:
                 parsed = parse_spec(spec)
