@@ -10,20 +10,55 @@ import os
 
 from . import ptrace
 
+_ATTEMPTS = 4  # the leader, then up to three live threads (each may be exiting too)
+
 
 class Memory:
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        # The thread whose view of the shared address space we use: the leader, until it
+        # exits while other threads run on (pthread_exit in main) -- then neither
+        # process_vm_readv(pid) nor /proc/PID/mem reaches the memory, and a live thread does.
+        self._tid = pid
         self._fd: int | None = None
 
     def _mem_fd(self) -> int:
         if self._fd is None:
-            self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(f"/proc/{self.pid}/task/{self._tid}/mem", os.O_RDWR | os.O_CLOEXEC)
         return self._fd
 
-    def read(self, address: int, size: int) -> bytes:
+    def _use_live_thread(self) -> bool:
+        """Switch to a thread that still has the address space; False if there is none."""
         try:
-            return ptrace.process_vm_readv(self.pid, address, size)
+            tids = sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+        except OSError:
+            return False
+        for tid in tids:
+            if tid == self._tid:
+                continue
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        continue
+            except OSError:
+                continue
+            self.close()
+            self._tid = tid
+            return True
+        return False
+
+    def read(self, address: int, size: int) -> bytes:
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._read(address, size)
+            except ProcessLookupError:
+                if attempt == _ATTEMPTS - 1 or not self._use_live_thread():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read(self, address: int, size: int) -> bytes:
+        try:
+            return ptrace.process_vm_readv(self._tid, address, size)
         except OSError:
             # Pages without PROT_READ (execute-only text) are still readable through /proc/PID/mem.
             data = os.pread(self._mem_fd(), size, address)
@@ -32,7 +67,13 @@ class Memory:
             return data
 
     def write(self, address: int, data: bytes) -> None:
-        written = os.pwrite(self._mem_fd(), data, address)
+        for attempt in range(_ATTEMPTS):
+            try:
+                written = os.pwrite(self._mem_fd(), data, address)
+                break
+            except ProcessLookupError:
+                if attempt == _ATTEMPTS - 1 or not self._use_live_thread():
+                    raise
         if written != len(data):
             raise OSError(14, f"short write of {written}/{len(data)} bytes at {address:#x} in PID {self.pid}")
 
@@ -45,6 +86,7 @@ class Memory:
     def reopen(self) -> None:
         """After exec the old /proc/PID/mem file still points at the old address space."""
         self.close()
+        self._tid = self.pid
 
     def close(self) -> None:
         if self._fd is not None:
