@@ -292,3 +292,16 @@ def test_demo(tmp_path):
     assert "exactly the program's own counts" in r.stderr
     for mode in ("boosted", "emulated", "stepped"):
         assert mode in r.stderr
+
+
+def test_demo_without_gcc(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PATH=str(tmp_path))
+    r = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=30, env=env)
+    one_line_error(r, 1, "gcc was not found")
+
+
+def test_verbose_shows_what_was_placed(pie):
+    r = cli("count", "-v", "cli_add", "libc:getppi*", "--", str(pie), "3")
+    assert r.returncode == 0, r.stderr
+    assert "cli_add -> cli_target:cli_add at 0x" in r.stderr
+    assert "libc:getppi* -> libc.so.6:getppid at 0x" in r.stderr
