@@ -31,7 +31,7 @@ examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help=HELP, description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("demo", help=HELP, usage='%(prog)s [--rounds N] [--json] [-o FILE]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=ROUNDS, help=f"loop rounds per thread (default {ROUNDS})")
     p.add_argument("--json", action="store_true", help="the count report as JSON")
