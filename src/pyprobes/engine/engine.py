@@ -239,19 +239,24 @@ class Engine:
             self.tracee.resume(tid, step=True)
             return
         self._after_copy(tid, point, slot_address, rip)
-        point.steppers -= 1
         if point.post:
             regs = ptrace.getregs(tid, self._regs)
             before = bytes(regs)
             self._call_handlers(point.post, "post", tid, regs)
             if bytes(regs) != before:
                 ptrace.setregs(tid, regs)
-        if point.removed:
-            self._release_slot(point)
-        elif not point.boosted and not point.post and not point.step_only \
+        self._step_done(point)
+        if not point.removed and not point.boosted and not point.post and not point.step_only \
                 and all(p.boost for p in point.probes):
             point.boosted = True
         self.tracee.resume(tid)
+
+    def _step_done(self, point: ProbePoint) -> None:
+        """A thread single-stepping POINT's copy is out of the slot (its step ran, it faulted, it
+        was migrated, or it exited): a removed point's slot is given back after the last one."""
+        point.steppers -= 1
+        if point.removed:
+            self._release_slot(point)
 
     def _after_copy(self, tid: int, point: ProbePoint, slot_address: int, rip: int) -> int:
         """Once the copy has run under a step: put RIP and anything it pushed back in original terms."""
@@ -287,9 +292,7 @@ class Engine:
             self.stats["faults_in_slots"] += 1
             if stepping is not None:
                 self._stepping.pop(tid)
-                stepping.steppers -= 1
-                if stepping.removed:
-                    self._release_slot(stepping)
+                self._step_done(stepping)
             ptrace.set_rip(tid, owner.address)
             self.tracee.resume(tid, sig)
             return
@@ -327,7 +330,7 @@ class Engine:
                 rip = new
             if stepping is point:
                 self._stepping.pop(tid)
-                point.steppers -= 1
+                self._step_done(point)
             migrated = True
         if migrated:
             self.stats["threads_migrated"] += 1

@@ -321,6 +321,12 @@ class Tracee:
             if t.group_stopped:
                 ptrace.listen(t.tid)
                 t.state = ThreadState.LISTENING
+            elif t.stepping and not t.exiting:
+                # Stopped (by a freeze's interrupt, say) before its single-step reported: resume
+                # it stepping, or PTRACE_CONT clears the trap flag and it runs on past the
+                # instruction it was stepping (out of the end of a slot's copy).
+                ptrace.singlestep(t.tid, 0)
+                t.state = ThreadState.RUNNING
             else:
                 ptrace.cont(t.tid, 0)
                 t.state = ThreadState.RUNNING
