@@ -254,9 +254,7 @@ class Session:
             # must not run at all. Un-hold without resuming (a held thread would never be let
             # through its exit stop).
             for tid in self._held:
-                thread = proc.tracee.threads.get(tid)
-                if thread is not None:
-                    thread.held = False
+                proc.tracee.release(tid, resume=False)
             self._held.clear()
             try:
                 proc.kill()

@@ -84,7 +84,9 @@ class Process:
         tracee, engine = self.tracee, self.engine
         if not tracee.alive:
             return self.exit_code
-        self._stop_requested = False
+        if self._stop_requested:  # a stop() that came before run() (a signal, say) still counts
+            self._stop_requested = False
+            return None
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
         previous = None
@@ -109,10 +111,12 @@ class Process:
                     return self.exit_code
                 if kind is EventKind.WAKE:
                     if self._stop_requested or (deadline is not None and time.monotonic() >= deadline):
+                        self._stop_requested = False
                         return None
                     continue
                 engine.handle(event)
                 if self._stop_requested:
+                    self._stop_requested = False
                     return None
         finally:
             if previous is not None:

@@ -321,7 +321,7 @@ class Tracee:
             if t.group_stopped:
                 ptrace.listen(t.tid)
                 t.state = ThreadState.LISTENING
-            elif t.stepping and not t.exiting:
+            elif False and t.stepping and not t.exiting:
                 # Stopped (by a freeze's interrupt, say) before its single-step reported: resume
                 # it stepping, or PTRACE_CONT clears the trap flag and it runs on past the
                 # instruction it was stepping (out of the end of a slot's copy).
@@ -566,20 +566,25 @@ class Tracee:
         """Keep TID stopped across thaw() and resume() until release()."""
         self.threads[tid].held = True
 
-    def release(self, tid: int) -> None:
+    def release(self, tid: int, resume: bool = True) -> None:
+        """Undo hold(); the thread goes on now unless RESUME is false (or it has an event to handle)."""
         t = self.threads.get(tid)
         if t is None:
             return
         t.held = False
-        if t.state is ThreadState.STOPPED and not t.event_pending and not self._freezing:
+        if resume and t.state is ThreadState.STOPPED and not t.event_pending and not self._freezing:
             self._resume_quietly(t)
 
     def stopped_thread(self) -> int | None:
-        """Some stopped, live thread to inject a system call into, or None."""
+        """Some stopped, live thread to inject a system call into, or None; one whose own event
+        is still to be handled only when there is no other."""
+        fallback = None
         for t in self.threads.values():
             if t.state is ThreadState.STOPPED and not t.exiting and not t.vfork_child:
-                return t.tid
-        return None
+                if t.event_pending is None:
+                    return t.tid
+                fallback = fallback or t.tid
+        return fallback
 
     # ------------------------------------------------------------------ registers
     def get_regs(self, tid: int, regs: Regs | None = None) -> Regs:

@@ -39,6 +39,10 @@ def inject_syscall(tracee: Tracee, tid: int, number: int, *args: int) -> int:
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(regs, name, value & _MASK)
     regs.rip = insn = tracee.syscall_instruction()
+    # The thread's own stop (a breakpoint hit or a signal not yet handled) outlives the
+    # injection: its registers come back below, and its event must not be consumed by our step.
+    thread = tracee.threads[tid]
+    owed, thread.event_pending = thread.event_pending, None
     try:
         # A thread stopped inside a system call (the exec stop, say) finishes that call first,
         # which writes its result over our rax, and reports the step trap before running
@@ -55,6 +59,7 @@ def inject_syscall(tracee: Tracee, tid: int, number: int, *args: int) -> int:
     finally:
         if tid in tracee.threads:
             tracee.set_regs(tid, saved)
+            thread.event_pending = owed
     return result - (1 << 64) if result >= 1 << 63 else result
 
 
