@@ -77,8 +77,10 @@ class Run:
             self.proc.run(timeout=step)
 
     def finish(self) -> int | None:
-        """Run to exit; the exit code."""
-        return self.proc.run()
+        """Run to exit (again after any stop() from a handler); the exit code."""
+        while self.proc.alive:
+            self.proc.run()
+        return self.proc.exit_code
 
 
 class Procs:

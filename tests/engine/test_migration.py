@@ -124,3 +124,31 @@ def test_kill_with_a_thread_held_in_a_slot(procs, fixture):
     _hold_in_boosted_slot(run, "w_lea")
     assert run.proc.kill() == -signal.SIGKILL
     assert not run.proc.alive
+
+
+def test_freeze_and_thaw_while_threads_single_step_slots(procs, fixture):
+    """A freeze that interrupts a thread resumed with PTRACE_SINGLESTEP before its step ran:
+    thaw must resume it stepping. (It used PTRACE_CONT, and the thread ran on past the copy
+    into the rest of the slot page and died of SIGSEGV.) The pre-handler stops run() right
+    after it, so the freeze comes while the hitting thread's step is still in flight."""
+    run = procs.spawn(fixture("eng_work"), "lock", 8, 3_000)
+    proc = run.proc
+
+    def pre(tid, regs):
+        proc.stop()
+
+    p = proc.probe("w_lock", pre=pre)
+    freezes = 0
+    while proc.alive and freezes < 400:
+        proc.run(timeout=1.0)
+        if not proc.alive:
+            break
+        proc.tracee.freeze()
+        proc.tracee.thaw()
+        freezes += 1
+    assert run.finish() == 0, run.text
+    res = run.results
+    assert res[("func", "lock")] == {"calls": 24_000, "bad": 0}
+    assert res[()]["lock_total"] == 24_000 and res[()]["sigtrap"] == 0
+    assert p.hits == 24_000 and p.mode == "stepped"
+    assert freezes == 400

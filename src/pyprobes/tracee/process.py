@@ -321,7 +321,7 @@ class Tracee:
             if t.group_stopped:
                 ptrace.listen(t.tid)
                 t.state = ThreadState.LISTENING
-            elif False and t.stepping and not t.exiting:
+            elif t.stepping and not t.exiting:
                 # Stopped (by a freeze's interrupt, say) before its single-step reported: resume
                 # it stepping, or PTRACE_CONT clears the trap flag and it runs on past the
                 # instruction it was stepping (out of the end of a slot's copy).
