@@ -46,6 +46,9 @@ class Engine:
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
         self.returns = ReturnProbes(self)
         tracee.fork_hooks.append(self.returns.restore_forked_child)
+        # Called with no arguments at the end of on_exec, before the exec'ing thread resumes:
+        # the new image's loader has not run a line yet (pending probes re-arm from there).
+        self.exec_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ placing
     def targets(self, spec: str | int) -> list[Target]:
@@ -350,6 +353,8 @@ class Engine:
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
         self.returns.forget()
+        for hook in self.exec_hooks:
+            hook()
 
     # ------------------------------------------------------------------ leaving
     def detach(self) -> None:
