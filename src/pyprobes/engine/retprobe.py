@@ -6,12 +6,14 @@ address, where it was on the stack, probe, entry time, entry data). When the fun
 the thread traps on the trampoline; the tracer pops the matching entry, sets RIP to the real
 return address and reports the return value and the elapsed time.
 
-A frame left without returning (longjmp, an exception, a tail-call chain) leaves its entry
-behind; since the stack grows down, an entry whose stack slot lies below the current stack
-pointer is dead and is dropped on the thread's next entry or return (uprobes'
-arch_uretprobe_is_alive). Every way of leaving the process — detach, fork, a C++ throw —
-first writes the hijacked return addresses back, so no frame is left returning into a page
-that is about to vanish or was never there.
+A frame left without returning (longjmp, an exception) leaves its entry behind; since the
+stack grows down, an entry whose stack slot lies below the current stack pointer is dead and is
+dropped on the thread's next entry or return (uprobes' arch_uretprobe_is_alive). A tail call
+from a hijacked frame finds the trampoline at [rsp]: its entry is chained on the same slot, and
+both return together. Every way of leaving the process — detach, fork, a C++ throw, a forced
+unwind — first writes the hijacked return addresses back, so no frame is left returning into a
+page that is about to vanish or was never there. The unwinder is probed wherever it is loaded,
+at the first return probe or later (the loader's _dl_debug_state hook).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE
-from ..symbols import SymbolError, Target, resolve
+from ..symbols import Target, modules
 from ..tracee import Memory, ptrace
 from .probe import ProbeError
 
@@ -34,6 +36,10 @@ DEFAULT_MAXACTIVE = 64
 # Where an exception starts unwinding: from here on return addresses are read by the unwinder,
 # which cannot find a frame for a trampoline address (and would call std::terminate).
 UNWIND_ENTRIES = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
+# The dynamic loader calls this after each change of the library list (the r_debug protocol
+# debuggers use): an unwinder loaded after the first return probe (a process spawned at its
+# exec stop, libgcc_s dlopened by glibc for pthread_exit) is found there.
+LOADER_HOOK = "_dl_debug_state"
 
 
 class ReturnValue(int):
@@ -111,6 +117,9 @@ class ReturnProbes:
         self.stacks: dict[int, list[ShadowEntry]] = {}
         self.probes: list[ReturnProbe] = []
         self._unwind_probes: list["Probe"] = []
+        self._unwind_seen: set[int] = set()  # addresses of unwinder entries already probed
+        self._loader_probe: "Probe | None" = None
+        self._unwinder_found = False
         self.restored_for_unwind = 0
 
     # ------------------------------------------------------------------ placing
@@ -138,18 +147,40 @@ class ReturnProbes:
         self._watch_unwinder()
 
     def _watch_unwinder(self) -> None:
-        """Probe where C++ exceptions start unwinding, in whichever loaded library defines it."""
+        """Probe where C++ exceptions start unwinding, in whichever loaded library defines it;
+        until one is found, look again each time the loader changes the library list."""
+        self._unwinder_found = self._probe_unwinder()
+        if self._unwinder_found or self._loader_probe is not None:
+            return
+        targets = _functions_named(self.engine.tracee.pid, LOADER_HOOK)
+        if not targets:
+            return  # static, or no glibc loader: whatever is loaded now is all there will be
+        try:
+            self._loader_probe = self.engine.add_probe(targets[0], pre=self._on_library_change)
+        except ProbeError:
+            pass
+
+    def _probe_unwinder(self) -> bool:
+        """Probe every unwinder entry loaded now and not probed yet; whether the one C++ throws
+        go through (_Unwind_RaiseException, in libgcc_s) is probed. (glibc's libc has its own
+        _Unwind_ForcedUnwind for pthread_exit, which does not make C++ exceptions safe.)"""
         for name in UNWIND_ENTRIES:
-            try:
-                targets = resolve(self.engine.tracee.pid, name)
-            except SymbolError:
-                continue
-            for target in targets:
+            for target in _functions_named(self.engine.tracee.pid, name):
+                if target.address in self._unwind_seen:
+                    continue
                 try:
                     probe = self.engine.add_probe(target, pre=self._on_unwind)
                 except ProbeError:
                     continue
+                self._unwind_seen.add(target.address)
                 self._unwind_probes.append(probe)
+        return any(p.name.endswith(":" + UNWIND_ENTRIES[0]) for p in self._unwind_probes)
+
+    def _on_library_change(self, tid: int, regs: Any) -> None:
+        # Kept armed once the unwinder is found (the engine cannot yet remove a probe from inside
+        # its own hit); one check per library load is all it costs then.
+        if not self._unwinder_found and self.trampoline is not None:
+            self._unwinder_found = self._probe_unwinder()
 
     # ------------------------------------------------------------------ the two hits
     def _on_entry(self, rp: ReturnProbe, tid: int, regs: Any) -> None:
@@ -159,19 +190,40 @@ class ReturnProbes:
         stack = self.stacks.get(tid)
         if stack is None:
             stack = self.stacks[tid] = []
-        # A frame at or below this slot can no longer be live: a new call is using it.
-        while stack and stack[-1].stack_slot <= rsp:
+        memory = self.engine.memory
+        return_address = memory.read_u64(rsp)
+        # A frame at or below this slot can no longer be live: a new call is using it. Except
+        # a tail call from a hijacked frame (a jmp, with the trampoline still at [rsp]): that
+        # frame returns when this one does, so both entries stay and are reported together
+        # (kretprobes and uretprobes' "chained" instances).
+        while stack and (stack[-1].stack_slot < rsp or
+                         (stack[-1].stack_slot == rsp and return_address != self.trampoline)):
             self._drop(stack.pop())
         if len(stack) >= rp.maxactive:
             rp.missed += 1
             return
-        memory = self.engine.memory
-        data = rp.entry(tid, regs) if rp.entry is not None else None
-        stack.append(ShadowEntry(memory.read_u64(rsp), rsp, rp, time.perf_counter_ns(), data))
-        memory.write_u64(rsp, self.trampoline)
+        if return_address == self.trampoline and not (stack and stack[-1].stack_slot == rsp):
+            # No live entry owns this slot: the trampoline was left there by a frame whose
+            # entry is gone. Never record the trampoline as somebody's real caller.
+            rp.missed += 1
+            return
+        data = None
+        if rp.entry is not None:
+            try:
+                data = rp.entry(tid, regs)
+            except Exception as e:  # counted here, on the return probe, and the call not followed
+                rp.missed += 1
+                rp.last_error = e
+                return
+        stack.append(ShadowEntry(return_address, rsp, rp, time.perf_counter_ns(), data))
+        if return_address != self.trampoline:
+            memory.write_u64(rsp, self.trampoline)
 
     def on_trampoline(self, tid: int, report: bool = True) -> None:
-        """A thread returned into the trampoline: send it to its real caller and report."""
+        """A thread returned into the trampoline: send it to its real caller and report.
+
+        Also for a thread stopped on the trampoline before executing its int3 (RIP == the
+        trampoline): the `ret` has popped the slot either way."""
         now = time.perf_counter_ns()
         regs = ptrace.getregs(tid, self.engine._regs)
         slot = regs.rsp - 8  # ret popped the hijacked slot
@@ -181,16 +233,24 @@ class ReturnProbes:
         if not stack or stack[-1].stack_slot != slot:
             raise ProbeError(f"thread {tid} returned through the trampoline with no matching shadow entry "
                              f"(rsp {regs.rsp:#x})")
-        top = stack.pop()
-        regs.rip = top.return_address
+        # Tail calls chained entries on one slot: each returns now, innermost first.
+        done = [stack.pop()]
+        while done[-1].return_address == self.trampoline and stack and stack[-1].stack_slot == slot:
+            done.append(stack.pop())
+        regs.rip = done[-1].return_address
         ptrace.setregs(tid, regs)
-        rp = top.probe
         if not report:
             return
+        rax = regs.rax
+        for top in done:
+            self._report(top, tid, rax, now)
+
+    def _report(self, top: ShadowEntry, tid: int, rax: int, now: int) -> None:
+        rp = top.probe
         if rp.handler is None:
             rp.hits += 1
             return
-        value = ReturnValue(regs.rax)
+        value = ReturnValue(rax)
         value._tid = tid
         try:
             rp.handler(tid, value, now - top.start_ns, top.data)
@@ -228,7 +288,21 @@ class ReturnProbes:
             self._write_back(memory, entry)
 
     def restore_all(self) -> None:
-        """Detach time (every thread frozen): every frame returns to its real caller later."""
+        """Detach time (every thread frozen): every frame returns to its real caller later.
+
+        A thread already returned into the trampoline but stopped before (or on) its int3
+        would run into an unmapped page: it is sent to its real caller first."""
+        if self.trampoline is not None:
+            for tid in list(self.stacks):
+                try:
+                    rip = ptrace.get_rip(tid)
+                except OSError:
+                    continue  # exiting
+                if rip in (self.trampoline, self.trampoline + 1):
+                    try:
+                        self.on_trampoline(tid)
+                    except ProbeError:
+                        pass
         for tid in list(self.stacks):
             for entry in self.stacks.pop(tid):
                 self._write_back(self.engine.memory, entry)
@@ -245,6 +319,9 @@ class ReturnProbes:
             rp.removed = True
         self.probes.clear()
         self._unwind_probes.clear()
+        self._unwind_seen.clear()
+        self._loader_probe = None
+        self._unwinder_found = False
 
     def release(self) -> None:
         """Unmap the trampoline page (only after restore_all, with every thread frozen)."""
@@ -254,6 +331,22 @@ class ReturnProbes:
             except OSError:
                 pass
         self.trampoline = None
+
+
+def _functions_named(pid: int, name: str) -> list[Target]:
+    """Every loaded function called NAME (none is no error: unlike resolve(), no did-you-mean
+    search over every symbol, which costs 0.1-0.4 s a miss with libc or libstdc++ loaded)."""
+    found: list[Target] = []
+    try:
+        mods = modules(pid)
+    except (OSError, LookupError):
+        return found
+    for mod in mods:
+        for sym in mod.elf.lookup(name):
+            address = mod.to_runtime(sym.address)
+            if all(t.address != address for t in found):
+                found.append(Target(address, mod, sym, address, 0, f"{mod.name}:{name}"))
+    return found
 
 
 def _anchor(engine: "Engine") -> int:
