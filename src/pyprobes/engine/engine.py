@@ -186,9 +186,10 @@ class Engine:
             if point.pre:
                 before = bytes(regs)
                 self._call_handlers(point.pre, "pre", tid, regs)
-                if regs.rip != address:
-                    # The handler moved execution elsewhere: the instruction is skipped (kprobes'
-                    # pre_handler returning 1).
+                if regs.rip != address or not point.armed:
+                    # The handler moved execution elsewhere (the instruction is skipped: kprobes'
+                    # pre_handler returning 1), or removed or disabled the last probe here, which
+                    # put the original instruction back in place: run it there.
                     ptrace.setregs(tid, regs)
                     tracee.resume(tid)
                     return

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..slots import PAGE_SIZE, REACH, SlotMapError
-from ..tracee import Tracee
+from ..tracee import ProcessExited, Tracee
 from ..tracee import syscalls
 
 if TYPE_CHECKING:
@@ -79,7 +79,8 @@ class TraceeSlotHost:
         self.tracee.freeze()
         try:
             tid = self.tracee.stopped_thread()
-            assert tid is not None, "freeze() left no thread stopped"
+            if tid is None:  # every thread is past its exit event
+                raise ProcessExited(self.tracee.pid, self.tracee.exit_code)
             yield tid
         finally:
             self.tracee.thaw()
