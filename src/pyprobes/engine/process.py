@@ -15,6 +15,7 @@ from typing import Sequence
 from ..slots import SlotCache
 from ..tracee import EventKind, ProcessExited, Tracee
 from .engine import Engine
+from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 
@@ -26,6 +27,7 @@ class Process:
         self.tracee = tracee
         self.engine = Engine(tracee)
         self._stop_requested = False
+        self._pending: PendingProbes | None = None
 
     @property
     def pid(self) -> int:
@@ -47,9 +49,22 @@ class Process:
     def probes(self) -> list[Probe]:
         return list(self.engine.probes)
 
+    @property
+    def pending_probes(self) -> PendingProbes:
+        """The pending probes and the watch on the dynamic loader (started by the first one)."""
+        if self._pending is None:
+            self._pending = PendingProbes(self.engine)
+        return self._pending
+
     def probe(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
-              boost: bool = True) -> Probe:
-        """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address)."""
+              boost: bool = True, pending: bool = False) -> Probe | PendingProbe:
+        """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address).
+
+        pending=True: a PendingProbe, placed at once if SPEC's module is loaded, else the moment
+        the dynamic loader maps it (dlopen); dropped if the library is unloaded, placed again if
+        it comes back, and placed in the new program after an exec."""
+        if pending:
+            return self.pending_probes.add(spec, pre=pre, post=post, boost=boost)
         targets = self.engine.targets(spec)
         if len(targets) != 1:
             names = ", ".join(t.name for t in targets[:5])
@@ -57,15 +72,22 @@ class Process:
         return self.engine.add_probe(targets[0], pre=pre, post=post, boost=boost)
 
     def probe_all(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
-                  boost: bool = True) -> list[Probe]:
-        """A probe at every function SPEC matches (globs: 'libc:str*')."""
+                  boost: bool = True, pending: bool = False) -> list[Probe] | PendingProbe:
+        """A probe at every function SPEC matches (globs: 'libc:str*'); pending=True: one
+        PendingProbe holding them, matched again in each module as it is loaded."""
+        if pending:
+            return self.pending_probes.add(spec, many=True, pre=pre, post=post, boost=boost)
         return [self.engine.add_probe(t, pre=pre, post=post, boost=boost) for t in self.engine.targets(spec)]
 
     def return_probe(self, spec: str | int, handler: "ReturnHandler | None" = None,
-                     entry: "EntryHandler | None" = None, maxactive: int = DEFAULT_MAXACTIVE) -> ReturnProbe:
+                     entry: "EntryHandler | None" = None, maxactive: int = DEFAULT_MAXACTIVE,
+                     pending: bool = False) -> ReturnProbe | PendingProbe:
         """A probe on the return of the function at SPEC: handler(tid, retval, elapsed_ns, data),
         where data is what entry(tid, regs) returned at the call. At most MAXACTIVE calls per
-        thread are followed at once; deeper ones count as missed."""
+        thread are followed at once; deeper ones count as missed. pending=True: as for probe()."""
+        if pending:
+            return self.pending_probes.add(spec, kind="return", handler=handler, entry=entry,
+                                           maxactive=maxactive)
         if isinstance(spec, str) and spec.endswith("%return"):
             spec = spec[: -len("%return")]
         targets = self.engine.targets(spec)
