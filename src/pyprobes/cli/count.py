@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .output import Report, count_table
+from ..engine.retprobe import ReturnProbe
+from .output import CliError, Histogram, Report, count_table, histogram_text
 from .session import Session
 
 HELP = "count hits per probe"
@@ -13,14 +14,18 @@ examples:
   pyprobes count -p 1234 -d 5 'libc:malloc'         count in PID 1234 for 5 s, then detach
   pyprobes count -p 1234 -i 1 'libc:str*'           a table every second until Ctrl-C
   pyprobes count --json -o counts.json f -- ./prog  one JSON object in counts.json
+  pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
+  pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
 
-PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*').
+PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*');
+SYMBOL%return counts returns. A PROBE in a library that is not loaded yet is pending (mode
+"pending") until the program loads it; probes of a library it unloads show mode "unloaded".
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--json] [-o FILE] [-v] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -28,43 +33,92 @@ def add_parser(sub) -> None:
                    help="also print the table every INTERVAL seconds")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (one per interval with -i) instead of a table")
+    p.add_argument("--latency", "--hist", dest="latency", action="store_true",
+                   help="a log2 histogram of the latency of each %%return probe, call to return (ns)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")
     p.set_defaults(func=run)
 
 
-def rows(session: Session) -> list[dict]:
-    return [{"probe": p.name, "module": p.target.module.name if p.target else None,
-             "address": f"{p.address:#x}", "hits": p.hits, "missed": p.missed, "mode": p.mode}
-            for p in session.probes]
+def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[dict]:
+    """One row per function probed: its hits summed over every load of its module (and every
+    image after an exec); a PROBE not armed yet is one row with mode "pending" and no address."""
+    out: list[dict] = []
+    for pp in session.pendings:
+        if not pp.history:
+            out.append({"probe": pp.spec, "module": pp.module, "address": None, "hits": 0,
+                        "missed": 0, "mode": pp.state})
+            continue
+        live = {id(p) for p in pp.probes}
+        group: dict[str, dict] = {}
+        for p in pp.history:
+            is_live = id(p) in live
+            mode = ("return" if isinstance(p, ReturnProbe) else p.mode) if is_live else "unloaded"
+            row = group.get(p.name)
+            if row is None:
+                row = group[p.name] = {"probe": p.name, "module": p.target.module.name,
+                                       "address": f"{p.address:#x}", "hits": 0, "missed": 0, "mode": mode}
+            elif is_live:
+                row.update(address=f"{p.address:#x}", mode=mode)
+            row["hits"] += p.hits
+            row["missed"] += p.missed
+        out.extend(group.values())
+    if hists is not None:
+        for row in out:
+            hist = hists.get(row["probe"])
+            if hist is not None:
+                row["latency_ns"] = hist.as_json()
+    return out
 
 
-def show(session: Session, report: Report, args, final: bool, exit_code=None) -> None:
+def show(session: Session, report: Report, args, final: bool, exit_code=None,
+         hists: dict[str, Histogram] | None = None) -> None:
+    table_rows = rows(session, hists)
     if args.json:
-        report.json({"probes": rows(session), "duration_s": round(session.duration, 6),
+        report.json({"probes": table_rows, "duration_s": round(session.duration, 6),
                      "exit_code": exit_code, **({} if final else {"final": False})})
-    else:
-        title = f"pyprobes count: {session.duration:.3f} s{'' if final else ' so far'}"
-        report.table(count_table(rows(session), title=title))
+        return
+    title = f"pyprobes count: {session.duration:.3f} s{'' if final else ' so far'}"
+    report.table(count_table(table_rows, title=title))
+    if hists:
+        for row in table_rows:
+            hist = hists.get(row["probe"])
+            if hist is not None and hist.count:
+                report.write(histogram_text(f"{row['probe']} latency (ns)", hist))
+        report.flush()
 
 
 def run(args, command: list[str], on_done=None) -> int:
     for name in ("duration", "interval"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            from .output import CliError
             raise CliError(f"--{name} must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
+    latency = getattr(args, "latency", False)
+    hists: dict[str, Histogram] | None = None
+    ret_for = None
+    if latency:
+        if not any(spec.strip().endswith("%return") for spec in args.probes):
+            raise CliError("--latency needs a return probe (SYMBOL%return)", 2)
+        hists = {}
+
+        def ret_for(target):
+            hist = hists.setdefault(target.name + "%return", Histogram())
+            add = hist.add
+
+            def on_return(tid, retval, elapsed_ns, data):
+                add(elapsed_ns)
+            return on_return
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose)
     try:
         session.open()
-        session.place(args.probes)
+        session.place(args.probes, ret_for=ret_for)
         session.install_signals()
         session.go()
         session.run(args.duration, args.interval,
-                    tick=lambda: show(session, report, args, final=False))
+                    tick=lambda: show(session, report, args, final=False, hists=hists))
     finally:
         session.close()
         session.restore_signals()
@@ -73,7 +127,7 @@ def run(args, command: list[str], on_done=None) -> int:
     exit_code = None
     if session.spawned and session.child_status is not None:
         exit_code = session.child_status
-    show(session, report, args, final=True, exit_code=exit_code)
+    show(session, report, args, final=True, exit_code=exit_code, hists=hists)
     if on_done is not None:
         totals: dict[str, int] = {}
         for p in session.probes:

@@ -15,8 +15,10 @@ from typing import Callable
 
 import pyprobes
 from ..engine import Probe, ProbeError, Process
+from ..engine.pending import PendingProbe
+from ..engine.retprobe import ReturnProbe
 from ..errors import PyprobesError
-from ..symbols import Symbol, SymbolError, Target, find_module, modules, parse_spec, symbolize
+from ..symbols import Symbol, SymbolError, Target, modules, parse_spec, symbolize
 from .output import CliError, Report, note
 
 AT_ENTRY = 9
@@ -24,6 +26,15 @@ MAX_BLOCK = 1.0
 SIGNAL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 PreFactory = Callable[[Target], Callable | None]
+
+
+def placed_line(spec: str, probe: Probe | ReturnProbe) -> str:
+    """What -v says about one placed probe."""
+    entry = probe.entry_probe if isinstance(probe, ReturnProbe) else probe
+    point = entry.point
+    how = point.kind.value + (f" ({point.reason})" if point.reason else "")
+    return (f"{spec} -> {probe.name} at {probe.address:#x} in {probe.target.module.path}: "
+            f"{point.insn.text}, {how}")
 
 
 def signal_name(sig: int) -> str:
@@ -59,7 +70,7 @@ class Session:
         self.report = report
         self.verbose = verbose
         self.proc: Process | None = None
-        self.probes: list[Probe] = []
+        self.pendings: list[PendingProbe] = []  # one per PROBE given, in order
         self.stop_signal: int | None = None
         self.start = time.monotonic()
         self.end: float | None = None
@@ -72,6 +83,11 @@ class Session:
     def spawned(self) -> bool:
         return bool(self.command)
 
+    @property
+    def probes(self) -> list[Probe | ReturnProbe]:
+        """Every probe placed so far (for each PROBE, in every module and image it was armed in)."""
+        return [p for pp in self.pendings for p in pp.history]
+
     # ------------------------------------------------------------------ starting
     @staticmethod
     def check_specs(specs: list[str]) -> None:
@@ -81,8 +97,6 @@ class Session:
                 parsed = parse_spec(spec)
             except SymbolError as e:
                 raise CliError(str(e), 2) from None
-            if parsed.is_return:
-                raise CliError(f"{spec}: return probes are not yet supported", 2)
 
     def open(self) -> Process:
         try:
@@ -138,56 +152,81 @@ class Session:
             raise CliError(f"{self.command[0]} exited before its entry point (status {code})", 1)
 
     # ------------------------------------------------------------------ probes
-    def place(self, specs: list[str], pre_for: PreFactory | None = None) -> list[Probe]:
+    def place(self, specs: list[str], pre_for: PreFactory | None = None,
+              ret_for: PreFactory | None = None) -> list[PendingProbe]:
         """Place every probe while every thread is frozen; run() thaws them.
 
         Frozen, no thread can hit a probe placed a moment ago while a later one is being placed
         (a slot page mapped by a syscall injected in a thread, for instance): all the probes go
         in at once, as far as the program can tell.
+
+        A PROBE whose module is not loaded yet is pending: placed the moment the dynamic loader
+        maps it (dlopen). Every PROBE follows the program: dropped with a dlclosed library,
+        placed again when it comes back, and in the new program after an exec. PRE_FOR(target)
+        gives an entry probe's handler, RET_FOR(target) a return probe's (None: just count).
         """
         proc = self.proc
         try:
             proc.tracee.freeze()
         except PyprobesError as e:
             raise CliError(str(e), 1) from None
+        pending = proc.pending_probes
+        pending.on_change = self._on_change
         for spec in specs:
             try:
                 parsed = parse_spec(spec)
             except SymbolError as e:
                 raise CliError(str(e), 2) from None
-            if parsed.is_return:
-                raise CliError(f"{spec}: return probes are not yet supported", 2)
-            if parsed.module is not None:
-                try:
-                    find_module(modules(proc.pid), parsed.module)
-                except SymbolError as e:
-                    msg = str(e)
-                    if msg.startswith("no module"):
-                        msg = (f"module {parsed.module!r} is not loaded in process {proc.pid} "
-                               f"(pending probes are not yet supported){msg[msg.find(';'):]}")
-                    raise CliError(msg, 2) from None
-                except ProcessLookupError:
-                    raise CliError(f"process {proc.pid} is gone", 1) from None
             try:
-                targets = proc.engine.targets(spec)
-                placed = []
-                for target in targets:
-                    pre = pre_for(target) if pre_for is not None else None
-                    probe = proc.engine.add_probe(target, pre=pre)
-                    placed.append(probe)
-                    if self.verbose:
-                        point = probe.point
-                        how = point.kind.value + (f" ({point.reason})" if point.reason else "")
-                        note(f"{spec} -> {probe.name} at {probe.address:#x} in {target.module.path}: "
-                             f"{point.insn.text}, {how}")
+                pp = pending.add(spec, kind="return" if parsed.is_return else "entry", many=True,
+                                 pre_for=pre_for, handler_for=ret_for, skip_refused=parsed.is_glob)
             except ProbeError as e:
                 raise CliError(str(e), 2) from None
+            except ProcessLookupError:
+                raise CliError(f"process {proc.pid} is gone", 1) from None
             except PyprobesError as e:
                 raise CliError(str(e), 1) from None
-            if self.verbose and len(targets) > 1:
-                note(f"{spec}: {len(targets)} probes placed")
-            self.probes.extend(placed)
-        return self.probes
+            self.pendings.append(pp)
+            if pp.state == "pending":
+                note(f"{spec}: module {parsed.module!r} is not loaded yet; the probe is pending "
+                     "until the program loads it")
+                continue
+            if self.verbose:
+                for probe in pp.probes:
+                    note(placed_line(spec, probe))
+                if len(pp.probes) > 1:
+                    note(f"{spec}: {len(pp.probes)} probes placed")
+            self._note_skipped(pp)
+        return self.pendings
+
+    def _note_skipped(self, pp: PendingProbe, already: int = 0) -> None:
+        skipped = pp.skipped[already:]
+        if not skipped:
+            return
+        note(f"{pp.spec}: {len(skipped)} matching functions cannot be probed and were left out"
+             + ("" if self.verbose else " (-v lists them)"))
+        if self.verbose:
+            for name, why in skipped:
+                note(f"  {name}: {why}")
+
+    def _on_change(self, what: str, pp: PendingProbe | None, detail: str) -> None:
+        """The loader or an exec changed what is probed (called from inside the event loop)."""
+        self.report.flush()
+        if what == "exec":
+            note(f"process {self.proc.pid} executed {detail}: its probes are placed again in the new "
+                 "program as it loads")
+        elif what == "failed":
+            note(f"{pp.spec}: {detail}" if pp is not None else detail)
+        elif what == "armed" and self.verbose:
+            probe = next((p for p in reversed(pp.history) if p.name == detail), None)
+            note(placed_line(pp.spec, probe) if probe is not None else f"{pp.spec} -> {detail}")
+        elif what == "skipped":
+            note(f"{pp.spec}: {detail}" + ("" if self.verbose else " (-v lists them)"))
+            if self.verbose:
+                for name, why in pp.skipped[-int(detail.split()[0]):]:
+                    note(f"  {name}: {why}")
+        elif what == "unloaded" and self.verbose:
+            note(f"{pp.spec}: {detail} was unloaded; its probes were dropped")
 
     # ------------------------------------------------------------------ running
     def _on_signal(self, signum, frame) -> None:

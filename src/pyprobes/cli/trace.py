@@ -17,9 +17,13 @@ examples:
   pyprobes trace 'libc:puts' -- ./prog             every puts, with its first 3 arguments
   pyprobes trace -p 1234 --args 2 'libc:open*'      in a running process, until Ctrl-C
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
+  pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
+  pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
+A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
+JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
@@ -68,9 +72,25 @@ def run(args, command: list[str]) -> int:
                 report.flush()
         return on_hit
 
+    def ret_for(target):
+        name = target.name + "%return"
+
+        def on_return(tid, retval, elapsed_ns, data):
+            now = time.monotonic()
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
+                                  "retval": int(retval), "latency_ns": elapsed_ns}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name} = {int(retval):#x}"
+                      f" ({elapsed_ns / 1000:.3f} us)\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_return
+
     try:
         session.open()
-        session.place(args.probes, pre_for)
+        session.place(args.probes, pre_for, ret_for)
         if not as_json:
             report.line(f"{'TIME(s)':>12} {'TID':>7} PROBE(ARGS)")
         session.install_signals()

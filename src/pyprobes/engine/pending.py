@@ -342,6 +342,7 @@ class PendingProbes:
             return
         placed: dict[ModKey, list] = {}
         first_error: str | None = None
+        skipped_before = len(pp.skipped)
         for target in targets:
             try:
                 probe = self._place(pp, target)
@@ -374,6 +375,9 @@ class PendingProbes:
             for probes in placed.values():
                 for p in probes:
                     self._notify("armed", pp, p.name)
+        if not raising and len(pp.skipped) > skipped_before:
+            self._notify("skipped", pp, f"{len(pp.skipped) - skipped_before} matching functions "
+                                        "cannot be probed and were left out")
         if first_error is not None or not placed:
             for mod in within or []:
                 if module_key(mod) not in placed:
