@@ -165,3 +165,4 @@ def test_detach_during_a_signal_storm(procs, fixture):
     res = run.results
     assert res[("func", "lea")]["bad"] == 0 and res[("func", "many")]["bad"] == 0
     assert res[("signals",)]["hbad"] == 0 and res[()]["sigtrap"] == 0
+    assert res[("signals",)]["outside"] == 0

@@ -23,6 +23,7 @@ def _storm(procs, fixture, threads, iters, hz, **probe_kw):
     sig = res[("signals",)]
     assert res[("func", "lea")] == {"calls": threads * iters, "bad": 0}
     assert sig["hbad"] == 0 and res[()]["sigtrap"] == 0
+    assert sig["outside"] == 0  # no signal interrupted a thread inside a slot (invariant 2)
     assert sig["alrm"] > 100 and sig["alrm"] + sig["prof"] == sig["hcalls"]
     # Every call counts, the handlers' own calls included.
     assert (p.hits, p.missed) == (threads * iters + sig["hcalls"], 0)
@@ -33,10 +34,9 @@ def test_signal_storm_through_boosted_slots(procs, fixture):
     run, p = _storm(procs, fixture, 8, 2_000, 10_000)
     assert p.mode == "boosted"
     stats = run.proc.engine.stats
-    # Signals that found a thread inside the slot were held, the thread stepped out, then
-    # delivered; each such thread counts as migrated.
-    assert stats["threads_migrated"] == stats["signals_held"]
-    print("engine stats", stats)
+    # Signals that found a thread inside the slot were held, the thread stepped out (migrated)
+    # or its step finished, then delivered.
+    assert 0 < stats["threads_migrated"] <= stats["signals_held"]
 
 
 def test_signal_storm_while_stepping(procs, fixture):

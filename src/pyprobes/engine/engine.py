@@ -208,10 +208,13 @@ class Engine:
                 ptrace.set_rip(tid, regs.rip)
         else:
             ptrace.set_rip(tid, point.slot.address)
-        if point.boosted:
+        if point.boosted and not tracee.threads[tid].held_signals:
             point.dirty = True
             tracee.resume(tid)
         else:
+            # Stepped, and also a boosted point's hit by a thread owed a held signal: resuming
+            # at this (signal) stop would deliver that signal with RIP in the slot (invariant
+            # 2); the step's trap delivers it, back in original code.
             point.steppers += 1
             self._stepping[tid] = point
             tracee.resume(tid, step=True)
