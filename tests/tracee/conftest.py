@@ -206,7 +206,9 @@ class Processes:
 
     def cleanup(self) -> None:
         for tracee in self.tracees:
-            if tracee.alive:
+            if not tracee.alive:
+                continue
+            if tracee.attached:
                 try:
                     os.kill(tracee.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -215,6 +217,14 @@ class Processes:
                     with hang_guard(10, "killing a tracee at teardown"):
                         tracee.kill()
                 except (Hang, OSError, TraceeError):
+                    pass
+            elif tracee.spawned:
+                # Detached, but still our child: kill and reap it.
+                try:
+                    os.kill(tracee.pid, signal.SIGKILL)
+                    with hang_guard(10, "reaping a detached child at teardown"):
+                        os.waitpid(tracee.pid, 0)
+                except (Hang, OSError):
                     pass
         for pid in self.pids:
             try:

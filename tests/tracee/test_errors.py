@@ -59,6 +59,32 @@ def test_already_traced_by_another_program(procs, fixture):
     _finish_target(target)
 
 
+def test_one_thread_traced_by_another_program_leaves_nothing_seized(procs, fixture):
+    """Another tracer holds one worker thread: attach fails naming it, and releases the
+    threads it had already seized."""
+    proc = procs.popen([fixture("tr_counters"), 3], stdout=subprocess.PIPE, text=True)
+    stop = int(proc.stdout.readline().split()[3], 16)
+    worker = max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+    seizer = procs.popen([fixture("tr_seizer"), worker], stdout=subprocess.PIPE, text=True)
+    assert seizer.stdout.readline() == "seized\n"
+    with pytest.raises(AlreadyTraced) as e:
+        Tracee.attach(proc.pid)
+    assert e.value.tracer_pid == seizer.pid and "(tr_seizer)" in str(e.value)
+    for tid in os.listdir(f"/proc/{proc.pid}/task"):
+        with open(f"/proc/{proc.pid}/task/{tid}/status") as f:
+            tracer = int(f.read().split("TracerPid:")[1].split()[0])
+        assert tracer == (seizer.pid if int(tid) == worker else 0), tid
+    seizer.kill()
+    seizer.wait()
+    tracee = Tracee.attach(proc.pid)
+    procs.tracees.append(tracee)
+    tracee.freeze()
+    tracee.memory.write(stop, (1).to_bytes(4, "little"))
+    tracee.detach()
+    out, _ = proc.communicate(timeout=20)
+    assert "done threads 3 moved 3" in out and proc.returncode == 0
+
+
 def test_already_traced_by_another_pyprobes(procs):
     """We trace it; a second Python process using pyprobes is told who does."""
     target = _target(procs)

@@ -12,7 +12,7 @@ import pytest
 
 from pyprobes.tracee import EventKind, Memory, PermissionDenied, ProcessExited, Tracee, TraceeError
 
-from .conftest import drain, expect_exit, proc_state, proc_tids, pump
+from .conftest import drain, expect_exit, hang_guard, proc_state, proc_tids, pump
 
 
 def _cycle_until_exit(tracee, out, check=None, max_seconds=20.0):
@@ -188,3 +188,30 @@ def test_attach_detach_torture_with_thread_churn(procs, fixture):
     assert proc.returncode == 0, out
     created, joined, ran = (int(x) for x in out.split()[1::2])
     assert created == joined == ran > 0
+
+
+def test_attach_races_with_threads_exiting_as_it_attaches(procs, fixture):
+    """Threads that exit the moment they start: attach sees some in /proc/PID/task that are
+    already dead (the kernel refuses to seize them). Such a thread must not be waited for."""
+    proc = procs.popen([fixture("tr_churn"), 0], stdout=subprocess.PIPE, text=True)
+    stop = int(proc.stdout.readline().split()[1], 16)
+    deadline = time.monotonic() + 4
+    rounds = 0
+    with hang_guard(15, "attach/freeze/detach on dying threads"):
+        while rounds < 3000 and time.monotonic() < deadline:
+            tracee = Tracee.attach(proc.pid)
+            snap = tracee.freeze()
+            assert snap.tids <= proc_tids(proc.pid)
+            tracee.thaw()
+            tracee.detach()
+            rounds += 1
+        tracee = Tracee.attach(proc.pid)
+        procs.tracees.append(tracee)
+        tracee.freeze()
+        tracee.memory.write(stop, (1).to_bytes(4, "little"))
+        tracee.detach()
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    created, joined, ran = (int(x) for x in out.split()[1::2])
+    assert created == joined == ran > 0
+    assert rounds > 100

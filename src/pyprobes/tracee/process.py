@@ -43,9 +43,10 @@ def _exit_code(status: int) -> int:
     return -os.WTERMSIG(status)
 
 
-def _tracer_of(pid: int) -> tuple[int, str]:
+def _tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
+    status = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(status) as f:
             for line in f:
                 if line.startswith("TracerPid:"):
                     tracer = int(line.split()[1])
@@ -171,6 +172,19 @@ class Tracee:
         self.threads[pid] = Thread(pid)
         if _is_zombie(pid, pid):
             self.threads[pid].exiting = True
+        try:
+            self._seize_threads(pid, options)
+        except BaseException:
+            # Leave nothing seized behind (another tracer holding one thread, the process gone).
+            try:
+                self.detach()
+            except Exception:
+                pass
+            raise
+        return self
+
+    def _seize_threads(self, pid: int, options: int) -> None:
+        """Seize every thread of PID besides the leader (attach's second half)."""
         # Threads cloned by an already-seized thread are auto-attached (and come in through
         # their clone events); the rest appear in /proc/PID/task: seize until it is stable.
         while True:
@@ -188,15 +202,20 @@ class Tracee:
                     if e.errno == errno.ESRCH:
                         continue  # exited meanwhile
                     if e.errno == errno.EPERM:
-                        # Already ours: a clone of a seized thread, auto-attached. Its clone
-                        # event or first stop will arrive; account for it now.
-                        self.threads[tid] = Thread(tid, ThreadState.NEW)
+                        tracer, name = _tracer_of(pid, tid)
+                        if tracer == os.getpid():
+                            # Already ours: a clone of a seized thread, auto-attached. Its
+                            # clone event or first stop will arrive; account for it now.
+                            self.threads[tid] = Thread(tid, ThreadState.NEW)
+                        elif tracer:
+                            raise AlreadyTraced(pid, tracer, name) from None  # one of its threads
+                        # Else it has exited (the kernel refuses exited tasks): it would never
+                        # stop for us. It leaves /proc/PID/task soon; look again.
                         continue
                     raise
                 t = Thread(tid)
                 t.exiting = _is_zombie(pid, tid)
                 self.threads[tid] = t
-        return self
 
     # ------------------------------------------------------------------ decoding stops
     def _handle(self, tid: int, status: int) -> Event | None:
