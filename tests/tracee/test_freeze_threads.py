@@ -3,7 +3,10 @@ all running again after thaw; and a program that creates and joins threads all t
 survives 1,000 freeze/thaw cycles with no lost thread and no stray stop."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import threading
 import time
 
 from pyprobes.tracee import EventKind, Tracee
@@ -125,3 +128,30 @@ def test_thousand_freeze_thaw_cycles_with_thread_churn(procs, fixture):
     assert int(m[1]) == int(m[2]) == int(m[3]) > 0
     # Every clone we saw was a thread the program created (plus none of ours).
     assert clones <= int(m[1])
+
+
+def test_wake_from_a_signal_handler_ends_a_blocked_wait(procs, fixture):
+    """wait() blocks while the program runs and reports nothing; wake() from a signal
+    handler makes it return a WAKE event, and the program runs on undisturbed."""
+    tracee, out = procs.spawn([fixture("tr_counters"), 2])
+    tracee.thaw()
+    base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
+    old = signal.signal(signal.SIGUSR2, lambda *_: tracee.wake())
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR2))
+    try:
+        timer.start()
+        start = time.monotonic()
+        event = tracee.wait()
+        assert event.kind is EventKind.WAKE
+        assert time.monotonic() - start >= 0.15
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR2, old)
+    assert not event.needs_resume
+    before = _counters(tracee, base, stride, n)
+    pump(tracee, lambda: all(a != b for a, b in zip(before, _counters(tracee, base, stride, n))),
+         output=out)
+    assert drain(tracee) == []
+    tracee.freeze()
+    tracee.memory.write(stop, (1).to_bytes(4, "little"))
+    assert expect_exit(tracee) == 0

@@ -27,7 +27,7 @@ class Shared:
     ready = property(lambda self: struct.unpack_from("i", self.region, 20)[0])
 
 
-@pytest.mark.parametrize("mode,nsignals", [("ack", 1500), ("rt", 3000)])
+@pytest.mark.parametrize("mode,nsignals", [("ack", 1000), ("rt", 3000)])
 def test_signal_storm_with_freezes_loses_none(procs, fixture, tmp_path, mode, nsignals):
     """ack: SIGUSR1, the sender waits for each to be counted (standard signals coalesce);
     rt: SIGRTMIN, queued, in bursts of up to 64 before waiting for them to be counted."""
