@@ -15,7 +15,7 @@ from typing import Callable
 
 import pyprobes
 from ..engine import Probe, ProbeError, Process
-from ..engine.pending import PendingProbe
+from ..engine.pending import RT_CONSISTENT, PendingProbe, find_loader, loader_state
 from ..engine.retprobe import ReturnProbe
 from ..errors import PyprobesError
 from ..symbols import Symbol, SymbolError, Target, modules, parse_spec, symbolize
@@ -116,21 +116,39 @@ class Session:
         return self.proc
 
     def _run_to_entry(self) -> None:
-        """Let the dynamic loader map the libraries, stopping the main thread at the program's entry."""
+        """Let the dynamic loader map and relocate the libraries, and stop the main thread before
+        any of their code runs: at the loader's startup RT_CONSISTENT event (its r_brk, where
+        gdb stops too: library constructors have not run yet), or for a program without one
+        at its entry point (AT_ENTRY)."""
         proc = self.proc
-        entry = entry_point(proc.pid)
-        if entry is None:
-            return
-        target = symbolize(entry, modules(proc.pid))
-        if target is None:
-            return
-        if target.symbol is None or target.offset:
-            mod = target.module
-            sym = Symbol("(entry)", mod.to_link(entry), 0, "global")
-            target = Target(entry, mod, sym, entry, 0, f"0x{entry:x}")
+        mods = modules(proc.pid)
+        loader = find_loader(mods, proc.engine.memory)
+        if loader is not None and loader[1] is not None:
+            target, r_debug = loader
+
+            def ready() -> bool:
+                return loader_state(proc.engine.memory, r_debug) == RT_CONSISTENT
+        else:
+            entry = entry_point(proc.pid)
+            if entry is None:
+                return
+            target = symbolize(entry, mods)
+            if target is None:
+                return
+            if target.symbol is None or target.offset:
+                mod = target.module
+                sym = Symbol("(entry)", mod.to_link(entry), 0, "global")
+                target = Target(entry, mod, sym, entry, 0, f"0x{entry:x}")
+
+            def ready() -> bool:
+                return True
         held = self._held
+        arriving: set[int] = set()
 
         def arrived(tid, regs):
+            if tid not in arriving:
+                return
+            arriving.discard(tid)
             proc.tracee.hold(tid)  # keep it stopped while the probes go in
             held.append(tid)
             proc.stop()
@@ -138,13 +156,16 @@ class Session:
         point_probe: list[Probe] = []
 
         def pre(tid, regs):
+            if not ready():
+                return
+            arriving.add(tid)
             if point_probe and point_probe[0].point.emulation is not None:
                 arrived(tid, regs)  # emulated: no step, no post-handler
 
         try:
             probe = proc.engine.add_probe(target, pre=pre, post=arrived, boost=False)
         except PyprobesError:
-            return  # an entry we cannot probe: libraries will be resolved as they are at exec
+            return  # a place we cannot probe: libraries will be resolved as they are at exec
         point_probe.append(probe)
         code = proc.run()
         probe.remove()

@@ -88,6 +88,37 @@ def _loader_hook(mods: list[Module]) -> Target | None:
     return None
 
 
+def find_loader(mods: list[Module], memory) -> tuple[Target, int | None] | None:
+    """Where the loader reports its changes (r_brk) and its struct r_debug (None if unknown);
+    None for a program without a dynamic loader."""
+    target = _loader_hook(mods)
+    if target is None:
+        return None
+    mod = target.module
+    value = data_symbol(mod.elf.path, R_DEBUG_SYMBOL)
+    r_debug = mod.to_runtime(value) if value else None
+    if r_debug is not None:
+        try:
+            r_brk = memory.read_u64(r_debug + R_BRK)
+        except OSError:
+            r_brk = 0
+        if r_brk and r_brk != target.address:  # zero until the loader has run (an exec stop)
+            where = symbolize(r_brk, mods)
+            if where is not None and where.symbol is not None:
+                target = where
+    return target, r_debug
+
+
+def loader_state(memory, r_debug: int | None) -> int:
+    """r_debug.r_state: RT_CONSISTENT, RT_ADD or RT_DELETE (RT_CONSISTENT when unknown)."""
+    if r_debug is None:
+        return RT_CONSISTENT
+    try:
+        return int.from_bytes(memory.read(r_debug + R_STATE, 4), "little")
+    except OSError:
+        return RT_CONSISTENT
+
+
 class PendingProbe:
     """A probe spec that follows the program: placed wherever and whenever its module is loaded.
 
@@ -226,22 +257,11 @@ class PendingProbes:
         """An internal probe on the loader's r_brk, once per image."""
         if self.hook is not None or self.no_loader:
             return
-        target = _loader_hook(mods)
-        if target is None:
+        found = find_loader(mods, self.engine.memory)
+        if found is None:
             self.no_loader = True  # a static program: what is loaded now is all there will be
             return
-        mod = target.module
-        value = data_symbol(mod.elf.path, R_DEBUG_SYMBOL)
-        self.r_debug = mod.to_runtime(value) if value else None
-        if self.r_debug is not None:
-            try:
-                r_brk = self.engine.memory.read_u64(self.r_debug + R_BRK)
-            except OSError:
-                r_brk = 0
-            if r_brk and r_brk != target.address:  # zero until the loader has run (an exec stop)
-                where = symbolize(r_brk, mods)
-                if where is not None and where.symbol is not None:
-                    target = where
+        target, self.r_debug = found
         try:
             self.hook = self.engine.add_probe(target, pre=self._on_loader_event)
         except (ProbeError, OSError) as e:
@@ -251,13 +271,8 @@ class PendingProbes:
 
     def _on_loader_event(self, tid: int, regs: Any) -> None:
         self.stats["loader_events"] += 1
-        if self.r_debug is not None:
-            try:
-                state = int.from_bytes(self.engine.memory.read(self.r_debug + R_STATE, 4), "little")
-            except OSError:
-                state = RT_CONSISTENT
-            if state != RT_CONSISTENT:
-                return  # objects being mapped or unmapped: the list is not whole yet
+        if loader_state(self.engine.memory, self.r_debug) != RT_CONSISTENT:
+            return  # objects being mapped or unmapped: the list is not whole yet
         try:
             self.sync()
         except Exception as e:  # reported, never raised into the hit path
@@ -372,6 +387,7 @@ class PendingProbes:
             self.stats["armed"] += len(probes)
         if pp.instances:
             pp.state = "armed"
+        if not raising:  # placed later, from the loader's event: say so (add()'s caller knows)
             for probes in placed.values():
                 for p in probes:
                     self._notify("armed", pp, p.name)
