@@ -234,8 +234,11 @@ class Session:
         """The loader or an exec changed what is probed (called from inside the event loop)."""
         self.report.flush()
         if what == "exec":
-            note(f"process {self.proc.pid} executed {detail}: its probes are placed again in the new "
-                 "program as it loads")
+            note(f"process {self.proc.pid} executed {detail}: probes are placed again where they "
+                 "resolve in the new program")
+        elif what == "missing":
+            if self.verbose:
+                note(f"{pp.spec}: not placed in the new program: {detail}")
         elif what == "failed":
             note(f"{pp.spec}: {detail}" if pp is not None else detail)
         elif what == "armed" and self.verbose:

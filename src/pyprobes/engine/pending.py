@@ -353,7 +353,9 @@ class PendingProbes:
                 pp._failed.add(module_key(mod))
             pp.state = "failed" if not pp.instances else pp.state
             pp.error = str(e)
-            self._notify("failed", pp, str(e))
+            # A spec without a module, looked for again in the program an exec started: that
+            # program simply may not have it ("missing"), unlike a module that came without it.
+            self._notify("failed" if within else "missing", pp, str(e))
             return
         placed: dict[ModKey, list] = {}
         first_error: str | None = None
