@@ -126,3 +126,54 @@ def test_group_stop_survives_freeze_and_ends_with_sigcont(procs, fixture):
     tracee.memory.write(stop, (1).to_bytes(4, "little"))
     assert expect_exit(tracee) == 0
     assert f"done threads {nthreads} moved {nthreads}" in out.read_to_eof()
+
+
+@pytest.mark.parametrize("how", ["step", "inject", "hold"])
+def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, tmp_path, how):
+    """A signal that arrives while the layer single-steps a thread (a step of its own, or an
+    injected system call) is held, never delivered mid-step -- and reaches the program once
+    the thread runs on after thaw() (or, for a thread held across thaw, after release())."""
+    from pyprobes.tracee.process import _tgkill
+    from pyprobes.tracee.syscalls import SYS_GETPID, inject_syscall
+
+    path = tmp_path / "shared"
+    path.write_bytes(b"\0" * 4096)
+    with open(path, "r+b") as f:
+        region = mmap.mmap(f.fileno(), 4096)
+    shared = Shared(region)
+    tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+    tracee.thaw()
+    pump(tracee, lambda: shared.ready, output=out)
+    [spinner] = proc_tids(tracee.pid) - {tracee.pid}
+    delivered = []
+
+    def note(event):
+        if event.kind is EventKind.SIGNAL:
+            delivered.append(event)
+        return False
+
+    tracee.freeze()
+    if how == "hold":
+        tracee.hold(spinner)
+    _tgkill(tracee.pid, spinner, signal.SIGUSR1)
+    if how in ("step", "hold"):
+        for _ in range(5):
+            assert tracee.step(spinner).kind is EventKind.SINGLESTEP
+    else:
+        assert inject_syscall(tracee, spinner, SYS_GETPID) == tracee.pid
+    assert [s for s, _ in tracee.threads[spinner].held_signals] == [signal.SIGUSR1]
+    assert shared.count == 0, "delivered in the middle of the layer's step"
+    tracee.thaw()
+    if how == "hold":
+        tracee.resume(spinner)  # held: a no-op, which must keep the signal owed
+        time.sleep(0.05)
+        assert shared.count == 0 and tracee.threads[spinner].held_signals
+        tracee.release(spinner)
+    pump(tracee, lambda: shared.count == 1, seconds=5, output=out, on_event=note)
+    assert not tracee.threads[spinner].held_signals
+    # The program ends: one signal "sent", one counted.
+    struct.pack_into("q", region, 8, 1)
+    struct.pack_into("i", region, 16, 1)
+    assert expect_exit(tracee) == 0
+    assert "received 1 sent 1" in out.read_to_eof()
+    region.close()

@@ -91,6 +91,11 @@ class Tracee:
         self._wake_requested = False
         self._syscall_insn: int | None = None
         # Called as hook(child_memory, forking_tid) before a forked child is let go untraced.
+        # The owner's handlers for a breakpoint hit (tid, address) and a finished single-step
+        # (tid); each must resume the thread. Unset, those traps come out of wait() as events.
+        self.breakpoint_handler: Callable[[int, int], None] | None = None
+        self.step_handler: Callable[[int], None] | None = None
+        self._resumed = True  # some thread was resumed since the last reap (wait()'s hang guard)
         self.fork_hooks: list[Callable[[Memory, int], None]] = []
 
     # ------------------------------------------------------------------ starting
@@ -303,11 +308,22 @@ class Tracee:
         return self._settle(t, Event(EventKind.WAKE, tid))
 
     def _handle_sigtrap(self, t: Thread) -> Event | None:
+        # The owner's trap handlers, when set, take breakpoint and single-step traps straight
+        # from here (as do_int3 calls kprobe_handler): no event object, no dispatch, on the
+        # path every probe hit takes. While freezing, traps are queued as events instead.
         if t.stepping:
             t.stepping = False
+            if self.step_handler is not None and not self._freezing:
+                t.event_pending = None
+                self.step_handler(t.tid)
+                return None
             return self._pending(t, Event(EventKind.SINGLESTEP, t.tid, signal=_SIGTRAP))
         rip = ptrace.get_rip(t.tid)
-        if rip - 1 in self.breakpoints:
+        if rip - 1 in self.breakpoints.original:
+            if self.breakpoint_handler is not None and not self._freezing:
+                t.event_pending = None
+                self.breakpoint_handler(t.tid, rip - 1)
+                return None
             return self._pending(t, Event(EventKind.BREAKPOINT, t.tid, signal=_SIGTRAP, address=rip - 1))
         info = ptrace.getsiginfo(t.tid)
         if info.si_code == ptrace.SI_KERNEL and rip - 1 in self.breakpoints.retired:
@@ -346,13 +362,16 @@ class Tracee:
                 # instruction it was stepping (out of the end of a slot's copy).
                 ptrace.singlestep(t.tid, 0)
                 t.state = ThreadState.RUNNING
+                self._resumed = True
             else:
-                ptrace.cont(t.tid, 0)
+                ptrace.cont(t.tid, self._owed_signal(t))
                 t.state = ThreadState.RUNNING
+                self._resumed = True
         except OSError as e:
             if e.errno != errno.ESRCH:
                 raise
             t.state = ThreadState.RUNNING  # dying: its exit status will come
+            self._resumed = True
 
     def _adopt(self, child: int, vfork_child: bool) -> None:
         if child in self.threads:
@@ -426,9 +445,11 @@ class Tracee:
             if self._wake_requested:
                 self._wake_requested = False
                 return Event(EventKind.WAKE, self.pid)
-            if block and not any(t.state is not ThreadState.STOPPED for t in self.threads.values()):
+            if block and not self._resumed and \
+                    not any(t.state is not ThreadState.STOPPED for t in self.threads.values()):
                 raise TraceeError("every thread is stopped: nothing would ever report (resume or thaw first)")
             tid, status = self._reap(block)
+            self._resumed = False
             if tid == 0:
                 return None
             if status == -1:
@@ -448,6 +469,16 @@ class Tracee:
                 except OSError:
                     continue
 
+    def _owed_signal(self, t: Thread) -> int:
+        """The first signal held from T, to deliver as it resumes if its stop can carry one
+        (a signal-delivery stop), with its siginfo put back; else 0 and it stays held."""
+        if not t.held_signals or t.stop_kind is not StopKind.SIGNAL:
+            return 0
+        signal, info = t.held_signals.pop(0)
+        if info is not None:
+            ptrace.setsiginfo(t.tid, info)
+        return signal
+
     def resume(self, tid: int, signal: int = 0, step: bool = False) -> None:
         """Resume a stopped thread, injecting SIGNAL; deliver a held signal when its stop allows."""
         t = self.threads[tid]
@@ -456,12 +487,10 @@ class Tracee:
         if step and not signal and owed is not None and owed.kind is EventKind.SIGNAL:
             # Stepping on from a signal stop would drop its signal: hold it for a later stop.
             t.held_signals.append((owed.signal, owed.siginfo or ptrace.getsiginfo(tid)))
-        if not signal and t.held_signals and t.stop_kind is StopKind.SIGNAL and not step:
-            signal, info = t.held_signals.pop(0)
-            if info is not None:
-                ptrace.setsiginfo(tid, info)
         if t.held and not step:
             return
+        if not signal and not step:
+            signal = self._owed_signal(t)
         t.stepping = step
         try:
             if step:
@@ -476,6 +505,7 @@ class Tracee:
             if e.errno != errno.ESRCH:
                 raise
         t.state = ThreadState.RUNNING
+        self._resumed = True
 
     def handle_default(self, event: Event) -> None:
         """What a tracer with nothing to add does with an event: let the thread go on as untraced."""
@@ -532,6 +562,7 @@ class Tracee:
             t.event_pending = None
             t.stepping = True
             t.state = ThreadState.RUNNING
+            self._resumed = True
             ptrace.singlestep(tid, 0)
 
     # ------------------------------------------------------------------ freeze / thaw
