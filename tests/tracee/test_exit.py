@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyprobes.tracee import ProcessExited
+from pyprobes.tracee import ProcessExited, Tracee
 
 from .conftest import drain, pump
 
@@ -90,3 +90,23 @@ def test_kill_method_ends_a_frozen_process(procs, fixture):
     while os.path.exists(f"/proc/{tracee.pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not os.path.exists(f"/proc/{tracee.pid}")
+
+
+def test_kill_method_on_an_attached_process(procs, fixture):
+    """kill() of a process we attached to and did not start: we see its end through ptrace."""
+    pid = procs.detached([fixture("tr_counters"), 4])
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{pid}/task")) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    tracee = Tracee.attach(pid)
+    procs.tracees.append(tracee)
+    tracee.freeze()
+    tracee.thaw()
+    assert tracee.kill() == -signal.SIGKILL
+    assert tracee.exit_code == -signal.SIGKILL and not tracee.alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # left for its parent to reap
+    except (FileNotFoundError, ProcessLookupError):
+        pass
