@@ -45,6 +45,8 @@ class Engine:
         self.handler_errors: list[tuple[Probe, BaseException]] = []
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
         self.returns = ReturnProbes(self)
+        tracee.breakpoint_handler = self.on_breakpoint
+        tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
         # Called with no arguments at the end of on_exec, before the exec'ing thread resumes:
         # the new image's loader has not run a line yet (pending probes re-arm from there).

@@ -132,8 +132,15 @@ def listen(tid: int) -> None:
     _call(PTRACE_LISTEN, tid, None, None)
 
 
+def _fail(request: int, tid: int) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
+
+
+# cont, get_rip and set_rip are on every probe hit: they call libc directly, without _call.
 def cont(tid: int, signal: int = 0) -> None:
-    _call(PTRACE_CONT, tid, None, signal)
+    if _ptrace(PTRACE_CONT, tid, None, signal) == -1:
+        _fail(PTRACE_CONT, tid)
 
 
 def singlestep(tid: int, signal: int = 0) -> None:
@@ -180,11 +187,16 @@ def pokeuser(tid: int, offset: int, value: int) -> None:
 
 
 def get_rip(tid: int) -> int:
-    return peekuser(tid, RIP_OFFSET)
+    # No errno dance as in peekuser: a user-space RIP is never all ones, so -1 is always an error.
+    value = _ptrace(PTRACE_PEEKUSER, tid, RIP_OFFSET, None)
+    if value == -1:
+        _fail(PTRACE_PEEKUSER, tid)
+    return value & 0xFFFFFFFFFFFFFFFF
 
 
 def set_rip(tid: int, rip: int) -> None:
-    pokeuser(tid, RIP_OFFSET, rip)
+    if _ptrace(PTRACE_POKEUSER, tid, RIP_OFFSET, rip) == -1:
+        _fail(PTRACE_POKEUSER, tid)
 
 
 def geteventmsg(tid: int) -> int:
@@ -213,15 +225,28 @@ _process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulo
 _process_vm_readv.restype = ctypes.c_ssize_t
 
 
+# Reads of a few bytes (a return address, an emulated push's slot) happen on probe hits: they
+# reuse one buffer and one pair of iovecs. The tracer drives ptrace from one thread only.
+_SMALL = 64
+_small_buf = ctypes.create_string_buffer(_SMALL)
+_small_local = _IoVec(ctypes.addressof(_small_buf), 0)
+_remote = _IoVec(0, 0)
+
+
 def process_vm_readv(pid: int, address: int, size: int) -> bytes:
     """Read SIZE bytes at ADDRESS of PID in one system call; OSError if any part is unreadable."""
-    buf = ctypes.create_string_buffer(size)
-    local = _IoVec(ctypes.cast(buf, ctypes.c_void_p), size)
-    remote = _IoVec(address, size)
-    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if size <= _SMALL:
+        buf, local = _small_buf, _small_local
+        local.iov_len = size
+    else:
+        buf = ctypes.create_string_buffer(size)
+        local = _IoVec(ctypes.addressof(buf), size)
+    _remote.iov_base = address
+    _remote.iov_len = size
+    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(_remote), 1, 0)
     if n < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv({pid}, {address:#x}, {size}): {os.strerror(err)}")
     if n != size:
         raise OSError(14, f"process_vm_readv({pid}, {address:#x}, {size}): short read of {n} bytes")
-    return buf.raw
+    return buf.raw[:size]
