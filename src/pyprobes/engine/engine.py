@@ -42,6 +42,7 @@ class Engine:
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
         self._regs = Regs()
+        self._live_regs = ptrace.LiveRegs()
         self.handler_errors: list[tuple[Probe, BaseException]] = []
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
         self.returns = ReturnProbes(self)
@@ -182,7 +183,15 @@ class Engine:
         for probe in point.counting:
             if probe.pre is None:
                 probe.hits += 1
-        if point.pre or point.emulation is not None:
+        emulation = point.emulation
+        if emulation is not None and not point.pre and not emulation.needs_memory:
+            # A jmp, jcc or nop reads and writes a register or two: touch just those.
+            live = self._live_regs
+            live.tid = tid
+            emulation.apply(live, None)
+            tracee.resume(tid)
+            return
+        if point.pre or emulation is not None:
             regs = ptrace.getregs(tid, self._regs)
             regs.rip = address
             if point.pre:

@@ -199,6 +199,28 @@ def set_rip(tid: int, rip: int) -> None:
         _fail(PTRACE_POKEUSER, tid)
 
 
+class LiveRegs:
+    """One thread's registers, each read or written on access (PEEKUSER / POKEUSER).
+
+    For an instruction that touches one or two registers (a jmp, a jcc, a nop) this is one or
+    two system calls where GETREGS + SETREGS would be two plus a 216-byte copy each way.
+    """
+
+    __slots__ = ("tid",)
+
+    def __init__(self, tid: int = 0) -> None:
+        object.__setattr__(self, "tid", tid)
+
+    def __getattr__(self, name: str) -> int:
+        return peekuser(self.tid, REG_OFFSET[name])
+
+    def __setattr__(self, name: str, value: int) -> None:
+        if name == "tid":
+            object.__setattr__(self, name, value)
+        else:
+            pokeuser(self.tid, REG_OFFSET[name], value)
+
+
 def geteventmsg(tid: int) -> int:
     value = ctypes.c_ulong()
     _call(PTRACE_GETEVENTMSG, tid, None, ctypes.byref(value))
