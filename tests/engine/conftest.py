@@ -211,3 +211,27 @@ def maps(pid: int) -> list[tuple[int, int, str, str]]:
             start, end = (int(x, 16) for x in fields[0].split("-"))
             rows.append((start, end, fields[1], fields[5] if len(fields) > 5 else ""))
     return rows
+
+
+def hold_in_boosted_slot(run, spec):
+    """Probe SPEC with a pre-handler that, at the first boosted hit, holds the hitting thread:
+    the hit path then sets its RIP to the slot and "resumes" it, which a held thread ignores,
+    so it stays stopped at the slot's first byte. Returns (probe, {"tid", "rdi"})."""
+    proc = run.proc
+    held: dict[str, int] = {}
+
+    def pre(tid, regs):
+        if p.mode == "boosted" and not held:
+            proc.tracee.hold(tid)
+            held["tid"] = tid
+            held["rdi"] = regs.rdi
+            proc.stop()
+
+    p = proc.probe(spec, pre=pre)
+    run.run_until(r"^ready")
+    for _ in range(50):
+        if held:
+            break
+        proc.run(timeout=0.2)
+    assert held, "no boosted hit seen"
+    return p, held

@@ -14,35 +14,14 @@ import signal
 
 import pytest
 
-from .conftest import maps
-
-
-def _hold_in_boosted_slot(run, spec):
-    proc = run.proc
-    held: dict[str, int] = {}
-
-    def pre(tid, regs):
-        if p.mode == "boosted" and not held:
-            proc.tracee.hold(tid)
-            held["tid"] = tid
-            held["rdi"] = regs.rdi
-            proc.stop()
-
-    p = proc.probe(spec, pre=pre)
-    run.run_until(r"^ready")
-    for _ in range(50):
-        if held:
-            break
-        proc.run(timeout=0.2)
-    assert held, "no boosted hit seen"
-    return p, held
+from .conftest import hold_in_boosted_slot, maps
 
 
 @pytest.mark.parametrize("where", ["slot-start", "on-jmp-back"])
 def test_thread_held_in_boosted_slot_is_migrated_before_reuse(procs, fixture, where):
     run = procs.spawn(fixture("eng_work"), "lea,many", 4, 0)
     proc, tracee = run.proc, run.proc.tracee
-    p, held = _hold_in_boosted_slot(run, "w_lea")
+    p, held = hold_in_boosted_slot(run, "w_lea")
     tid = held["tid"]
     slot = p.point.slot
     assert tracee.get_rip(tid) == slot.address
@@ -104,7 +83,7 @@ def test_detach_migrates_a_held_thread_and_unmaps_slots(procs, fixture):
     unmapped, and the program finishes correctly untraced."""
     run = procs.spawn(fixture("eng_work"), "lea,push", 4, 0)
     proc = run.proc
-    p, held = _hold_in_boosted_slot(run, "w_lea")
+    p, held = hold_in_boosted_slot(run, "w_lea")
     page = p.point.slot.page
     assert any(start <= page < end for start, end, _, _ in maps(proc.pid))
     pid = proc.pid
@@ -121,7 +100,7 @@ def test_kill_with_a_thread_held_in_a_slot(procs, fixture):
     """Killing the process while a thread is held: the held thread's exit stop must be
     resumed too, or the process never finishes dying (Tracee.kill used to hang here)."""
     run = procs.spawn(fixture("eng_work"), "lea", 4, 0)
-    _hold_in_boosted_slot(run, "w_lea")
+    hold_in_boosted_slot(run, "w_lea")
     assert run.proc.kill() == -signal.SIGKILL
     assert not run.proc.alive
 

@@ -320,7 +320,12 @@ class Engine:
             self.tracee.resume(tid, step=True)  # the step's trap resumes it with the held signal
         else:
             self.migrate_out_of_slot(tid)
-            self.tracee.resume(tid)
+            if self.tracee.threads[tid].event_pending is event:
+                # Moved out with no step (RIP set straight back from the jmp): nothing held the
+                # signal, and it is still this stop's own to deliver, now in original code.
+                self.tracee.resume(tid, sig)
+            else:
+                self.tracee.resume(tid)  # the migration's step held the signal: this delivers it
 
     def migrate_out_of_slot(self, tid: int) -> None:
         """Step a stopped thread until its RIP is back in original code."""

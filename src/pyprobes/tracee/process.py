@@ -477,6 +477,12 @@ class Tracee:
         signal, info = t.held_signals.pop(0)
         if info is not None:
             ptrace.setsiginfo(t.tid, info)
+        # One signal goes in with this resume; the others go back to the thread as pending
+        # signals, each to stop it again and be delivered, rather than wait for a later stop
+        # of the thread that may never come (it would exit with them still held).
+        for sig, sig_info in t.held_signals:
+            _requeue(self.pid, t.tid, sig, sig_info)
+        t.held_signals.clear()
         return signal
 
     def resume(self, tid: int, signal: int = 0, step: bool = False) -> None:
@@ -739,6 +745,20 @@ class Tracee:
     def close(self) -> None:
         """Leave the process as found: detached if attached, killed if we spawned it and it still waits at exec."""
         self.detach()
+
+
+def _requeue(tgid: int, tid: int, sig: int, info: "ptrace.SigInfo | None") -> None:
+    """Make SIG pending again for thread TID, with its siginfo where the kernel allows
+    (rt_tgsigqueueinfo refuses kernel-made siginfo, si_code >= 0, from another process)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if info is not None and libc.syscall(297, tgid, tid, sig, ctypes.byref(info)) == 0:  # SYS_rt_tgsigqueueinfo
+        return
+    try:
+        _tgkill(tgid, tid, sig)
+    except OSError:
+        pass  # the thread is gone: so is anything it was owed
 
 
 def _tgkill(tgid: int, tid: int, sig: int) -> None:
