@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
 
-from cli2_util import (KernelUprobes, by_symbol, cli, last_json, notes, run_under_kernel_uprobes,
-                       tracefs_unavailable)
+from cli2_util import (CLI as CLI_ARGS, KernelUprobes, by_symbol, cli, last_json, notes,
+                       run_under_kernel_uprobes, tracefs_unavailable)
 from pyprobes.symbols import ElfFile
 
 PYTHON = "/usr/bin/python3"  # Debian's own, not a shim or a venv
@@ -139,3 +140,52 @@ def test_real_program_counts_equal_the_kernels_uprobes(case):
         assert reference["getpid"] >= 100 and reference["getppid"] == 7 and reference["malloc"] > 100
     else:
         assert reference["ffi_call"] == 50
+
+
+# ---------------------------------------------------------------------------------- thousands
+def _text_identical_to_file(pid: int, path_part: str) -> int:
+    """Every executable mapping of the module whose path contains PATH_PART reads as its file."""
+    checked = 0
+    with open(f"/proc/{pid}/maps") as f:
+        maps = [line.split() for line in f]
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for fields in maps:
+            if len(fields) < 6 or "x" not in fields[1] or path_part not in fields[5]:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mem.seek(start)
+            with open(fields[5], "rb") as lib:
+                lib.seek(int(fields[2], 16))
+                assert mem.read(end - start) == lib.read(end - start), f"{fields[5]} differs from its file"
+            checked += end - start
+    return checked
+
+
+def test_ctrl_c_while_placing_every_libc_function(build):
+    target = build("cli_target.c")
+    fx = subprocess.Popen([str(target), "3000", "1000"], stdout=subprocess.PIPE, text=True)
+    pp = None
+    try:
+        assert fx.stdout.readline() == "ready\n"
+        pp = subprocess.Popen([*CLI_ARGS, "count", "--json", "-v", "-p", str(fx.pid), "libc:*"],
+                              stderr=subprocess.PIPE, text=True)
+        while " -> libc.so.6:" not in pp.stderr.readline():  # placing has begun
+            assert pp.poll() is None, "pyprobes ended before placing"
+        pp.send_signal(signal.SIGINT)  # mid-placement: the session ends once they are all in
+        err = pp.stderr.read()
+        pp.wait(timeout=60)
+        assert pp.returncode == 0, err[-2000:]
+        assert "interrupted" not in err and "Traceback" not in err
+        report = last_json(err)
+        assert report["exit_code"] is None and len(report["probes"]) > 1000
+        assert "libc:*: " in err and "probes placed" in err
+        assert fx.poll() is None, "the fixture should still be running"
+        assert _text_identical_to_file(fx.pid, "libc.so") > 1 << 20
+        out, _ = fx.communicate(timeout=30)
+        assert out == f"cli_add=3000 getppid=3000 sum={3 * 3000 * 2999 // 2 + 4662 * 3000}\n"
+        assert fx.returncode == 0
+    finally:
+        for p in (pp, fx):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()

@@ -8,6 +8,7 @@ from .output import CliError, Histogram, Report, count_table, histogram_text
 from .session import Session
 
 HELP = "count hits per probe"
+MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
 EPILOG = """\
 examples:
   pyprobes count main 'libc:puts' -- ./prog arg     count until ./prog exits; exit with its status
@@ -80,7 +81,15 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
                      "exit_code": exit_code, **({} if final else {"final": False})})
         return
     title = f"pyprobes count: {session.duration:.3f} s{'' if final else ' so far'}"
-    report.table(count_table(table_rows, title=title))
+    shown = table_rows
+    if len(table_rows) > MANY_ROWS:
+        # 'libc:*' places thousands: the ones never hit would bury the others (and take
+        # seconds to draw). --json keeps every row.
+        shown = [r for r in table_rows if r["hits"] or r["missed"]]
+    report.table(count_table(shown, title=title))
+    if len(shown) < len(table_rows):
+        report.line(f"{len(table_rows) - len(shown)} of {len(table_rows)} probes had no hits and are "
+                    "not shown (--json lists every probe)")
     if hists:
         for row in table_rows:
             hist = hists.get(row["probe"])
@@ -112,10 +121,12 @@ def run(args, command: list[str], on_done=None) -> int:
             return on_return
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose)
+    # Ctrl-C, SIGTERM and SIGHUP are ours from the start: one that comes while the probes go
+    # in ends the session right after, cleanly (never a KeyboardInterrupt mid-placement).
+    session.install_signals()
     try:
         session.open()
         session.place(args.probes, ret_for=ret_for)
-        session.install_signals()
         session.go()
         session.run(args.duration, args.interval,
                     tick=lambda: show(session, report, args, final=False, hists=hists))

@@ -88,12 +88,12 @@ def run(args, command: list[str]) -> int:
                 report.flush()
         return on_return
 
+    session.install_signals()  # from the start: see count.run
     try:
         session.open()
         session.place(args.probes, pre_for, ret_for)
         if not as_json:
             report.line(f"{'TIME(s)':>12} {'TID':>7} PROBE(ARGS)")
-        session.install_signals()
         session.go()
         session.run(args.duration, FLUSH_EVERY, tick=report.flush)
     finally:
