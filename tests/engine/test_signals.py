@@ -123,3 +123,28 @@ def test_signal_for_a_thread_in_a_boosted_slot_is_delivered_once_outside(procs, 
     assert res[("rt",)]["got"] == 2, run.text
     assert res[("signals",)]["outside"] == 0 and res[("signals",)]["hbad"] == 0
     assert res[("func", "lea")]["bad"] == 0 and res[()]["sigtrap"] == 0
+
+
+def test_signal_held_by_an_injected_syscall_in_a_slot_thread(procs, fixture):
+    """A thread stopped inside a boosted slot is the one a system call gets injected into (a
+    new slot page mapped near libc) while a signal is pending for it: that signal must still
+    reach the program outside the slot, not when the thread is released inside it."""
+    run = procs.spawn(fixture("eng_work"), "lea", 4, 0)
+    proc, tracee = run.proc, run.proc.tracee
+    p, held = hold_in_boosted_slot(run, "w_lea")
+    tid = held["tid"]
+    slot = p.point.slot.address
+    pages = proc.slots.stats()["pages"]
+    _tgkill(proc.pid, tid, signal.SIGRTMIN)
+    far = proc.probe("libc.so.6:getpid")  # beyond 2 GiB of the first page: maps another
+    assert proc.slots.stats()["pages"] == pages + 1
+    assert tracee.get_rip(tid) == slot
+    tracee.release(tid)
+    proc.run(timeout=0.3)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert run.finish() == 0, run.text
+    res = run.results
+    assert res[("rt",)]["got"] == 1, run.text
+    assert res[("signals",)]["outside"] == 0, run.text
+    assert res[("func", "lea")]["bad"] == 0 and res[()]["sigtrap"] == 0
+    assert far.mode in ("boosted", "stepped", "emulated")

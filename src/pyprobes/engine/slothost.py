@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..slots import PAGE_SIZE, REACH, SlotMapError
-from ..tracee import ProcessExited, Tracee
+from ..tracee import ProcessExited, ThreadState, Tracee
 from ..tracee import syscalls
 
 if TYPE_CHECKING:
@@ -69,16 +69,35 @@ class TraceeSlotHost:
         self.tracee = tracee
         self.engine = engine
 
+    def _injectable(self) -> int | None:
+        """A stopped thread to inject into whose RIP is outside every slot, one with no event of
+        its own to handle first if there is such. A signal that comes during the injection is
+        held for the thread and delivered when it next runs on: never from inside a slot
+        (invariant 2), where a thread held there, say, would be released."""
+        fallback = None
+        for t in self.tracee.threads.values():
+            if t.state is not ThreadState.STOPPED or t.exiting or t.vfork_child:
+                continue
+            try:
+                if self.engine.slots.contains(self.tracee.get_rip(t.tid)):
+                    continue
+            except OSError:
+                continue
+            if t.event_pending is None:
+                return t.tid
+            fallback = fallback or t.tid
+        return fallback
+
     @contextmanager
     def _stopped_thread(self) -> Iterator[int]:
         """A stopped thread to inject into: one the tracer already holds, else freeze for the call."""
-        tid = self.tracee.stopped_thread()
+        tid = self._injectable()
         if tid is not None:
             yield tid
             return
         self.tracee.freeze()
         try:
-            tid = self.tracee.stopped_thread()
+            tid = self._injectable() or self.tracee.stopped_thread()
             if tid is None:  # every thread is past its exit event
                 raise ProcessExited(self.tracee.pid, self.tracee.exit_code)
             yield tid
