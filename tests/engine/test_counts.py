@@ -119,3 +119,18 @@ def test_handler_error_counts_as_missed(procs, fixture, func):
     assert calls == 2_000
     assert (p.hits, p.missed) == (0, calls)
     assert isinstance(p.last_error, RuntimeError)
+
+
+@pytest.mark.parametrize("boost", [True, False])
+def test_process_exits_while_threads_are_mid_hit(procs, fixture, boost):
+    """exit_group while 8 threads hammer a probe: threads die single-stepping a slot or stopped
+    at its int3, their exits are reported to the engine after the hits were, and the run ends
+    with the program's own exit status; detaching afterwards is a no-op."""
+    run = procs.spawn(fixture("eng_work"), "lea,many", 8, -1)
+    p = run.proc.probe("w_lea", boost=boost)
+    q = run.proc.probe("w_many+0x7", boost=boost)
+    assert run.finish() == 0, run.text
+    assert run.results[("exiting",)]["sigtrap"] == 0
+    assert p.hits > 0 and q.hits > 0 and p.missed == q.missed == 0
+    run.proc.detach()
+    assert not run.proc.alive and run.proc.exit_code == 0
