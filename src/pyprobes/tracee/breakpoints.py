@@ -59,10 +59,15 @@ class Breakpoints:
         if not self.original:
             return data
         out = bytearray(data)
-        end = address + len(data)
-        for bp, byte in self.original.items():
-            if byte and address <= bp < end:
-                out[bp - address] = byte[0]
+        original = self.original
+        # Only an int3 byte can be one of ours: look those up (scanning every breakpoint for
+        # every read made placing thousands, 'libc:*', quadratic).
+        at = data.find(INT3)
+        while at >= 0:
+            byte = original.get(address + at)
+            if byte:
+                out[at] = byte[0]
+            at = data.find(INT3, at + 1)
         return bytes(out)
 
     def forget(self) -> None:
