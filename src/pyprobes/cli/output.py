@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Iterable
+from typing import IO, TYPE_CHECKING, Iterable
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before the first probe
+    from rich.console import Console
+    from rich.table import Table
 
 PROG = "pyprobes"
 
@@ -46,8 +47,15 @@ class Report:
             except OSError as e:
                 raise CliError(f"cannot write {path}: {e.strerror}", 2) from None
             self._owned = True
-        self.console = Console(file=self.stream, highlight=False, soft_wrap=False,
-                               width=None if self.stream.isatty() else 120)
+        self._console: "Console | None" = None
+
+    @property
+    def console(self) -> "Console":
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(file=self.stream, highlight=False, soft_wrap=False,
+                                    width=None if self.stream.isatty() else 120)
+        return self._console
 
     def write(self, text: str) -> None:
         self.stream.write(text)
@@ -59,7 +67,7 @@ class Report:
         self.stream.write(json.dumps(obj) + "\n")
         self.stream.flush()
 
-    def table(self, table: Table) -> None:
+    def table(self, table: "Table") -> None:
         self.console.print(table)
         self.stream.flush()
 
@@ -75,7 +83,9 @@ class Report:
             self.stream.close()
 
 
-def count_table(rows: Iterable[dict], title: str | None = None) -> Table:
+def count_table(rows: Iterable[dict], title: str | None = None) -> "Table":
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     table.add_column("probe")
     table.add_column("address", justify="right")
