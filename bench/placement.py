@@ -237,7 +237,7 @@ def bpftrace_attach(exe: Path, target: str, limit: float) -> Result:
         result: Result = {}
         if attaching is not None:
             result["attaching"] = attaching[0]
-            result["probes"] = re.search(r"(\d+)", attaching[1]).group(1)
+            result["probes"] = str(int(re.search(r"(\d+)", attaching[1]).group(1)) - 1)  # not BEGIN
         if begin is None:
             result["armed"] = f"> {limit:g} s (cut)"
             result["detach"] = w.interrupt()
