@@ -20,7 +20,7 @@ import pytest
 import pyprobes
 from pyprobes.symbols import ElfFile
 
-WATCHDOG = 60.0  # seconds; a test reaching it has hung, not run slowly
+WATCHDOG = 120.0  # seconds; a test reaching it has hung, not run slowly (even on a loaded machine)
 
 
 def parse_output(text: str) -> dict[tuple[str, ...], dict[str, int]]:
