@@ -80,6 +80,27 @@ def test_exec_is_reported_and_probes_follow(build):
     assert len(notes(r.stderr)) == 1  # and nothing else
 
 
+@pytest.fixture(scope="module")
+def static_target(build):
+    try:
+        return build("cli_target.c", "-static", output="cli_target_static")
+    except RuntimeError as e:
+        pytest.skip(f"no static glibc to link with: {str(e).splitlines()[-1]}")
+
+
+def test_static_program_and_an_exec_into_one(build, static_target):
+    # A static program has no loader to report a library list (its _dl_debug_state is for a
+    # static dlopen): probes go in at its entry, and at once after an exec into one.
+    r = cli("count", "--json", "cli_add", "--", str(static_target), "5")
+    assert r.returncode == 0, r.stderr
+    assert by_symbol(last_json(r.stderr))["cli_add"]["hits"] == 5
+    execer = build("cli2_exec.c")
+    r = cli("count", "--json", "getppid", "--", str(execer), "2", str(static_target), "3")
+    assert r.returncode == 0, r.stderr
+    rows = last_json(r.stderr)["probes"]
+    assert {row["probe"]: row["hits"] for row in rows} == {"libc.so.6:getppid": 2, "cli_target_static:getppid": 3}
+
+
 def test_exec_of_a_program_that_fails(build):
     execer = build("cli2_exec.c")
     r = cli("count", "--json", "libc:getppid", "--", str(execer), "2", "/bin/sh", "-c", "exit 5")

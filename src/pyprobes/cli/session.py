@@ -122,7 +122,7 @@ class Session:
         at its entry point (AT_ENTRY)."""
         proc = self.proc
         mods = modules(proc.pid)
-        loader = find_loader(mods, proc.engine.memory)
+        loader = find_loader(proc.pid, mods, proc.engine.memory)
         if loader is not None and loader[1] is not None:
             target, r_debug = loader
 

@@ -92,6 +92,22 @@ def data_symbol(path: str, name: str) -> int | None:
     return _data_symbol(path, name, (st.st_ino, st.st_size, st.st_mtime_ns))
 
 
+AT_BASE = 7  # auxv: where the kernel mapped the program's interpreter (0: none, a static program)
+
+
+def interpreter_base(pid: int) -> int | None:
+    """AT_BASE of PID: the dynamic loader's load address, 0 for a static program, None if unknown."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
+        if key == AT_BASE:
+            return value
+    return None
+
+
 def _loader_hook(mods: list[Module]) -> Target | None:
     """r_brk by name, looked up directly: a miss through resolve() would search every symbol
     for near misses (0.1-0.4 s in a static program)."""
@@ -103,9 +119,16 @@ def _loader_hook(mods: list[Module]) -> Target | None:
     return None
 
 
-def find_loader(mods: list[Module], memory) -> tuple[Target, int | None] | None:
+def find_loader(pid: int, mods: list[Module], memory) -> tuple[Target, int | None] | None:
     """Where the loader reports its changes (r_brk) and its struct r_debug (None if unknown);
-    None for a program without a dynamic loader."""
+    None for a program without a dynamic loader. The loader is the module the kernel mapped as
+    the program's interpreter (AT_BASE): a static program carries _dl_debug_state and _r_debug
+    too, for a static dlopen, but never reports its (one, fixed) library list there."""
+    base = interpreter_base(pid)
+    if base == 0:
+        return None
+    if base is not None:
+        mods = [m for m in mods if m.base == base] or mods
     target = _loader_hook(mods)
     if target is None:
         return None
@@ -272,7 +295,7 @@ class PendingProbes:
         """An internal probe on the loader's r_brk, once per image."""
         if self.hook is not None or self.no_loader:
             return
-        found = find_loader(mods, self.engine.memory)
+        found = find_loader(self.pid, mods, self.engine.memory)
         if found is None:
             self.no_loader = True  # a static program: what is loaded now is all there will be
             return
