@@ -111,3 +111,17 @@ def test_api_pending_probe_states(plug, loader):
     assert values == [3 * i - 7 for i in range(4)] + [3 * i - 7 for i in range(8)]
     kinds = [e[0] for e in events if isinstance(e, tuple) and e[1] == "libcli2plug:plug_fn"]
     assert kinds == ["armed", "unloaded", "armed", "unloaded"]
+
+
+def test_armed_and_dropped_while_threads_run_probed_code(build, plug):
+    exe = build("cli2_dlthreads.c", "-pthread")
+    rounds = 20
+    r = cli("count", "--json", "libcli2plug:plug_fn", "libcli2plug:plug_fn%return", "spin_fn", "--",
+            str(exe), str(plug), str(rounds))
+    assert r.returncode == 0, r.stderr
+    own = dict(kv.split("=") for kv in r.stdout.split())
+    assert int(own["plug_fn"]) == 100 * rounds
+    rows = by_symbol(last_json(r.stderr))
+    assert rows["plug_fn"]["hits"] == rows["plug_fn%return"]["hits"] == 100 * rounds
+    assert rows["spin_fn"]["hits"] == int(own["spin_fn"]) > 0
+    assert all(row["missed"] == 0 for row in rows.values())
