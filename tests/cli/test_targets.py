@@ -54,6 +54,7 @@ def test_forked_children_run_probed_code_unharmed(build):
     assert r.returncode == 3, r.stderr
     assert r.stdout == f"children ok={kids} bad=0 system=4 work={n}\n"
     assert "killed by signal" not in r.stderr
+    assert notes(r.stderr) == []  # system()'s child execs, the traced process does not
     report = last_json(r.stderr)
     assert report["exit_code"] == 3
     rows = by_symbol(report)
