@@ -136,7 +136,10 @@ class Process:
                         self._stop_requested = False
                         return None
                     continue
-                engine.handle(event)
+                try:
+                    engine.handle(event)
+                except ProcessLookupError:
+                    tracee.vanished(event.tid)  # killed while its stop was handled
                 if self._stop_requested:
                     self._stop_requested = False
                     return None

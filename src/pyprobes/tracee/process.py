@@ -454,9 +454,24 @@ class Tracee:
                 return None
             if status == -1:
                 return Event(EventKind.PROCESS_EXIT, tid, exit_code=None)
-            event = self._handle(tid, status)
+            try:
+                event = self._handle(tid, status)
+            except ProcessLookupError:
+                # Killed (exit_group, SIGKILL) while its stop was handled -- the breakpoint and
+                # step handlers run from here: it is stopped no more, and its exit comes next.
+                self.vanished(tid)
+                continue
             if event is not None:
                 return event
+
+    def vanished(self, tid: int) -> None:
+        """TID left its stop while the owner handled it (ptrace said ESRCH): the process is
+        being killed, the thread runs to its exit, which is reported like any other."""
+        t = self.threads.get(tid)
+        if t is not None:
+            t.state = ThreadState.RUNNING
+            t.event_pending = None
+            t.stepping = False
 
     def wake(self) -> None:
         """Make a blocked wait() return a WAKE event; safe to call from a signal handler."""
