@@ -134,4 +134,3 @@ def test_process_exits_while_threads_are_mid_hit(procs, fixture, boost):
     assert p.hits > 0 and q.hits > 0 and p.missed == q.missed == 0
     run.proc.detach()
     assert not run.proc.alive and run.proc.exit_code == 0
-
