@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import sys
 import time
 from typing import Callable
@@ -18,10 +17,9 @@ from ..engine import Probe, ProbeError, Process
 from ..engine.pending import RT_CONSISTENT, PendingProbe, find_loader, loader_state
 from ..engine.retprobe import ReturnProbe
 from ..errors import PyprobesError
-from ..symbols import Symbol, SymbolError, Target, modules, parse_spec, symbolize
+from ..symbols import AT_ENTRY, Symbol, SymbolError, Target, auxv_value, modules, parse_spec, symbolize
 from .output import CliError, Report, note
 
-AT_ENTRY = 9
 MAX_BLOCK = 1.0
 SIGNAL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -46,15 +44,7 @@ def signal_name(sig: int) -> str:
 
 def entry_point(pid: int) -> int | None:
     """The runtime address the kernel will jump to after the dynamic loader (AT_ENTRY)."""
-    try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
-        if key == AT_ENTRY:
-            return value
-    return None
+    return auxv_value(pid, AT_ENTRY)
 
 
 class Session:

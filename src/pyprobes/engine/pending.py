@@ -23,13 +23,12 @@ placed again in the new program at its first RT_CONSISTENT (a static program: at
 """
 from __future__ import annotations
 
-import functools
 import os
-import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import PyprobesError
-from ..symbols import Module, SymbolError, Target, find_module, modules, parse_spec, resolve, symbolize
+from ..symbols import (AT_BASE, ElfFile, Module, SymbolError, Target, auxv_value, find_module, modules, parse_spec,
+                       resolve, symbolize)
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 
@@ -50,62 +49,17 @@ def module_key(mod: Module) -> ModKey:
     return (mod.path, mod.base)
 
 
-_SHDR = struct.Struct("<IIQQQQIIQQ")  # name type flags addr offset size link info align entsize
-_SYM = struct.Struct("<IBBHQQ")
-_SHT_SYMTAB, _SHT_DYNSYM = 2, 11
-
-
-@functools.lru_cache(maxsize=32)
-def _data_symbol(path: str, name: str, _stamp: tuple) -> int | None:
-    """st_value of a data symbol (ElfFile keeps functions only): .dynsym, then .symtab. Read
-    with struct: importing and running pyelftools would cost 0.1 s before the first probe."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:4] != b"\x7fELF" or data[4] != 2:
-            return None
-        (shoff,) = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-        sections = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
-        wanted = name.encode() + b"\0"
-        for kind in (_SHT_DYNSYM, _SHT_SYMTAB):
-            for sh in sections:
-                if sh[1] != kind or not 0 < sh[6] < len(sections):
-                    continue
-                strtab = sections[sh[6]]
-                lo, hi = strtab[4], strtab[4] + strtab[5]
-                for off in range(sh[4], sh[4] + sh[5] - _SYM.size + 1, _SYM.size):
-                    st_name, info, _, shndx, value, _ = _SYM.unpack_from(data, off)
-                    if shndx and info & 0xF == 1 and data.startswith(wanted, lo + st_name) \
-                            and lo + st_name < hi:  # STT_OBJECT, defined
-                        return value
-    except (OSError, struct.error, IndexError):
-        return None  # not readable, not ELF: no r_debug, every loader event is a sync
-    return None
-
-
 def data_symbol(path: str, name: str) -> int | None:
+    """st_value of the data object NAME in the ELF file at PATH, or None."""
     try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _data_symbol(path, name, (st.st_ino, st.st_size, st.st_mtime_ns))
-
-
-AT_BASE = 7  # auxv: where the kernel mapped the program's interpreter (0: none, a static program)
+        return ElfFile.load(path).object_address(name)
+    except (OSError, ValueError):
+        return None  # not readable, not ELF: no r_debug, every loader event is a sync
 
 
 def interpreter_base(pid: int) -> int | None:
     """AT_BASE of PID: the dynamic loader's load address, 0 for a static program, None if unknown."""
-    try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    for key, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
-        if key == AT_BASE:
-            return value
-    return None
+    return auxv_value(pid, AT_BASE)
 
 
 def _loader_hook(mods: list[Module]) -> Target | None:

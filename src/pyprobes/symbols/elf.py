@@ -44,6 +44,7 @@ _SHT_GNU_VERDEF = 0x6FFFFFFD
 _SHT_GNU_VERSYM = 0x6FFFFFFF
 # Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size.
 _SYM64 = struct.Struct("<IBBHQQ")
+_STT_OBJECT = 1
 _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
 _SHN_UNDEF = 0
@@ -329,6 +330,28 @@ class ElfFile:
                 table = table[: len(table) - len(table) % _SYM64.size]
                 functions.extend(_read_functions(table, data(strsh), hidden, is_dynsym))
         return functions
+
+    def object_address(self, name: str) -> int | None:
+        """st_value of the defined data object NAME (STT_OBJECT: `_r_debug`, say), .dynsym first.
+
+        Data objects are not kept like functions are: only the one asked for is searched, by
+        its bytes in the string table, so a lookup costs a scan of the symbol tables, no parse.
+        """
+        wanted = name.encode() + b"\0"
+        ordered = sorted(self._symtabs, key=lambda entry: entry[0][1] != _SHT_DYNSYM)
+        with open(self.path, "rb") as f:
+            self._check_identity(f)
+            fd = f.fileno()
+            for sh, strsh, _versions in ordered:
+                if sh[1] == _SHT_NOBITS or strsh[1] == _SHT_NOBITS:
+                    continue
+                strtab = _pread_exact(fd, strsh[5], strsh[4])
+                table = _pread_exact(fd, sh[5], sh[4])
+                for st_name, info, _other, shndx, value, _size in _SYM64.iter_unpack(
+                        table[: len(table) - len(table) % _SYM64.size]):
+                    if shndx and info & 0xF == _STT_OBJECT and strtab.startswith(wanted, st_name):
+                        return value
+        return None
 
     def _check_identity(self, f) -> None:
         # Bytes or symbols from a file rebuilt since it was first read would

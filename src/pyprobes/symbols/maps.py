@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -219,3 +220,20 @@ def main_module(pid: int, mods: list[Module] | None = None) -> Module:
         if mod.mappings[0].inode == exe_ino:
             return mod
     raise LookupError(f"process {pid}: its executable {exe} is not among its mapped modules")
+
+
+AT_BASE = 7    # auxv: where the kernel mapped the program's interpreter (0: none, a static program)
+AT_ENTRY = 9   # auxv: the program's entry point, where the loader jumps once libraries are in
+
+
+def auxv_value(pid: int, key: int) -> int | None:
+    """The value of KEY in PID's auxiliary vector, or None if unreadable or absent."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for k, value in struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]):
+        if k == key:
+            return value
+    return None
