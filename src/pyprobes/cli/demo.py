@@ -76,7 +76,7 @@ def run(args, command: list[str]) -> int:
     exe = build()
     note(f"demo: counting {', '.join(PROBES)} in {exe} ({THREADS} threads x {args.rounds} rounds)")
     ns = argparse.Namespace(pid=None, duration=None, interval=None, json=args.json, output=args.output,
-                            verbose=True, probes=list(PROBES))
+                            verbose=True, same_cpu=False, probes=list(PROBES))
     captured: dict[str, int] = {}
     status = count.run(ns, [str(exe), str(args.rounds)], on_done=captured.update)
     work = THREADS * args.rounds

@@ -50,7 +50,8 @@ def entry_point(pid: int) -> int | None:
 class Session:
     """One traced process for one CLI command."""
 
-    def __init__(self, pid: int | None, command: list[str], report: Report, verbose: bool = False) -> None:
+    def __init__(self, pid: int | None, command: list[str], report: Report, verbose: bool = False,
+                 same_cpu: bool = False) -> None:
         if pid is not None and command:
             raise CliError("give either -p PID or a command after --, not both", 2)
         if pid is None and not command:
@@ -59,6 +60,7 @@ class Session:
         self.command = command
         self.report = report
         self.verbose = verbose
+        self.same_cpu = same_cpu
         self.proc: Process | None = None
         self.pendings: list[PendingProbe] = []  # one per PROBE given, in order
         self.stop_signal: int | None = None
@@ -103,6 +105,10 @@ class Session:
             note(f"{'started' if self.spawned else 'attached to'} {what} (PID {self.proc.pid})")
         if self.spawned:
             self._run_to_entry()
+        if self.same_cpu:
+            cpu = self.proc.share_cpu()
+            if self.verbose:
+                note(f"pyprobes and PID {self.proc.pid} share CPU {cpu} until detach")
         return self.proc
 
     def _run_to_entry(self) -> None:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 import signal as _signal
 import threading
 import time
@@ -28,6 +29,7 @@ class Process:
         self.engine = Engine(tracee)
         self._stop_requested = False
         self._pending: PendingProbes | None = None
+        self._affinity: dict[int, set[int]] | None = None  # share_cpu(): what to give back at detach
 
     @property
     def pid(self) -> int:
@@ -148,12 +150,54 @@ class Process:
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _signal.signal(_signal.SIGALRM, previous)
 
+    def share_cpu(self, cpu: int | None = None) -> int:
+        """Run the tracer and every thread of the process on one CPU (the tracer's current one by
+        default); return it. A ptrace stop costs 2-2.5x less when tracer and tracee share a CPU
+        (ANCHORS.md), but the process's threads then share that CPU too: worth it for a
+        single-threaded or one-hot-thread program, not for one that needs its cores. Every
+        affinity is given back at detach; threads born meanwhile get the process's original one.
+        """
+        if cpu is None:
+            cpu = os.sched_getcpu() if hasattr(os, "sched_getcpu") else min(os.sched_getaffinity(0))
+        saved = self._affinity if self._affinity is not None else {0: os.sched_getaffinity(0)}
+        for tid in list(self.tracee.threads):
+            try:
+                saved.setdefault(tid, os.sched_getaffinity(tid))
+                os.sched_setaffinity(tid, {cpu})
+            except OSError:
+                continue  # gone meanwhile
+        os.sched_setaffinity(0, {cpu})
+        self._affinity = saved
+        return cpu
+
+    def _restore_affinity(self) -> None:
+        saved, self._affinity = self._affinity, None
+        if saved is None:
+            return
+        tracer = saved.pop(0)
+        original = saved.get(self.pid, tracer)
+        for tid in list(self.tracee.threads):
+            try:
+                os.sched_setaffinity(tid, saved.get(tid, original))
+            except OSError:
+                pass
+        os.sched_setaffinity(0, tracer)
+
     def detach(self) -> None:
         """Remove every probe and let the process run on untraced, exactly as it was."""
+        if self._affinity is not None and self.tracee.alive:
+            self._restore_affinity()
         self.engine.detach()
+        if self._affinity is not None:
+            os.sched_setaffinity(0, self._affinity[0])
+            self._affinity = None
 
     def kill(self) -> int | None:
-        return self.tracee.kill()
+        code = self.tracee.kill()
+        if self._affinity is not None:
+            os.sched_setaffinity(0, self._affinity[0])
+            self._affinity = None
+        return code
 
     def __enter__(self) -> "Process":
         return self
