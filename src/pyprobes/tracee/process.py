@@ -723,7 +723,16 @@ class Tracee:
             if not sig and signals and t.stop_kind is StopKind.SIGNAL:
                 sig = signals.pop(0)
             if t.state is not ThreadState.STOPPED:
-                continue  # exiting or blocked in vfork: it is detached by its own exit
+                if t.exiting and t.tid != self.pid:
+                    # Past its exit event it cannot be detached, and a traced thread that dies
+                    # stays a zombie until its tracer collects it: then its process could never
+                    # be reaped. It dies promptly; collect it. (The leader's death is reported
+                    # only once its whole group is gone, so it cannot be waited for here.)
+                    try:
+                        os.waitpid(t.tid, ptrace.WALL)
+                    except ChildProcessError:
+                        pass
+                continue  # blocked in vfork: it is detached by its own exit
             try:
                 ptrace.detach(t.tid, sig)
             except OSError:
