@@ -5,7 +5,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,3 +42,32 @@ def build():
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     return compile_fixture
+
+
+@pytest.fixture(scope="session")
+def fixture(build):
+    """fixture(name, *flags) -> the compiled tests/fixtures/NAME.c (-pthread), or NAME.cpp with g++."""
+
+    def get(name: str, *flags: str) -> Path:
+        if name.endswith(".cpp"):
+            return build(name, "-pthread", *flags, compiler="g++")
+        return build(name + ".c", "-pthread", *flags)
+
+    return get
+
+
+@contextmanager
+def watchdog(procs, request, seconds: float) -> Iterator[None]:
+    """Kill every process of PROCS (anything with kill_all() and cleanup()) if the test runs past
+    SECONDS, then fail it; clean up in any case. A thread timer, not SIGALRM: run(timeout=) uses that."""
+    fired = []
+    timer = threading.Timer(seconds, lambda: (fired.append(True), procs.kill_all()))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        procs.cleanup()
+    if fired:
+        pytest.fail(f"watchdog: {request.node.nodeid} ran over {seconds} s; its processes were killed")

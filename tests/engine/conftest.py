@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import pyprobes
+from conftest import watchdog
 from pyprobes.symbols import ElfFile
 
 WATCHDOG = 120.0  # seconds; a test reaching it has hung, not run slowly (even on a loaded machine)
@@ -90,7 +90,6 @@ class Procs:
         self.tmp = tmp_path
         self.runs: list[Run] = []
         self.pids: list[int] = []     # our children, traced or detached
-        self.watchdog_fired = False
 
     def spawn(self, exe: Path, *args) -> Run:
         out = self.tmp / f"out-{len(self.runs)}.txt"
@@ -136,26 +135,8 @@ class Procs:
 @pytest.fixture
 def procs(tmp_path, request):
     p = Procs(tmp_path)
-    timer = threading.Timer(WATCHDOG, lambda: (setattr(p, "watchdog_fired", True), p.kill_all()))
-    timer.daemon = True
-    timer.start()
-    try:
+    with watchdog(p, request, WATCHDOG):
         yield p
-    finally:
-        timer.cancel()
-        p.cleanup()
-    if p.watchdog_fired:
-        pytest.fail(f"watchdog: {request.node.nodeid} ran over {WATCHDOG} s; its processes were killed")
-
-
-@pytest.fixture(scope="session")
-def fixture(build):
-    """fixture(name, *flags) -> path of tests/fixtures/NAME.c built with -pthread (and FLAGS)."""
-
-    def get(name: str, *flags: str) -> Path:
-        return build(name + ".c", "-pthread", *flags)
-
-    return get
 
 
 def labels(path: Path) -> dict[str, int]:

@@ -12,13 +12,13 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import pyprobes
+from conftest import watchdog
 
 WATCHDOG = 60.0  # seconds; a test reaching it has hung, not run slowly
 
@@ -99,7 +99,6 @@ class Procs:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.runs: list[Run] = []
-        self.watchdog_fired = False
 
     def _files(self, stdin_pipe: bool) -> tuple[Path, int, int | None, int | None]:
         out = self.tmp / f"out-{len(self.runs)}.txt"
@@ -182,28 +181,8 @@ class Procs:
 @pytest.fixture
 def procs(tmp_path, request):
     p = Procs(tmp_path)
-    timer = threading.Timer(WATCHDOG, lambda: (setattr(p, "watchdog_fired", True), p.kill_all()))
-    timer.daemon = True
-    timer.start()
-    try:
+    with watchdog(p, request, WATCHDOG):
         yield p
-    finally:
-        timer.cancel()
-        p.cleanup()
-    if p.watchdog_fired:
-        pytest.fail(f"watchdog: {request.node.nodeid} ran over {WATCHDOG} s; its processes were killed")
-
-
-@pytest.fixture(scope="session")
-def fixture(build):
-    """fixture(name, *flags) -> the compiled tests/fixtures/NAME.c (-pthread), or NAME.cpp with g++."""
-
-    def get(name: str, *flags: str) -> Path:
-        if name.endswith(".cpp"):
-            return build(name, "-pthread", *flags, compiler="g++")
-        return build(name + ".c", "-pthread", *flags)
-
-    return get
 
 
 def maps(pid: int) -> list[tuple[int, int, str, str]]:
