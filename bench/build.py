@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = {"work": ("work.c", ["-O2"]), "cfloor": ("cfloor.c", ["-O2", "-Wall"])}
+SOURCES = {"work": ("work.c", ["-O2", "-pthread"]), "cfloor": ("cfloor.c", ["-O2", "-Wall"])}
 
 # The instructions bench/work.c's hand-written `hit` must start with (see its comment).
 HIT_LAYOUT = (

@@ -1,6 +1,6 @@
 """One pyprobes measurement in a fresh interpreter (python -m bench.pyrun), run by `python -m bench`.
 
-    python -m bench.pyrun SPEC [--no-boost] [--profile N] -- PROGRAM [ARGS...]
+    python -m bench.pyrun SPEC [--no-boost] [--busy-wait US] [--profile N] -- PROGRAM [ARGS...]
 
 Spawns PROGRAM under pyprobes with one probe at SPEC, runs it to the end, and prints
 "pyprobes: hits=H mode=M exit=E user_ns_per_hit=U sys_ns_per_hit=S" on stderr (U and S: this
@@ -18,13 +18,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        print("usage: python -m bench.pyrun SPEC [--no-boost] [--profile N] -- PROGRAM [ARGS...]", file=sys.stderr)
+        print("usage: python -m bench.pyrun SPEC [--no-boost] [--busy-wait US] [--profile N] -- PROGRAM [ARGS...]", file=sys.stderr)
         return 2
     split = argv.index("--")
     command = argv[split + 1:]
     ap = argparse.ArgumentParser(prog="python -m bench.pyrun")
     ap.add_argument("spec")
     ap.add_argument("--no-boost", action="store_true", help="force the stepped path (boost=False)")
+    ap.add_argument("--busy-wait", type=float, metavar="US", help="proc.busy_wait_us (default: pyprobes' own)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile run(); print top N")
     args = ap.parse_args(argv[:split])
     if not command:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     profiler = None
     with pyprobes.spawn(command) as proc:
         probe = proc.probe(args.spec, boost=not args.no_boost)
+        if args.busy_wait is not None:
+            proc.busy_wait_us = args.busy_wait
         if args.profile:
             import cProfile
             profiler = cProfile.Profile()

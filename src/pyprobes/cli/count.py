@@ -5,7 +5,7 @@ import argparse
 
 from ..engine.retprobe import ReturnProbe
 from .output import CliError, Histogram, Report, count_table, histogram_text
-from .session import Session
+from .session import Session, add_speed_options
 
 HELP = "count hits per probe"
 MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
@@ -26,7 +26,7 @@ The report goes to stderr (or -o FILE); the command's own output is untouched.
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--same-cpu] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -38,9 +38,7 @@ def add_parser(sub) -> None:
                    help="a log2 histogram of the latency of each %%return probe, call to return (ns)")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
-    p.add_argument("--same-cpu", action="store_true",
-                   help="run pyprobes and the traced threads on one CPU: cheaper stops for a program "
-                        "with one busy thread, a bottleneck for one that needs its cores")
+    add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")
     p.set_defaults(func=run)
 
@@ -123,7 +121,7 @@ def run(args, command: list[str], on_done=None) -> int:
                 add(elapsed_ns)
             return on_return
     report = Report(args.output)
-    session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu)
+    session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
     # Ctrl-C, SIGTERM and SIGHUP are ours from the start: one that comes while the probes go
     # in ends the session right after, cleanly (never a KeyboardInterrupt mid-placement).
     session.install_signals()

@@ -18,6 +18,7 @@ from ..engine.pending import RT_CONSISTENT, PendingProbe, find_loader, loader_st
 from ..engine.retprobe import ReturnProbe
 from ..errors import PyprobesError
 from ..symbols import AT_ENTRY, Symbol, SymbolError, Target, auxv_value, modules, parse_spec, symbolize
+from ..tracee import DEFAULT_BUSY_WAIT_NS
 from .output import CliError, Report, note
 
 MAX_BLOCK = 1.0
@@ -47,11 +48,23 @@ def entry_point(pid: int) -> int | None:
     return auxv_value(pid, AT_ENTRY)
 
 
+def add_speed_options(parser) -> None:
+    """--same-cpu and --busy-wait, for the commands that trace."""
+    parser.add_argument("--same-cpu", action="store_true",
+                        help="run pyprobes and the traced threads on one CPU: cheaper stops for a program "
+                             "with one busy thread, a bottleneck for one that needs its cores")
+    parser.add_argument("--busy-wait", type=float, metavar="US",
+                        help="after resuming a thread, poll this long for its next stop before sleeping "
+                             f"(default {DEFAULT_BUSY_WAIT_NS / 1000:g}; 0: never poll, least CPU)")
+
+
 class Session:
     """One traced process for one CLI command."""
 
     def __init__(self, pid: int | None, command: list[str], report: Report, verbose: bool = False,
-                 same_cpu: bool = False) -> None:
+                 same_cpu: bool = False, busy_wait_us: float | None = None) -> None:
+        if busy_wait_us is not None and busy_wait_us < 0:
+            raise CliError("--busy-wait must be 0 or more microseconds", 2)
         if pid is not None and command:
             raise CliError("give either -p PID or a command after --, not both", 2)
         if pid is None and not command:
@@ -61,6 +74,7 @@ class Session:
         self.report = report
         self.verbose = verbose
         self.same_cpu = same_cpu
+        self.busy_wait_us = busy_wait_us
         self.proc: Process | None = None
         self.pendings: list[PendingProbe] = []  # one per PROBE given, in order
         self.stop_signal: int | None = None
@@ -105,6 +119,8 @@ class Session:
             note(f"{'started' if self.spawned else 'attached to'} {what} (PID {self.proc.pid})")
         if self.spawned:
             self._run_to_entry()
+        if self.busy_wait_us is not None:
+            self.proc.busy_wait_us = self.busy_wait_us
         if self.same_cpu:
             cpu = self.proc.share_cpu()
             if self.verbose:

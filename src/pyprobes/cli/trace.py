@@ -6,7 +6,7 @@ import json
 import time
 
 from .output import CliError, Report
-from .session import Session
+from .session import Session, add_speed_options
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -29,7 +29,7 @@ The report goes to stderr (or -o FILE); the command's own output is untouched.
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -38,9 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="write JSON Lines instead of text")
     p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
-    p.add_argument("--same-cpu", action="store_true",
-                   help="run pyprobes and the traced threads on one CPU: cheaper stops for a program "
-                        "with one busy thread, a bottleneck for one that needs its cores")
+    add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
     p.set_defaults(func=run)
 
@@ -52,7 +50,7 @@ def run(args, command: list[str]) -> int:
         raise CliError("--duration must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     report = Report(args.output)
-    session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu)
+    session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
     registers = ARG_REGISTERS[: args.args]
     write = report.write
     last_flush = [time.monotonic()]

@@ -180,9 +180,8 @@ class Engine:
             ptrace.set_rip(tid, address)
             tracee.resume(tid)
             return
-        for probe in point.counting:
-            if probe.pre is None:
-                probe.hits += 1
+        for probe in point.tally:
+            probe.hits += 1
         emulation = point.emulation
         if emulation is not None and not point.pre and not emulation.needs_memory:
             # A jmp, jcc or nop reads and writes a register or two: touch just those.

@@ -27,7 +27,7 @@ class ProbePoint:
 
     __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "slot_code", "boosted",
                  "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
-                 "name", "step_only", "call_fix", "pushf_width")
+                 "name", "step_only", "call_fix", "pushf_width", "tally")
 
     def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
         self.address = address
@@ -45,6 +45,7 @@ class ProbePoint:
         self.pre: tuple[Probe, ...] = ()      # enabled probes with a pre-handler (hoisted for the hit path)
         self.post: tuple[Probe, ...] = ()
         self.counting: tuple[Probe, ...] = ()  # every enabled probe: each hit counts for each
+        self.tally: tuple[Probe, ...] = ()    # enabled probes with no pre-handler: counted as they trap
         self.armed = False
         self.steppers = 0                     # threads single-stepping in the slot right now
         self.removed = False
@@ -62,6 +63,7 @@ class ProbePoint:
         enabled = [p for p in self.probes if p.enabled]
         self.counting = tuple(enabled)
         self.pre = tuple(p for p in enabled if p.pre is not None)
+        self.tally = tuple(p for p in enabled if p.pre is None)
         self.post = tuple(p for p in enabled if p.post is not None)
         may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
         if not may_boost:

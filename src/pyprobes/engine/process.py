@@ -150,6 +150,19 @@ class Process:
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _signal.signal(_signal.SIGALRM, previous)
 
+    @property
+    def busy_wait_us(self) -> float:
+        """How long run() polls for the next stop after resuming a thread before it sleeps in
+        waitpid (0: never poll). Polling saves the scheduler's wake-up of the tracer on every
+        stop of a hot probe; a quiet process costs at most this much tracer CPU per stop."""
+        return self.tracee.busy_wait_ns / 1000
+
+    @busy_wait_us.setter
+    def busy_wait_us(self, us: float) -> None:
+        if us < 0:
+            raise ValueError("busy_wait_us must be >= 0")
+        self.tracee.busy_wait_ns = int(us * 1000)
+
     def share_cpu(self, cpu: int | None = None) -> int:
         """Run the tracer and every thread of the process on one CPU (the tracer's current one by
         default); return it. A ptrace stop costs 2-2.5x less when tracer and tracee share a CPU
