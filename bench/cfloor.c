@@ -8,8 +8,9 @@
  *   boost    int3 -> RIP = slot, PTRACE_CONT; the slot's jmp comes back        (1 stop per hit)
  *   step     int3 -> RIP = slot, PTRACE_SINGLESTEP; step trap -> RIP = PROBE + (RIP - slot),
  *            PTRACE_CONT                                                      (2 stops per hit)
- *   emulate  the probed instruction is `push %rbx`: GETREGS, store rbx at rsp-8, rsp -= 8,
- *            RIP = PROBE+1, SETREGS, PTRACE_CONT                               (1 stop per hit)
+ *   emulate  the probed instruction is the 5-byte nop: RIP = PROBE+5, PTRACE_CONT (1 stop per hit)
+ *   MODE+poll (boost+poll, ...): after each resume, poll waitpid(WNOHANG) for up to 25 µs before
+ *            blocking, as pyprobes does by default (Process.busy_wait_us)
  *
  * Each stop reads RIP first to check it is the probe's, as any real tracer must. Prints to
  * stderr after the program exits: "cfloor: mode=M hits=N wall_ns_per_hit=W user_ns_per_hit=U
@@ -63,13 +64,39 @@ static uint64_t load_bias(pid_t pid, const char *exe, uint64_t first_load)
     exit(2);
 }
 
+static double mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+/* waitpid, polled for up to 25 µs first when POLL is set */
+static int wait_stop(pid_t pid, int *st, int poll)
+{
+    if (poll) {
+        double deadline = mono_ns() + 25000;
+        do {
+            int r = waitpid(pid, st, WNOHANG);
+            if (r != 0)
+                return r;
+        } while (mono_ns() < deadline);
+    }
+    return waitpid(pid, st, 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 7 || strcmp(argv[5], "--") != 0) {
-        fprintf(stderr, "usage: cfloor boost|step|emulate PROBE SLOT FIRST_LOAD -- PROGRAM [ARGS...]\n");
+        fprintf(stderr, "usage: cfloor boost|step|emulate[+poll] PROBE SLOT FIRST_LOAD -- PROGRAM [ARGS...]\n");
         return 2;
     }
-    const char *mode = argv[1];
+    char mode[32];
+    snprintf(mode, sizeof mode, "%s", argv[1]);
+    char *plus = strchr(mode, '+');
+    int poll = plus && !strcmp(plus, "+poll");
+    if (poll)
+        *plus = 0;
     int boost = !strcmp(mode, "boost"), step = !strcmp(mode, "step"), emulate = !strcmp(mode, "emulate");
     if (!boost && !step && !emulate) {
         fprintf(stderr, "cfloor: unknown mode %s\n", mode);
@@ -105,12 +132,11 @@ int main(int argc, char **argv)
 
     long hits = 0;
     int sig = 0;
-    struct user_regs_struct regs;
     for (;;) {
         if (ptrace(PTRACE_CONT, pid, 0, (void *)(long)sig) < 0)
             die("PTRACE_CONT");
         sig = 0;
-        if (waitpid(pid, &st, 0) < 0)
+        if (wait_stop(pid, &st, poll) < 0)
             die("waitpid");
         if (WIFEXITED(st) || WIFSIGNALED(st))
             break;
@@ -126,15 +152,9 @@ int main(int argc, char **argv)
             continue;
         }
         hits++;
-        if (emulate) {  /* push %rbx */
-            if (ptrace(PTRACE_GETREGS, pid, 0, &regs) < 0)
-                die("GETREGS");
-            regs.rsp -= 8;
-            if (ptrace(PTRACE_POKEDATA, pid, (void *)regs.rsp, (void *)regs.rbx) < 0)
-                die("POKEDATA");
-            regs.rip = probe + 1;
-            if (ptrace(PTRACE_SETREGS, pid, 0, &regs) < 0)
-                die("SETREGS");
+        if (emulate) {  /* the 5-byte nop */
+            if (ptrace(PTRACE_POKEUSER, pid, (void *)RIP_OFF, (void *)(probe + 5)) < 0)
+                die("POKEUSER");
             continue;
         }
         if (ptrace(PTRACE_POKEUSER, pid, (void *)RIP_OFF, (void *)slot) < 0)
@@ -143,7 +163,7 @@ int main(int argc, char **argv)
             continue;
         if (ptrace(PTRACE_SINGLESTEP, pid, 0, 0) < 0)
             die("SINGLESTEP");
-        if (waitpid(pid, &st, 0) < 0 || !WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP) {
+        if (wait_stop(pid, &st, poll) < 0 || !WIFSTOPPED(st) || WSTOPSIG(st) != SIGTRAP) {
             fprintf(stderr, "cfloor: unexpected stop 0x%x after a single-step\n", st);
             return 2;
         }

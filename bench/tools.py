@@ -112,11 +112,13 @@ def run_baseline(ctx: Context, n: int) -> Sample:
     return sample
 
 
-def pyprobes_runner(offset: int, boost: bool) -> Callable[[Context, int], Sample]:
+def pyprobes_runner(offset: int, boost: bool, busy_wait_us: float | None = None) -> Callable[[Context, int], Sample]:
     def run(ctx: Context, n: int) -> Sample:
         cmd = [ctx.python, "-m", "bench.pyrun", f"hit+{offset}"]
         if not boost:
             cmd.append("--no-boost")
+        if busy_wait_us is not None:
+            cmd += ["--busy-wait", str(busy_wait_us)]
         sample, out = _run([*cmd, "--", str(ctx.workload.work), str(n)], ctx)
         m = re.search(r"pyprobes: hits=(\d+) mode=(\w+) .*user_ns_per_hit=([0-9.]+) sys_ns_per_hit=([0-9.]+)", out)
         if m is None:
@@ -130,7 +132,7 @@ def pyprobes_runner(offset: int, boost: bool) -> Callable[[Context, int], Sample
 def cfloor_runner(mode: str) -> Callable[[Context, int], Sample]:
     def run(ctx: Context, n: int) -> Sample:
         w = ctx.workload
-        probe = w.hit + (PUSH_OFF if mode == "emulate" else LEA_OFF)
+        probe = w.hit + (NOP_OFF if mode.startswith("emulate") else LEA_OFF)
         cmd = [str(w.cfloor), mode, f"{probe:x}", f"{w.slot:x}", f"{w.first_load:x}", "--", str(w.work), str(n)]
         sample, out = _run(cmd, ctx)
         m = re.search(r"cfloor: mode=\w+ hits=(\d+) .*user_ns_per_hit=([0-9.]+) sys_ns_per_hit=([0-9.]+)", out)
@@ -230,18 +232,26 @@ def run_ltrace(ctx: Context, n: int) -> Sample:
 def rows() -> list[Row]:
     return [
         Row("baseline", "unprobed", "the workload alone (its own ns per call)", "0", "base", run_baseline),
-        Row("py_emulated", "pyprobes", f"emulated `push %rbx` (hit+{PUSH_OFF})", "1", "ptrace",
-            pyprobes_runner(PUSH_OFF, True), floor="c_emulate", expect_mode="emulated"),
+        Row("py_emulated", "pyprobes", f"emulated 5-byte nop (hit+{NOP_OFF}): RIP += 5", "1", "ptrace",
+            pyprobes_runner(NOP_OFF, True), floor="c_emulate", expect_mode="emulated"),
         Row("py_boosted", "pyprobes", f"boosted `lea` (hit+{LEA_OFF}): slot copy + jmp back", "1", "ptrace",
             pyprobes_runner(LEA_OFF, True), floor="c_boost", expect_mode="boosted"),
+        Row("py_push", "pyprobes", f"boosted `push %rbx` (hit+{PUSH_OFF}): a push is cheaper boosted than emulated",
+            "1", "ptrace", pyprobes_runner(PUSH_OFF, True), floor="c_boost", expect_mode="boosted"),
         Row("py_stepped", "pyprobes", f"stepped `lea` (hit+{LEA_OFF}, boost=False): single-step the copy",
             "2", "ptrace", pyprobes_runner(LEA_OFF, False), floor="c_step", expect_mode="stepped"),
-        Row("c_emulate", "C ptrace floor", f"emulated `push %rbx` (hit+{PUSH_OFF}): GETREGS, POKEDATA, SETREGS",
+        Row("py_boosted_nopoll", "pyprobes", f"boosted `lea` (hit+{LEA_OFF}), `busy_wait_us=0`: sleeps in waitpid",
+            "1", "ptrace", pyprobes_runner(LEA_OFF, True, 0), floor="c_boost", expect_mode="boosted"),
+        Row("c_emulate", "C ptrace floor", f"emulated 5-byte nop (hit+{NOP_OFF}): RIP = hit+5, CONT",
             "1", "ptrace", cfloor_runner("emulate")),
         Row("c_boost", "C ptrace floor", f"boosted `lea` (hit+{LEA_OFF}): RIP = slot, CONT", "1", "ptrace",
             cfloor_runner("boost")),
         Row("c_step", "C ptrace floor", f"stepped `lea` (hit+{LEA_OFF}): RIP = slot, SINGLESTEP, fix RIP",
             "2", "ptrace", cfloor_runner("step")),
+        Row("c_boost_poll", "C ptrace floor, polling", f"boosted `lea` (hit+{LEA_OFF}), polls 25 µs before "
+            "sleeping, as pyprobes does", "1", "ptrace", cfloor_runner("boost+poll")),
+        Row("c_step_poll", "C ptrace floor, polling", f"stepped `lea` (hit+{LEA_OFF}), polls 25 µs before "
+            "sleeping", "2", "ptrace", cfloor_runner("step+poll"), floor="c_step"),
         Row("k_nop5", "kernel uprobe (tracefs)", f"5-byte nop (hit+{NOP_OFF}): 6.18+ patches it into a call to a trampoline", "0–1 trap", "kernel",
             tracefs_runner(NOP_OFF), floor="c_boost", missing=_tracefs_missing),
         Row("k_push", "kernel uprobe (tracefs)", f"emulated `push %rbx` (hit+{PUSH_OFF})", "1 trap", "kernel",

@@ -263,8 +263,7 @@ class Engine:
             if bytes(regs) != before:
                 ptrace.setregs(tid, regs)
         self._step_done(point)
-        if not point.removed and not point.boosted and not point.post and not point.step_only \
-                and all(p.boost for p in point.probes):
+        if point.may_boost and not point.boosted and not point.removed:
             point.boosted = True
         self.tracee.resume(tid)
 

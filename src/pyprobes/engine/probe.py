@@ -27,7 +27,7 @@ class ProbePoint:
 
     __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "slot_code", "boosted",
                  "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
-                 "name", "step_only", "call_fix", "pushf_width", "tally")
+                 "name", "step_only", "call_fix", "pushf_width", "tally", "may_boost")
 
     def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
         self.address = address
@@ -40,6 +40,7 @@ class ProbePoint:
         self.slot_code: SlotCode | None = None
         self.step_only = kind is Kind.STEP    # never boost this one
         self.boosted = False                  # as in the seed: boosted after a clean step, if allowed
+        self.may_boost = not self.step_only   # every probe allows it and none has a post-handler
         self.dirty = False                    # the slot ran boosted: freeing it makes garbage
         self.probes: list[Probe] = []
         self.pre: tuple[Probe, ...] = ()      # enabled probes with a pre-handler (hoisted for the hit path)
@@ -65,8 +66,8 @@ class ProbePoint:
         self.pre = tuple(p for p in enabled if p.pre is not None)
         self.tally = tuple(p for p in enabled if p.pre is None)
         self.post = tuple(p for p in enabled if p.post is not None)
-        may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
-        if not may_boost:
+        self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
+        if not self.may_boost:
             self.boosted = False
 
 
