@@ -24,18 +24,18 @@ STOP_AFTER = 12     # pre-handler hits per slice of run()
 
 def test_place_and_remove_probes_under_load(procs, fixture):
     exe = fixture("eng_work")
-    run = procs.spawn(exe, "lea,push,lock,many", 8, 0)
+    run = procs.spawn(exe, "lea,push,lock,many,call", 8, 0)
     proc = run.proc
     engine = proc.engine
 
     # Persistent probes: their counts must stay exact through all the churn around them.
-    steady_emulated = proc.probe("w_push")
+    steady_emulated = proc.probe("w_call")  # call rel32: emulated, writes the return address
     steady_boosted = proc.probe("w_lea+0x4")  # add rax, 7
     run.run_until(r"^ready")
 
     link, code = function_bytes(exe, "w_many")
     many_offsets = [i.address - link for i in decode_function(code, link)][:-1]  # all but ret
-    specs = ["w_lea", "w_lock"] + [f"w_many+{off:#x}" for off in many_offsets]
+    specs = ["w_lea", "w_lock", "w_push"] + [f"w_many+{off:#x}" for off in many_offsets]
     targets = {spec: engine.targets(spec)[0] for spec in specs}
     function_of = {t.address: spec.split("+")[0] for spec, t in targets.items()}
 
@@ -93,10 +93,10 @@ def test_place_and_remove_probes_under_load(procs, fixture):
     os.kill(proc.pid, signal.SIGUSR1)
     assert run.finish() == 0, run.text
     res = run.results
-    for func in ("lea", "push", "lock", "many"):
+    for func in ("lea", "push", "lock", "many", "call"):
         assert res[("func", func)]["bad"] == 0, run.text
     assert res[()]["sigtrap"] == 0
-    calls = {f"w_{f}": res[("func", f)]["calls"] for f in ("lea", "push", "lock", "many")}
+    calls = {f"w_{f}": res[("func", f)]["calls"] for f in ("lea", "push", "lock", "many", "call")}
 
     # Every trap was counted once, by the probe live at its address when it was handled.
     hits_at = defaultdict(int)
@@ -105,7 +105,8 @@ def test_place_and_remove_probes_under_load(procs, fixture):
         hits_at[p.address] += p.hits
     for address, hits in hits_at.items():
         assert hits <= calls[function_of[address]]
-    assert steady_emulated.hits == calls["w_push"]
+    assert steady_emulated.hits == calls["w_call"]
+    assert steady_emulated.mode == "emulated"
     assert steady_boosted.hits == calls["w_lea"]
     assert steady_boosted.mode == "boosted"
 

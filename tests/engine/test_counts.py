@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from .conftest import spec_of
+
 THREADS = 8
 ONE_STOP = 8_000
 TWO_STOPS = 5_000
@@ -35,7 +37,9 @@ def test_boosted_probe_counts_every_call(procs, fixture):
 
 
 def test_emulated_probe_counts_every_call(procs, fixture):
-    run = procs.spawn(fixture("eng_work"), "push", THREADS, ONE_STOP)
+    """w_call starts with `call rel32`: emulated, the tracer writes the return address on the
+    stack and sets RSP and RIP; the callee's result and w_call's own `ret` prove both right."""
+    run = procs.spawn(fixture("eng_work"), "call", THREADS, ONE_STOP)
     seen = {"pre": 0, "bad_rip": 0}
 
     def pre(tid, regs):
@@ -43,12 +47,79 @@ def test_emulated_probe_counts_every_call(procs, fixture):
         if regs.rip != p.address:
             seen["bad_rip"] += 1
 
-    p = run.proc.probe("w_push", pre=pre)
+    p = run.proc.probe("w_call", pre=pre)
     assert p.mode == "emulated"
-    calls = _check_run(run, "push", ONE_STOP)
+    calls = _check_run(run, "call", ONE_STOP)
     assert (p.hits, p.missed) == (calls, 0)
     assert seen == {"pre": calls, "bad_rip": 0}
     assert run.proc.slots.stats()["slots_used"] == 0  # an emulated probe needs no slot
+
+
+def test_emulated_probe_without_handler_counts_every_call(procs, fixture):
+    """The same without a pre-handler (the hit path's shortest way for an emulation that
+    writes memory)."""
+    run = procs.spawn(fixture("eng_work"), "call", THREADS, ONE_STOP)
+    p = run.proc.probe("w_call")
+    calls = _check_run(run, "call", ONE_STOP)
+    assert p.mode == "emulated"
+    assert (p.hits, p.missed) == (calls, 0)
+
+
+@pytest.mark.parametrize("boost", [True, False])
+def test_push_reg_probe_counts_every_call(procs, fixture, boost):
+    """`push rbx` runs as a copy in a slot (boosted after its first clean step; stepped
+    throughout with boost=False): w_push returns x+5 only if the pushed value is rbx's and
+    its own `pop` and `ret` find the stack where they left it. The pre-handler sees the
+    registers before the push: RSP 8 higher than the stored value's address."""
+    per_thread = ONE_STOP if boost else TWO_STOPS
+    run = procs.spawn(fixture("eng_work"), "push", THREADS, per_thread)
+    seen = {"pre": 0, "bad": 0}
+
+    def pre(tid, regs):
+        seen["pre"] += 1
+        if regs.rip != p.address or regs.rsp % 16 != 8:  # just called: RSP = 16n - 8
+            seen["bad"] += 1
+
+    p = run.proc.probe("w_push", pre=pre, boost=boost)
+    assert p.point.kind.value == "boosted"
+    calls = _check_run(run, "push", per_thread)
+    assert p.mode == ("boosted" if boost else "stepped")
+    assert (p.hits, p.missed) == (calls, 0)
+    assert seen == {"pre": calls, "bad": 0}
+    assert run.proc.slots.stats()["slots_used"] == 1
+
+
+@pytest.mark.parametrize("boost", [True, False])
+def test_ret_probe_counts_every_call(procs, fixture, boost):
+    """`ret` runs as a copy in a slot and leaves it straight for its return address (boosted),
+    or is single-stepped there with boost=False, RIP then outside the slot at the return
+    address, which the step fix-up must leave alone. The post-handler (stepped) sees RIP at
+    the caller's return address, and RSP popped by 8."""
+    exe = fixture("eng_work")
+    per_thread = ONE_STOP if boost else TWO_STOPS
+    run = procs.spawn(exe, "push", THREADS, per_thread)
+    seen = {"pre": 0, "post": 0, "bad": 0}
+    entry: dict[int, tuple[int, int]] = {}
+
+    def pre(tid, regs):
+        seen["pre"] += 1
+        if regs.rip != p.address:
+            seen["bad"] += 1
+        entry[tid] = (regs.rsp, run.proc.tracee.memory.read_u64(regs.rsp))
+
+    def post(tid, regs):
+        seen["post"] += 1
+        rsp, ret_to = entry.pop(tid)
+        if regs.rip != ret_to or regs.rsp != rsp + 8 or run.proc.slots.contains(regs.rip):
+            seen["bad"] += 1
+
+    p = run.proc.probe(spec_of(exe, "w_push", "w_push_ret"), pre=pre,
+                       post=None if boost else post, boost=boost)
+    assert p.point.insn.text == "ret" and p.point.kind.value == "boosted"
+    calls = _check_run(run, "push", per_thread)
+    assert p.mode == ("boosted" if boost else "stepped")
+    assert (p.hits, p.missed) == (calls, 0)
+    assert seen == {"pre": calls, "post": 0 if boost else calls, "bad": 0}
 
 
 def test_stepped_probe_counts_every_call(procs, fixture):
@@ -105,7 +176,7 @@ def test_aggregate_probes_on_one_address_each_count_every_call(procs, fixture):
     assert run.proc.slots.stats()["slots_used"] == 1
 
 
-@pytest.mark.parametrize("func", ["lea", "push"])
+@pytest.mark.parametrize("func", ["lea", "push", "call"])
 def test_handler_error_counts_as_missed(procs, fixture, func):
     """A raising handler: the hit is counted as missed, never lost, and the program is unharmed."""
     run = procs.spawn(fixture("eng_work"), func, 2, 1_000)

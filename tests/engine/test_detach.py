@@ -20,7 +20,8 @@ from pyprobes.symbols.elf import PF_X
 
 from .conftest import load_bias, maps, parse_output, read_mem
 
-PROBED = ["w_lea", "w_push", "w_lock", "w_many", "w_many+0x3", "w_many+0x7"]
+# boosted (w_lea, w_push, w_many...), stepped (w_lock), emulated (w_call: writes the stack)
+PROBED = ["w_lea", "w_push", "w_lock", "w_many", "w_many+0x3", "w_many+0x7", "w_call"]
 
 
 def _text_diff(pid: int, exe) -> list[str]:
@@ -68,7 +69,7 @@ def _finish_untraced(pid: int, run_text) -> None:
     text = run_text()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, text)
     res = parse_output(text)
-    for func in ("lea", "push", "lock", "many"):
+    for func in ("lea", "push", "lock", "many", "call"):
         assert res[("func", func)]["bad"] == 0, text
     assert res[()]["sigtrap"] == 0
 
@@ -84,7 +85,7 @@ def _check_clean(pid, exe, before, pages) -> None:
 @pytest.mark.parametrize("how", ["detach()", "with-block", "error-in-with-block"])
 def test_detach_leaves_text_identical_and_no_slot_pages(procs, fixture, how):
     exe = fixture("eng_work")
-    run = procs.spawn(exe, "lea,push,lock,many", 8, 0)
+    run = procs.spawn(exe, "lea,push,lock,many,call", 8, 0)
     proc, pid = run.proc, run.proc.pid
     run.run_until(r"^ready")
     before = _exec_mappings(pid)
@@ -108,7 +109,7 @@ def test_detach_from_an_attached_process(procs, fixture, tmp_path):
     exe = fixture("eng_work")
     out = tmp_path / "attached.txt"
     with open(out, "w") as f:
-        child = subprocess.Popen([str(exe), "lea,push,lock,many", "8", "0"], stdout=f)
+        child = subprocess.Popen([str(exe), "lea,push,lock,many,call", "8", "0"], stdout=f)
     procs.pids.append(child.pid)
     deadline = time.monotonic() + 10
     while not re.search(r"^ready", out.read_text(), re.M):
@@ -128,7 +129,7 @@ def test_text_is_restored_between_runs_too(procs, fixture):
     """Probes removed while the process runs on traced: once the last probe is gone, the text
     is the file's again, with no detach needed."""
     exe = fixture("eng_work")
-    run = procs.spawn(exe, "lea,push,lock,many", 4, 0)
+    run = procs.spawn(exe, "lea,push,lock,many,call", 4, 0)
     run.run_until(r"^ready")
     probes = [run.proc.probe(spec) for spec in PROBED]
     run.proc.run(timeout=0.2)

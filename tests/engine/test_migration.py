@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from .conftest import hold_in_boosted_slot, maps
+from .conftest import hold_in_boosted_slot, maps, spec_of
 
 
 @pytest.mark.parametrize("where", ["slot-start", "on-jmp-back"])
@@ -131,3 +131,52 @@ def test_freeze_and_thaw_while_threads_single_step_slots(procs, fixture):
     assert res[()]["lock_total"] == 24_000 and res[()]["sigtrap"] == 0
     assert p.hits == 24_000 and p.mode == "stepped"
     assert freezes == 400
+
+
+@pytest.mark.parametrize("how", ["collect", "detach"])
+@pytest.mark.parametrize("insn", ["push", "ret"])
+def test_thread_held_in_a_boosted_push_or_ret_slot(procs, fixture, insn, how):
+    """push reg and ret are boosted, not emulated: a thread held at the start of their slot is
+    stepped out by a collection (or a detach) like any other. The push stores rbx at RSP-8 and
+    the thread goes on right after it; the ret pops its return address and the thread is at
+    the caller, outside every slot, with nothing left to fix."""
+    exe = fixture("eng_work")
+    run = procs.spawn(exe, "push", 4, 0)
+    proc, tracee = run.proc, run.proc.tracee
+    spec = "w_push" if insn == "push" else spec_of(exe, "w_push", "w_push_ret")
+    p, held = hold_in_boosted_slot(run, spec)
+    tid = held["tid"]
+    slot = p.point.slot
+    regs = tracee.get_regs(tid)
+    assert regs.rip == slot.address
+    rsp, rbx = regs.rsp, regs.rbx
+    top = tracee.memory.read_u64(rsp)
+    if how == "detach":
+        pid = proc.pid
+        proc.detach()
+        os.kill(pid, signal.SIGUSR1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, run.text)
+        res = run.results
+        assert res[("func", "push")]["bad"] == 0 and res[()]["sigtrap"] == 0
+        return
+    p.remove()
+    for _ in range(20):
+        if p.point.slot is None:
+            break
+        proc.run(timeout=0.05)
+    assert p.point.slot is None
+    assert proc.slots.collect_garbage() == 1
+    regs = tracee.get_regs(tid)
+    if insn == "push":
+        assert regs.rip == p.address + 1
+        assert regs.rsp == rsp - 8 and tracee.memory.read_u64(regs.rsp) == rbx
+    else:
+        assert regs.rip == top and not proc.slots.contains(regs.rip)
+        assert regs.rsp == rsp + 8
+    tracee.release(tid)
+    proc.run(timeout=0.3)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert run.finish() == 0, run.text
+    res = run.results
+    assert res[("func", "push")]["bad"] == 0 and res[()]["sigtrap"] == 0

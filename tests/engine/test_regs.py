@@ -15,11 +15,13 @@ ITERS = 400
 # label -> mode with default options
 LABELS = {
     "regs_p_lea": "boosted",
-    "regs_p_push": "emulated",
+    "regs_p_push": "boosted",
     "regs_p_pop": "boosted",
     "regs_p_jcc": "emulated",
     "regs_p_nop": "emulated",
     "regs_p_jmp": "emulated",
+    "regs_p_call": "emulated",
+    "regs_p_ret": "boosted",
     "regs_p_mov": "boosted",
     "regs_p_rip": "boosted",
     "regs_p_xchg": "boosted",

@@ -1,7 +1,10 @@
 """Frames that share one return address slot: tail calls between probed functions (chained
-entries, reported together, innermost first, as kretprobes and uretprobes do), and a thread
-caught between a `ret` into the trampoline and its int3 when the tracer detaches."""
+entries, reported together, innermost first, as kretprobes and uretprobes do), a probe on the
+`ret` of a return-probed function (the copy in a slot returns into the trampoline), and a
+thread caught between a `ret` into the trampoline and its int3 when the tracer detaches."""
 from __future__ import annotations
+
+import pytest
 
 from pyprobes.symbols import ElfFile
 
@@ -43,16 +46,66 @@ def test_tail_calls_over_the_depth_limit(procs, fixture):
     assert [(rp.hits, rp.missed, rp.dropped) for rp in rps] == [(ROUNDS, 0, 0), (0, ROUNDS, 0), (0, ROUNDS, 0)]
 
 
-def test_detach_with_a_thread_on_the_trampoline_before_its_int3(procs, fixture):
-    """A probe on ret_int's `ret` (emulated: RIP = the popped trampoline address) holds the
-    thread right there, RIP == trampoline, int3 not executed; detach must send it to its real
-    caller before unmapping the trampoline page."""
-    exe = fixture("ret_values")
-    run = procs.spawn(exe)
-    proc = run.proc
+def _ret_offset(exe) -> int:
     sym = ElfFile.load(exe).lookup("ret_int")[0]
     ret_offset = sym.size - 1
     assert ElfFile.load(exe).read_vaddr(sym.address + ret_offset, 1) == b"\xc3"
+    return ret_offset
+
+
+@pytest.mark.parametrize("boost", [True, False])
+def test_probe_on_the_ret_of_a_return_probed_function(procs, fixture, boost):
+    """ret_int's `ret` probed while a return probe hijacks ret_int's return address: the `ret`
+    runs as a copy in a slot (boosted; or single-stepped with boost=False) and pops the
+    trampoline's address, leaving the slot for the trampoline; every return value is still
+    reported exactly once, and the program sees its own return values."""
+    exe = fixture("ret_values")
+    run = procs.spawn(exe)
+    proc = run.proc
+    values = []
+    rp = proc.return_probe("ret_int", lambda tid, v, ns, x: values.append((x, v.signed)),
+                           entry=lambda tid, regs: regs.rdi)
+    trampoline = proc.engine.returns.trampoline
+    seen = {"pre": 0, "post": 0, "bad": []}
+    before: dict[int, int] = {}
+
+    def pre(tid, regs):
+        seen["pre"] += 1
+        before[tid] = regs.rsp
+        popped = proc.tracee.memory.read_u64(regs.rsp)
+        # ret_int squared x in rdi: rax = rdi - 1000 by now
+        if popped != trampoline or regs.rax != (regs.rdi - 1000) & 0xFFFF_FFFF_FFFF_FFFF:
+            seen["bad"].append(("pre", hex(popped), regs.rdi, regs.rax))
+
+    def post(tid, regs):
+        # Stepped: RIP is the popped return address (the trampoline, outside any slot), left
+        # alone by the step fix-up; RSP popped by 8.
+        seen["post"] += 1
+        if regs.rip != trampoline or regs.rsp != before.pop(tid) + 8:
+            seen["bad"].append(("post", hex(regs.rip), hex(regs.rsp)))
+
+    at = proc.probe(f"ret_int+{_ret_offset(exe):#x}", pre=pre, post=None if boost else post,
+                    boost=boost)
+    assert at.point.insn.text == "ret"
+    assert proc.run() == 0, run.text
+    assert run.text.endswith("done\n")
+    assert at.mode == ("boosted" if boost else "stepped")
+    assert (at.hits, at.missed) == (40, 0)
+    assert seen == {"pre": 40, "post": 0 if boost else 40, "bad": []}
+    assert (rp.hits, rp.missed, rp.dropped) == (40, 0, 0)
+    assert values == [(x, x * x - 1000) for x in range(40)]
+    assert all(f"int x {x} got {x * x - 1000}\n" in run.text for x in range(40))
+
+
+def test_detach_with_a_thread_on_the_trampoline_before_its_int3(procs, fixture):
+    """A probe on ret_int's `ret` with a post-handler (so stepped: after the step RIP = the
+    popped trampoline address, outside the slot) holds the thread right there, RIP ==
+    trampoline, int3 not executed; detach must send it to its real caller before unmapping
+    the trampoline page."""
+    exe = fixture("ret_values")
+    run = procs.spawn(exe)
+    proc = run.proc
+    ret_offset = _ret_offset(exe)
     values = []
     rp = proc.return_probe("ret_int", lambda tid, v, ns, x: values.append((x, v.signed)),
                            entry=lambda tid, regs: regs.rdi)
@@ -63,8 +116,8 @@ def test_detach_with_a_thread_on_the_trampoline_before_its_int3(procs, fixture):
             proc.tracee.hold(tid)
             proc.stop()
 
-    at = proc.probe(f"ret_int+{ret_offset:#x}", pre=at_ret)
-    assert at.mode == "emulated"
+    at = proc.probe(f"ret_int+{ret_offset:#x}", post=at_ret)
+    assert at.mode == "stepped"
     assert proc.run() is None
     assert proc.tracee.get_rip(run.pid) == trampoline  # returned into the trampoline, not trapped yet
     assert len(values) == 5

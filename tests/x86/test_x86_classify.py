@@ -4,7 +4,17 @@ from __future__ import annotations
 import pytest
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
-from pyprobes.x86.classify import Classification, Kind, classify, legacy_prefixes
+from pyprobes.x86.classify import (
+    CALL_REL_CODES,
+    EMULATED_CODES,
+    JCC_CODES,
+    JMP_REL_CODES,
+    NOP_CODES,
+    Classification,
+    Kind,
+    classify,
+    legacy_prefixes,
+)
 from pyprobes.x86.decode import decode_function
 
 R, E, S, B = Kind.REFUSE, Kind.EMULATE, Kind.STEP, Kind.BOOST
@@ -67,13 +77,6 @@ TABLE: list[tuple[str, Kind, str]] = [
     ("e800000000", E, "call rel32"),
     ("666648e800000000", E, "call rel32"),      # data16 data16 rex.W call: TLS __tls_get_addr
     ("f2e800000000", E, "call rel32"),          # bnd call
-    ("c3", E, "ret"),
-    ("f3c3", E, "ret"),                         # rep ret (old AMD branch-predictor idiom)
-    ("f2c3", E, "ret"),                         # bnd ret
-    ("c20800", E, "ret"),
-    ("50", E, "push"),
-    ("54", E, "push"),                          # push rsp
-    ("4157", E, "push"),                        # push r15
     ("90", E, "nop"),
     ("6690", E, "nop"),
     ("4890", E, "nop"),
@@ -133,7 +136,20 @@ TABLE: list[tuple[str, Kind, str]] = [
     ("678b00", S, "address-size"),              # mov eax,[eax]
     ("678b05f0ffffff", S, "address-size"),      # mov eax,[eip-0x10]
     ("2e8b00", S, "CS segment"),                # cs mov eax,[rax]
+    ("2ec3", S, "CS segment"),                  # cs ret: never boosted, as in can_boost()
+    ("67c3", S, "address-size"),                # addr32 ret
     # --- boost ---
+    # push reg and ret: boosting costs fewer system calls per hit than emulating
+    ("c3", B, "ret"),
+    ("f3c3", B, "ret"),                         # rep ret (old AMD branch-predictor idiom)
+    ("f2c3", B, "ret"),                         # bnd ret
+    ("48c3", B, "ret"),                         # rex.W ret
+    ("c20800", B, "ret"),
+    ("c2ffff", B, "ret"),                       # ret 0xffff
+    ("50", B, None),                            # push rax
+    ("53", B, None),                            # push rbx
+    ("54", B, None),                            # push rsp
+    ("4157", B, None),                          # push r15
     ("4883c001", B, None),                      # add rax,1
     ("488d447f01", B, None),                    # lea rax,[rdi+rdi*2+1]
     ("4889e5", B, None),                        # mov rbp,rsp
@@ -199,6 +215,14 @@ def test_non_boost_reasons_are_distinct_per_rule():
     assert len(reasons) >= 25
 
 
+def test_only_what_is_cheaper_than_a_boost_is_emulated():
+    # Emulated: RIP-only effects (jmp, jcc, nop) and call rel32, which cannot run as a copy.
+    # push reg and ret would cost GETREGS + a memory access + SETREGS per hit: boosted.
+    assert EMULATED_CODES == JMP_REL_CODES | JCC_CODES | CALL_REL_CODES | NOP_CODES
+    for code in (Code.PUSH_R64, Code.RETNQ, Code.RETNQ_IMM16, Code.POP_R64):
+        assert code not in EMULATED_CODES
+
+
 def test_kind_values():
     assert [k.value for k in Kind] == ["refused", "emulated", "stepped", "boosted"]
     assert Kind.BOOST == "boosted"
@@ -226,7 +250,7 @@ def test_assembled_calls_are_never_boosted():
 
 def test_assembled_push_pop_forms():
     cases = [
-        (Instruction.create_reg(Code.PUSH_R64, Register.R12), E),
+        (Instruction.create_reg(Code.PUSH_R64, Register.R12), B),
         (Instruction.create_reg(Code.POP_R64, Register.R12), B),
         (Instruction.create_i32(Code.PUSHQ_IMM32, 0x12345), B),
         (Instruction.create_mem(Code.PUSH_RM64, MemoryOperand(Register.RBP, displ=-8)), B),
@@ -248,4 +272,4 @@ def test_a_real_function_classifies_without_surprises():
     code = bytes.fromhex(
         "f30f1efa 53 4889fb e800000000 85c0 7405 488d05f0ffffff 5b c3 662e0f1f840000000000")
     kinds = [classify(i).kind for i in decode_function(code, 0x5555_5555_4000)]
-    assert kinds == [E, E, B, E, B, E, B, B, E, E]
+    assert kinds == [E, B, B, E, B, E, B, B, B, E]

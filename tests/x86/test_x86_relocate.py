@@ -196,6 +196,39 @@ def test_step_fixup_cases():
     assert step_fixup(insn, slot, SLOT, 0x7F00_0000_1234) == 0x7F00_0000_1234
 
 
+@pytest.mark.parametrize("hexcode", ["c3", "f3c3", "f2c3", "48c3", "c20800", "c2ffff"])
+def test_ret_copies_byte_for_byte_and_its_step_lands_outside(hexcode):
+    # ret and ret imm16 are boosted: the copy pops the return address and leaves the
+    # slot for it, so the jmp back after it is never reached (but must be there and
+    # correct, as for any boosted copy).
+    insn = one(hexcode)
+    assert classify(insn).kind is Kind.BOOST
+    slot = relocate(insn, SLOT, boosted=True)
+    assert slot.code[:insn.length] == insn.raw and slot.copy_length == insn.length
+    copy, back = decode_slot(slot, SLOT)
+    assert copy.code == insn.instruction.code and back.near_branch_target == ORIG + insn.length
+    assert slot.exits == ((insn.length, ORIG + insn.length),)
+    assert return_address_fixup(insn, SLOT, slot) is None and pushed_flags_fixup(insn) == 0
+    # Stepped (boost=False): RIP after the step is the popped return address, outside the
+    # slot, wherever it is (even right next to the slot, or back at the probed ret itself).
+    stepped = relocate(insn, SLOT, boosted=False)
+    assert stepped.code == insn.raw
+    for where in (0x5555_5555_6789, ORIG, ORIG + insn.length, SLOT - 1, SLOT + SLOT_SIZE):
+        assert step_fixup(insn, stepped, SLOT, where) == where
+        assert step_fixup(insn, slot, SLOT, where) == where
+
+
+@pytest.mark.parametrize("hexcode", ["50", "53", "54", "4157"])
+def test_push_reg_copies_byte_for_byte(hexcode):
+    insn = one(hexcode)
+    assert classify(insn).kind is Kind.BOOST
+    slot = relocate(insn, SLOT, boosted=True)
+    assert slot.code == insn.raw + bytes((0xE9,)) + (ORIG + insn.length - (SLOT + insn.length + 5)).to_bytes(
+        4, "little", signed=True)
+    assert step_fixup(insn, slot, SLOT, SLOT + insn.length) == ORIG + insn.length
+    assert return_address_fixup(insn, SLOT, slot) is None and pushed_flags_fixup(insn) == 0
+
+
 def test_step_fixup_for_indirect_jump_and_rep():
     jmp = one("ff25f0ffffff")  # jmp [rip-0x10]
     slot = relocate(jmp, SLOT, boosted=False)

@@ -1,25 +1,25 @@
 """Perform an instruction's effect in the tracer instead of running a copy.
 
-An emulated probe costs one ptrace stop and no slot, and it is the only safe
-way to run a ``call`` (a copy would push a return address inside the slot).
-``apply`` runs on every hit, inside a budget of about a microsecond, so
-everything that can be known from the instruction (targets, the return
-address bytes, the register's attribute name, the condition test) is worked
-out once in compile_emulation(); ``apply`` only does the arithmetic.
+An emulated probe costs one ptrace stop and no slot. Only what is no more
+work than a boosted copy is emulated (a relative jmp or jcc, a nop: RIP alone),
+plus ``call rel32``, the one instruction a copy cannot run (it would push a
+return address inside the slot); ``push reg`` and ``ret`` run boosted (see
+classify.py). ``apply`` runs on every hit, inside a budget of about a
+microsecond, so everything that can be known from the instruction (targets,
+the return address bytes, the condition test) is worked out once in
+compile_emulation(); ``apply`` only does the arithmetic.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from iced_x86 import Code, ConditionCode, Register
+from iced_x86 import ConditionCode
 
 from .classify import (
     CALL_REL_CODES,
     JCC_CODES,
     JMP_REL_CODES,
     NOP_CODES,
-    PUSH_REG_CODES,
-    RET_CODES,
     Kind,
     classify,
 )
@@ -32,8 +32,6 @@ __all__ = [
     "JccSigned",
     "JmpRel",
     "Nop",
-    "PushReg",
-    "Ret",
     "compile_emulation",
     "condition_test",
 ]
@@ -75,15 +73,6 @@ _CONDITIONS: dict[int, tuple[int, bool, bool]] = {
 
 def _fold_signed(flags: int) -> int:
     return ((flags ^ (flags >> 4)) & 0x80) | (flags & ZF)
-
-
-# ptrace's user_regs_struct field names.
-_REGISTER_NAMES: dict[int, str] = {
-    Register.RAX: "rax", Register.RCX: "rcx", Register.RDX: "rdx", Register.RBX: "rbx",
-    Register.RSP: "rsp", Register.RBP: "rbp", Register.RSI: "rsi", Register.RDI: "rdi",
-    Register.R8: "r8", Register.R9: "r9", Register.R10: "r10", Register.R11: "r11",
-    Register.R12: "r12", Register.R13: "r13", Register.R14: "r14", Register.R15: "r15",
-}
 
 
 def condition_test(condition: int) -> Callable[[int], bool]:
@@ -194,44 +183,6 @@ class CallRel(Emulation):
         return f"CallRel(target={self.target:#x}, return_address={self.return_address:#x})"
 
 
-class Ret(Emulation):
-    __slots__ = ("pop",)
-    needs_memory = True
-
-    def __init__(self, imm16: int = 0) -> None:
-        # ret imm16 releases the callee-popped arguments after the address.
-        self.pop = 8 + imm16
-
-    def apply(self, regs: Any, memory: Any) -> None:
-        rsp = regs.rsp
-        rip = int.from_bytes(memory.read(rsp, 8), "little")
-        regs.rsp = (rsp + self.pop) & MASK64
-        regs.rip = rip
-
-    def __repr__(self) -> str:
-        return f"Ret(pop={self.pop})"
-
-
-class PushReg(Emulation):
-    __slots__ = ("register", "next")
-    needs_memory = True
-
-    def __init__(self, register: str, next_address: int) -> None:
-        self.register = register
-        self.next = next_address
-
-    def apply(self, regs: Any, memory: Any) -> None:
-        # Read before decrementing: "push rsp" stores the old RSP.
-        value = getattr(regs, self.register) & MASK64
-        rsp = (regs.rsp - 8) & MASK64
-        memory.write(rsp, value.to_bytes(8, "little"))
-        regs.rsp = rsp
-        regs.rip = self.next
-
-    def __repr__(self) -> str:
-        return f"PushReg({self.register}, next={self.next:#x})"
-
-
 def compile_emulation(insn: Insn) -> Emulation:
     """Precompute the emulation of an instruction classify() marks EMULATE.
 
@@ -254,8 +205,4 @@ def compile_emulation(insn: Insn) -> Emulation:
         return (JccSigned if signed else Jcc)(i.condition_code, i.near_branch_target, next_address)
     if code in CALL_REL_CODES:
         return CallRel(i.near_branch_target, next_address)
-    if code in RET_CODES:
-        return Ret(i.immediate16 if code == Code.RETNQ_IMM16 else 0)
-    if code in PUSH_REG_CODES:
-        return PushReg(_REGISTER_NAMES[i.op0_register], next_address)
     raise ValueError(f"{insn.address:#x}: no emulation for '{insn.text}'")  # sets out of sync
