@@ -303,6 +303,20 @@ def test_demo(tmp_path):
         assert mode in r.stderr
 
 
+def test_demo_has_one_probe_of_each_kind(tmp_path):
+    """As its help says: demo_work emulated (the nops gcc pads its entry with), demo_add
+    boosted, demo_tick stepped."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    r = subprocess.run([*CLI, "demo", "--json", "--rounds", "20"], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(next(line for line in r.stderr.splitlines() if line.startswith("{")))
+    modes = {p["probe"].split(":")[-1]: (p["mode"], p["hits"]) for p in report["probes"]}
+    assert modes == {"demo_work": ("emulated", 40), "demo_add": ("boosted", 80),
+                     "demo_tick": ("stepped", 4)}
+    assert "demo_work starts with a nop" in cli("demo", "--help").stdout
+
+
 def test_demo_without_gcc(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PATH=str(tmp_path))
     r = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=30, env=env)

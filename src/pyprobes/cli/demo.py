@@ -21,8 +21,8 @@ EPILOG = """\
 The demo program (shipped as pyprobes/demo/demo.c) runs 2 threads that call demo_work,
 demo_add and demo_tick a known number of times and prints its own counts. pyprobes counts
 the same calls with three probes, one of each kind: boosted (demo_add: one stop per hit),
-emulated (demo_work starts with push: one stop, no slot) and stepped (demo_tick starts with
-a lock-prefixed add: two stops per hit).
+emulated (demo_work starts with a nop, padding gcc leaves for patching: one stop, no slot)
+and stepped (demo_tick starts with a lock-prefixed add: two stops per hit).
 
 examples:
   pyprobes demo
@@ -76,7 +76,7 @@ def run(args, command: list[str]) -> int:
     exe = build()
     note(f"demo: counting {', '.join(PROBES)} in {exe} ({THREADS} threads x {args.rounds} rounds)")
     ns = argparse.Namespace(pid=None, duration=None, interval=None, json=args.json, output=args.output,
-                            verbose=True, same_cpu=False, probes=list(PROBES))
+                            verbose=True, same_cpu=False, busy_wait=None, probes=list(PROBES))
     captured: dict[str, int] = {}
     status = count.run(ns, [str(exe), str(args.rounds)], on_done=captured.update)
     work = THREADS * args.rounds

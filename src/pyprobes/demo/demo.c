@@ -2,7 +2,9 @@
  * threads, which then prints its own counts so pyprobes' counts can be checked against them.
  *
  *   demo_add     a leaf starting with a plain ALU/move instruction   -> boosted probe
- *   demo_work    starts with `push` (it calls other functions)       -> emulated probe
+ *   demo_work    starts with a nop: gcc pads its entry with 5 bytes   -> emulated probe
+ *                of nops (patchable_function_entry, as the kernel's
+ *                ftrace entries are), which the tracer just skips
  *   demo_tick    starts with a `lock`-prefixed add                   -> stepped probe
  */
 #include <pthread.h>
@@ -24,7 +26,7 @@ __attribute__((noinline)) void demo_tick(void) {
     __atomic_fetch_add(&demo_ticks, 1, __ATOMIC_SEQ_CST);
 }
 
-__attribute__((noinline)) long demo_work(long id, long i) {
+__attribute__((noinline, patchable_function_entry(5))) long demo_work(long id, long i) {
     long x = demo_add(i, id);
     calls_add[id]++;
     if (i % 10 == 0)
