@@ -7,6 +7,7 @@ and stop() still end a run while polling; the CLI takes --busy-wait and refuses 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -59,6 +60,21 @@ def test_timeout_and_stop_end_a_polling_run(procs, fixture):
     proc.busy_wait_us = 0
     assert run.finish() == 0
     assert run.text.split() == ["calls", "200"]
+
+
+def test_share_cpu_stops_polling(procs, fixture):
+    """Tracer and thread on one CPU: a poll would hold the CPU the thread needs to reach its stop."""
+    run = procs.spawn(fixture("eng_paced"), 1, 2_000, 0)
+    before = os.sched_getaffinity(0)
+    try:
+        assert run.proc.busy_wait_us == (DEFAULT_BUSY_WAIT_NS / 1000 if len(before) > 1 else 0)
+        run.proc.share_cpu()
+        assert run.proc.busy_wait_us == 0
+        p = run.proc.probe("paced_hit")
+        assert run.finish() == 0
+        assert p.hits == 2_000 and run.proc.tracee.poll_stats == [0, 0, 0]
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_negative_budget_is_refused(procs, fixture):

@@ -55,7 +55,7 @@ def add_speed_options(parser) -> None:
                              "with one busy thread, a bottleneck for one that needs its cores")
     parser.add_argument("--busy-wait", type=float, metavar="US",
                         help="after resuming a thread, poll this long for its next stop before sleeping "
-                             f"(default {DEFAULT_BUSY_WAIT_NS / 1000:g}; 0: never poll, least CPU)")
+                             f"(default {DEFAULT_BUSY_WAIT_NS / 1000:g}, 0 with --same-cpu; 0: never poll, least CPU)")
 
 
 class Session:
@@ -119,12 +119,12 @@ class Session:
             note(f"{'started' if self.spawned else 'attached to'} {what} (PID {self.proc.pid})")
         if self.spawned:
             self._run_to_entry()
-        if self.busy_wait_us is not None:
-            self.proc.busy_wait_us = self.busy_wait_us
         if self.same_cpu:
             cpu = self.proc.share_cpu()
             if self.verbose:
                 note(f"pyprobes and PID {self.proc.pid} share CPU {cpu} until detach")
+        if self.busy_wait_us is not None:
+            self.proc.busy_wait_us = self.busy_wait_us
         return self.proc
 
     def _run_to_entry(self) -> None:

@@ -154,7 +154,9 @@ class Process:
     def busy_wait_us(self) -> float:
         """How long run() polls for the next stop after resuming a thread before it sleeps in
         waitpid (0: never poll). Polling saves the scheduler's wake-up of the tracer on every
-        stop of a hot probe; a quiet process costs at most this much tracer CPU per stop."""
+        stop of a hot probe; a quiet process costs at most this much tracer CPU per stop. 0 when
+        the tracer may use one CPU only, and after share_cpu() (polling would hold the CPU the
+        traced thread needs); set it after share_cpu() to override."""
         return self.tracee.busy_wait_ns / 1000
 
     @busy_wait_us.setter
@@ -181,6 +183,8 @@ class Process:
                 continue  # gone meanwhile
         os.sched_setaffinity(0, {cpu})
         self._affinity = saved
+        # A tracer polling on the CPU its traced thread needs only delays that thread's next stop.
+        self.tracee.busy_wait_ns = 0
         return cpu
 
     def _restore_affinity(self) -> None:

@@ -106,7 +106,8 @@ class Tracee:
         # After resuming a thread, wait() polls for the next stop this long before it blocks:
         # a tracer asleep in waitpid is woken by the scheduler (several µs per stop here), one
         # that polls sees the stop at once. Bounded, so a quiet tracee costs one budget per stop.
-        self.busy_wait_ns = DEFAULT_BUSY_WAIT_NS
+        # Polling pays only while the tracer has a CPU of its own to poll on.
+        self.busy_wait_ns = DEFAULT_BUSY_WAIT_NS if len(os.sched_getaffinity(0)) > 1 else 0
         self._polls_missed = 0
         self._polls_to_skip = 0
         self.poll_stats = [0, 0, 0]  # waits whose poll caught a stop, timed out, was skipped (sparse stops)

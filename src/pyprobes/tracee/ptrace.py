@@ -257,7 +257,7 @@ _process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulo
 _process_vm_readv.restype = ctypes.c_ssize_t
 
 
-# Reads of a few bytes (a return address, an emulated push's slot) happen on probe hits: they
+# Reads of a few bytes (a return address to check after a stepped call, say) happen on probe hits: they
 # reuse one buffer and one pair of iovecs. The tracer drives ptrace from one thread only.
 _SMALL = 64
 _small_buf = ctypes.create_string_buffer(_SMALL)
