@@ -245,3 +245,27 @@ def test_apply_works_with_a_plain_object_too():
     compile_emulation(one("e810000000")).apply(r, memory)
     assert memory.qword(0xFF8) == ORIG + 5 and r.rsp == 0xFF8 and r.rip == ORIG + 0x15
     assert r.rdi == 42
+
+
+@pytest.mark.parametrize("hexcode, constant", [
+    ("90", True),                    # nop
+    ("f30f1efa", True),              # endbr64
+    ("0f1f440000", True),            # nopl 0x0(%rax,%rax,1)
+    ("eb10", True),                  # jmp rel8
+    ("e900100000", True),            # jmp rel32
+    ("7410", False),                 # je: depends on the flags
+    ("e800100000", False),           # call: writes the return address
+])
+def test_constant_rip_is_the_whole_effect(hexcode, constant):
+    """constant_rip lets the hit path make an emulation one POKEUSER of RIP: it must be set exactly
+    when apply() does nothing but set RIP to that address."""
+    em = compile_emulation(one(hexcode))
+    if not constant:
+        assert em.constant_rip is None
+        return
+    regs = UserRegs(rip=ORIG + 1, rsp=0x7FFF_0000_1000, eflags=0x246, rax=7)
+    before = bytes(regs)
+    em.apply(regs, NoMemory())
+    assert regs.rip == em.constant_rip
+    regs.rip = ORIG + 1
+    assert bytes(regs) == before

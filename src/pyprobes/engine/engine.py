@@ -185,9 +185,12 @@ class Engine:
         emulation = point.emulation
         if emulation is not None and not point.pre and not emulation.needs_memory:
             # A jmp, jcc or nop reads and writes a register or two: touch just those.
-            live = self._live_regs
-            live.tid = tid
-            emulation.apply(live, None)
+            if emulation.constant_rip is not None:
+                ptrace.set_rip(tid, emulation.constant_rip)
+            else:
+                live = self._live_regs
+                live.tid = tid
+                emulation.apply(live, None)
             tracee.resume(tid)
             return
         if point.pre or emulation is not None:

@@ -94,16 +94,19 @@ class Emulation:
 
     __slots__ = ()
     needs_memory: bool = False
+    # Set when the whole effect is "RIP = this address" (a nop, a jmp): the hit path then makes
+    # it one register write, as it does for a boost.
+    constant_rip: int | None = None
 
     def apply(self, regs: Any, memory: Any) -> None:
         raise NotImplementedError
 
 
 class Nop(Emulation):
-    __slots__ = ("next",)
+    __slots__ = ("next", "constant_rip")
 
     def __init__(self, next_address: int) -> None:
-        self.next = next_address
+        self.next = self.constant_rip = next_address
 
     def apply(self, regs: Any, memory: Any) -> None:
         regs.rip = self.next
@@ -113,10 +116,10 @@ class Nop(Emulation):
 
 
 class JmpRel(Emulation):
-    __slots__ = ("target",)
+    __slots__ = ("target", "constant_rip")
 
     def __init__(self, target: int) -> None:
-        self.target = target
+        self.target = self.constant_rip = target
 
     def apply(self, regs: Any, memory: Any) -> None:
         regs.rip = self.target
