@@ -106,8 +106,11 @@ class Tracee:
         # After resuming a thread, wait() polls for the next stop this long before it blocks:
         # a tracer asleep in waitpid is woken by the scheduler (several µs per stop here), one
         # that polls sees the stop at once. Bounded, so a quiet tracee costs one budget per stop.
-        # Polling pays only while the tracer has a CPU of its own to poll on.
-        self.busy_wait_ns = DEFAULT_BUSY_WAIT_NS if len(os.sched_getaffinity(0)) > 1 else 0
+        self.busy_wait_ns = DEFAULT_BUSY_WAIT_NS
+        # Polling pays only on a CPU no traced thread wants: it happens while the process has
+        # fewer threads than the tracer has CPUs (with two busy threads on two CPUs, the poll
+        # takes the CPU a resumed thread needs to reach its next stop).
+        self._cpus = len(os.sched_getaffinity(0))
         self._polls_missed = 0
         self._polls_to_skip = 0
         self.poll_stats = [0, 0, 0]  # waits whose poll caught a stop, timed out, was skipped (sparse stops)
@@ -444,7 +447,7 @@ class Tracee:
     # ------------------------------------------------------------------ the event loop
     def _reap(self, block: bool) -> tuple[int, int]:
         try:
-            if block and self._resumed and self.busy_wait_ns:
+            if block and self._resumed and self.busy_wait_ns and len(self.threads) < self._cpus:
                 if self._polls_to_skip:
                     self._polls_to_skip -= 1
                     self.poll_stats[2] += 1
