@@ -22,8 +22,9 @@ from .memory import Memory
 from .ptrace import Regs
 from .threads import StopKind, Thread, ThreadState
 
-# Measured with `python -m bench.busy_wait` (README "Speed"): 25 µs takes a back-to-back boosted
-# hit from ~27 to ~18 µs; two busy threads and a hit every 200 µs cost the same as not polling.
+# Measured with `python -m bench.busy_wait` (README "Speed"): 10-100 µs all take a back-to-back
+# boosted hit from ~23-28 to ~17-20 µs; with the back-off a hit every 200 µs costs no more tracer
+# CPU than not polling.
 DEFAULT_BUSY_WAIT_NS = 25_000
 _clock = time.perf_counter_ns
 _waitpid = os.waitpid
@@ -113,7 +114,7 @@ class Tracee:
         self._cpus = len(os.sched_getaffinity(0))
         self._polls_missed = 0
         self._polls_to_skip = 0
-        self.poll_stats = [0, 0, 0]  # waits whose poll caught a stop, timed out, was skipped (sparse stops)
+        self.poll_stats = {"caught": 0, "timed_out": 0, "skipped": 0}  # what each wait's poll did
         self._resumed = True  # some thread was resumed since the last reap (wait()'s hang guard)
         self.fork_hooks: list[Callable[[Memory, int], None]] = []
 
@@ -448,24 +449,9 @@ class Tracee:
     def _reap(self, block: bool) -> tuple[int, int]:
         try:
             if block and self._resumed and self.busy_wait_ns and len(self.threads) < self._cpus:
-                if self._polls_to_skip:
-                    self._polls_to_skip -= 1
-                    self.poll_stats[2] += 1
-                else:
-                    deadline = _clock() + self.busy_wait_ns
-                    while True:
-                        tid, status = _waitpid(-1, _WALL_NOHANG)
-                        if tid:
-                            self._polls_missed = 0
-                            self.poll_stats[0] += 1
-                            return tid, status
-                        if _clock() > deadline:
-                            break
-                    # Stops are sparse: poll again only after 1, 3, 7 ... 63 sleeping waits,
-                    # so a probe hit every millisecond does not cost a budget of CPU each time.
-                    self.poll_stats[1] += 1
-                    self._polls_missed = min(self._polls_missed + 1, 6)
-                    self._polls_to_skip = (1 << self._polls_missed) - 1
+                reaped = self._poll()
+                if reaped is not None:
+                    return reaped
             return os.waitpid(-1, ptrace.WALL | (0 if block else os.WNOHANG))
         except ChildProcessError:
             # Nothing left to wait for: the process is gone and its status was taken elsewhere.
@@ -474,6 +460,29 @@ class Tracee:
                 self.threads.clear()
                 return self.pid, -1
             raise
+
+    def _poll(self) -> tuple[int, int] | None:
+        """waitpid(WNOHANG) until a stop comes or busy_wait_ns is over; None if none came."""
+        stats = self.poll_stats
+        if self._polls_to_skip:
+            self._polls_to_skip -= 1
+            stats["skipped"] += 1
+            return None
+        deadline = _clock() + self.busy_wait_ns
+        while True:
+            tid, status = _waitpid(-1, _WALL_NOHANG)
+            if tid:
+                self._polls_missed = 0
+                stats["caught"] += 1
+                return tid, status
+            if _clock() > deadline:
+                break
+        # Stops are sparse: poll again only after 1, 3, 7 ... 63 sleeping waits, so a probe hit
+        # every millisecond does not cost a budget of CPU each time.
+        stats["timed_out"] += 1
+        self._polls_missed = min(self._polls_missed + 1, 6)
+        self._polls_to_skip = (1 << self._polls_missed) - 1
+        return None
 
     def wait(self, block: bool = True) -> Event | None:
         """The next event for the owner, or None when not blocking and nothing is ready.
