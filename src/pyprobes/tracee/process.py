@@ -28,7 +28,10 @@ from .threads import StopKind, Thread, ThreadState
 DEFAULT_BUSY_WAIT_NS = 25_000
 _clock = time.perf_counter_ns
 _waitpid = os.waitpid
-_WALL_NOHANG = ptrace.WALL | os.WNOHANG
+# Every tracee is the tracer thread's own (ptrace is per thread), so waiting with __WNOTHREAD
+# finds them all and leaves alone the children that other threads of this process started.
+_WAIT_ANY = ptrace.WALL | ptrace.WNOTHREAD
+_WAIT_ANY_NOHANG = _WAIT_ANY | os.WNOHANG
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
 _SIGTRAP = _signal.SIGTRAP
 _TRAP_STOP = (_SIGTRAP << 8) | 0x7F  # the wait status of a SIGTRAP signal-delivery stop (no ptrace event)
@@ -452,7 +455,7 @@ class Tracee:
                 reaped = self._poll()
                 if reaped is not None:
                     return reaped
-            return os.waitpid(-1, ptrace.WALL | (0 if block else os.WNOHANG))
+            return os.waitpid(-1, _WAIT_ANY if block else _WAIT_ANY_NOHANG)
         except ChildProcessError:
             # Nothing left to wait for: the process is gone and its status was taken elsewhere.
             if self.alive:
@@ -470,7 +473,7 @@ class Tracee:
             return None
         deadline = _clock() + self.busy_wait_ns
         while True:
-            tid, status = _waitpid(-1, _WALL_NOHANG)
+            tid, status = _waitpid(-1, _WAIT_ANY_NOHANG)
             if tid:
                 self._polls_missed = 0
                 stats["caught"] += 1

@@ -60,6 +60,7 @@ PTRACE_EVENT_EXIT = 6
 PTRACE_EVENT_STOP = 128
 
 WALL = 0x40000000  # __WALL: wait for every thread, cloned or not
+WNOTHREAD = 0x20000000  # __WNOTHREAD: only the calling thread's children and tracees
 WNOHANG = os.WNOHANG
 
 SI_KERNEL = 0x80
