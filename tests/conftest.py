@@ -71,3 +71,17 @@ def watchdog(procs, request, seconds: float) -> Iterator[None]:
         procs.cleanup()
     if fired:
         pytest.fail(f"watchdog: {request.node.nodeid} ran over {seconds} s; its processes were killed")
+
+
+WATCHDOG = 120.0  # seconds; a test reaching it has hung, not run slowly (even on a loaded machine)
+
+
+@pytest.fixture
+def procs(tmp_path, request):
+    """The engine and return-probe tests' fixture processes (tests/processes.py), killed and reaped
+    at teardown; a watchdog fails a test that hangs (tests/tracee has its own `procs`)."""
+    from processes import Procs
+
+    p = Procs(tmp_path)
+    with watchdog(p, request, WATCHDOG):
+        yield p
