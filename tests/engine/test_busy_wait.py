@@ -87,8 +87,9 @@ def test_share_cpu_stops_polling(procs, fixture):
 
 def test_negative_budget_is_refused(procs, fixture):
     run = procs.spawn(fixture("eng_paced"), 1, 1, 0)
-    with pytest.raises(ValueError):
-        run.proc.busy_wait_us = -1
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            run.proc.busy_wait_us = bad
 
 
 def test_cli_busy_wait_option(fixture):
@@ -99,7 +100,8 @@ def test_cli_busy_wait_option(fixture):
     assert "calls 1000" in ok.stdout
     report = json.loads(ok.stderr.strip().splitlines()[-1])
     assert [(r["probe"].split(":")[-1], r["hits"], r["missed"]) for r in report["probes"]] == [("paced_hit", 1000, 0)]
-    bad = subprocess.run([sys.executable, "-m", "pyprobes", "count", "--busy-wait", "-1", "paced_hit",
-                          "--", exe, "1", "1", "0"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["pyprobes: --busy-wait must be 0 or more microseconds"]
+    for value in ("-1", "inf", "nan"):
+        bad = subprocess.run([sys.executable, "-m", "pyprobes", "count", "--busy-wait", value, "paced_hit",
+                              "--", exe, "1", "1", "0"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2
+        assert bad.stderr.strip().splitlines() == ["pyprobes: --busy-wait must be 0 or more microseconds"]

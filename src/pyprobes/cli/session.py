@@ -63,7 +63,7 @@ class Session:
 
     def __init__(self, pid: int | None, command: list[str], report: Report, verbose: bool = False,
                  same_cpu: bool = False, busy_wait_us: float | None = None) -> None:
-        if busy_wait_us is not None and busy_wait_us < 0:
+        if busy_wait_us is not None and not 0 <= busy_wait_us < 1e9:  # also refuses nan and inf
             raise CliError("--busy-wait must be 0 or more microseconds", 2)
         if pid is not None and command:
             raise CliError("give either -p PID or a command after --, not both", 2)

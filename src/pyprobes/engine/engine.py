@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from ..slots import SlotCache
 from ..symbols import SymbolError, Target, resolve
-from ..tracee import Event, EventKind, Regs, Tracee
+from ..tracee import FAULT_SIGNALS, Event, EventKind, Regs, Tracee, is_fault
 from ..tracee import ptrace
 from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile_emulation,
                    decode_function, instruction_at, pushed_flags_fixup, relocate, return_address_fixup,
@@ -25,8 +25,6 @@ from .probe import Handler, Probe, ProbeError, ProbePoint
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
 
-# Signals a copied instruction raises itself: report them at the original address.
-FAULT_SIGNALS = frozenset({_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGFPE, _signal.SIGILL})
 UNSIZED_FUNCTION_BYTES = 256
 
 
@@ -337,11 +335,22 @@ class Engine:
             point = self._slot_origin[slot.address]
             stepping = self._stepping.get(tid)
             if rip == slot.address:
-                self.tracee.step(tid)
-                rip = ptrace.get_rip(tid)
-                if rip == slot.address:
-                    continue
-                rip = self._after_copy(tid, point, slot.address, rip)
+                # The copy has not run. If it faults (its stop came in a freeze, or comes from
+                # this step) the fault is reported at the original address, as on_signal does,
+                # instead of stepping the copy into it again and again.
+                pending = self.tracee.threads[tid].event_pending
+                faulted = pending is not None and is_fault(pending)
+                if not faulted:
+                    faulted = is_fault(self.tracee.step(tid))  # the step holds it for the next resume
+                if faulted:
+                    self.stats["faults_in_slots"] += 1
+                    ptrace.set_rip(tid, point.address)
+                    rip = point.address
+                else:
+                    rip = ptrace.get_rip(tid)
+                    if rip == slot.address:
+                        continue
+                    rip = self._after_copy(tid, point, slot.address, rip)
             elif stepping is point:
                 rip = self._after_copy(tid, point, slot.address, rip)  # its step ran; the trap is queued
             else:

@@ -154,15 +154,16 @@ class Process:
     def busy_wait_us(self) -> float:
         """How long run() polls for the next stop after resuming a thread before it sleeps in
         waitpid (0: never poll). Polling saves the scheduler's wake-up of the tracer on every
-        stop of a hot probe; a quiet process costs at most this much tracer CPU per stop. 0 when
-        the tracer may use one CPU only, and after share_cpu() (polling would hold the CPU the
-        traced thread needs); set it after share_cpu() to override."""
+        stop of a hot probe; a quiet process costs at most this much tracer CPU per stop. There
+        is no polling while the process has as many threads as the tracer has CPUs, and
+        share_cpu() sets this to 0 (polling would hold the CPU the traced threads need); set it
+        after share_cpu() to override."""
         return self.tracee.busy_wait_ns / 1000
 
     @busy_wait_us.setter
     def busy_wait_us(self, us: float) -> None:
-        if us < 0:
-            raise ValueError("busy_wait_us must be >= 0")
+        if not 0 <= us < 1e9:  # also refuses nan and inf
+            raise ValueError(f"busy_wait_us must be between 0 and 1e9 µs, not {us}")
         self.tracee.busy_wait_ns = int(us * 1000)
 
     def share_cpu(self, cpu: int | None = None) -> int:

@@ -33,6 +33,17 @@ _waitpid = os.waitpid
 _WAIT_ANY = ptrace.WALL | ptrace.WNOTHREAD
 _WAIT_ANY_NOHANG = _WAIT_ANY | os.WNOHANG
 STOP_SIGNALS = frozenset({_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU})
+# Signals an instruction raises itself: with a kernel si_code (> 0), RIP is still at it.
+FAULT_SIGNALS = frozenset({_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGFPE, _signal.SIGILL})
+
+
+def is_fault(event: Event) -> bool:
+    """A SIGNAL event raised by the instruction at its stopped thread's RIP (which has not run)."""
+    if event.kind is not EventKind.SIGNAL or event.signal not in FAULT_SIGNALS:
+        return False
+    if event.siginfo is None:
+        event.siginfo = ptrace.getsiginfo(event.tid)
+    return event.siginfo.si_code > 0
 _SIGTRAP = _signal.SIGTRAP
 _TRAP_STOP = (_SIGTRAP << 8) | 0x7F  # the wait status of a SIGTRAP signal-delivery stop (no ptrace event)
 
@@ -606,7 +617,11 @@ class Tracee:
                 self.handle_default(event)
 
     def step(self, tid: int) -> Event:
-        """Single-step a stopped thread and wait for that step, holding any signal that comes first."""
+        """Single-step a stopped thread and wait for that step, holding any signal that comes first.
+
+        Returns the SINGLESTEP event; or, when the instruction faults (is_fault), that SIGNAL
+        event: the fault is held like any other signal (the thread's next resume delivers it),
+        but the step is not redone, since it would only fault again."""
         t = self.threads[tid]
         self.resume(tid, step=True)
         while True:
@@ -627,8 +642,14 @@ class Tracee:
                     t.event_pending = None
                     return event
                 if event.kind is EventKind.SIGNAL:
+                    if event.siginfo is None:
+                        event.siginfo = ptrace.getsiginfo(tid)
                     # Hold it: it must reach the program only once the thread is back in original code.
-                    t.held_signals.append((event.signal, event.siginfo or ptrace.getsiginfo(tid)))
+                    t.held_signals.append((event.signal, event.siginfo))
+                    if is_fault(event):
+                        t.event_pending = None
+                        t.stepping = False
+                        return event
                 else:
                     self._queue.append(event)
                     raise TraceeError(f"thread {tid} reported {event.kind.value} while single-stepping")

@@ -19,7 +19,8 @@ _ptrace.restype = ctypes.c_long
 # second handle on ptrace, measured 0.3-0.5 µs cheaper per call than the one above: a PyDLL
 # keeps the GIL (these requests never block) and, without argtypes, each argument is passed as
 # it is instead of being converted. Python ints then go as C int, which is what the request,
-# the tid, a register offset and a signal number are; a 64-bit value goes in a c_ulong.
+# the tid, a register offset and a signal number are; a 64-bit value goes in a c_ulong (a plain
+# int of 2**31 or more would be cut to 32 bits without a word said).
 _ptrace_hot = ctypes.PyDLL(None, use_errno=True).ptrace
 _ptrace_hot.restype = ctypes.c_long
 # The one c_ulong those 64-bit values go in (one tracer thread drives ptrace): no object per hit.
