@@ -10,13 +10,12 @@ The hit path (thread trapped on int3 at A, RIP = A+1):
 """
 from __future__ import annotations
 
-import signal as _signal
 import sys
 from typing import Callable, Iterable
 
 from ..slots import SlotCache
 from ..symbols import SymbolError, Target, resolve
-from ..tracee import FAULT_SIGNALS, Event, EventKind, Regs, Tracee, is_fault
+from ..tracee import Event, EventKind, Regs, Tracee, is_fault
 from ..tracee import ptrace
 from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile_emulation,
                    decode_function, instruction_at, pushed_flags_fixup, relocate, return_address_fixup,
@@ -299,11 +298,9 @@ class Engine:
             self.tracee.resume(tid, sig)
             return
         # The thread is inside a slot: no signal may be delivered there (invariant 2).
-        info = event.siginfo or ptrace.getsiginfo(tid)
         slot = self.slots.slot_at(rip)
         owner = self._slot_origin.get(slot.address) if slot is not None else stepping
-        if owner is not None and slot is not None and rip == slot.address \
-                and sig in FAULT_SIGNALS and info.si_code > 0:
+        if owner is not None and slot is not None and rip == slot.address and is_fault(event):
             # The copied instruction faulted: report it at the original address, as if it had
             # executed in place (kprobes' fault handler does the same).
             self.stats["faults_in_slots"] += 1
@@ -314,7 +311,8 @@ class Engine:
             self.tracee.resume(tid, sig)
             return
         self.stats["signals_held"] += 1  # resuming it with a step holds the signal (Tracee.resume)
-        event.siginfo = info
+        if event.siginfo is None:
+            event.siginfo = ptrace.getsiginfo(tid)
         if stepping is not None:
             self.tracee.resume(tid, step=True)  # the step's trap resumes it with the held signal
         else:

@@ -5,9 +5,9 @@ The lowest layer of pyprobes: it imports nothing from the layers above it.
 from .errors import AlreadyTraced, NoSuchProcess, PermissionDenied, ProcessExited, SpawnError, TraceeError
 from .events import Event, EventKind
 from .memory import Memory
-from .process import DEFAULT_BUSY_WAIT_NS, FAULT_SIGNALS, Snapshot, Tracee, is_fault
+from .process import DEFAULT_BUSY_WAIT_NS, Snapshot, Tracee, is_fault
 from .ptrace import Regs
 from .threads import Thread, ThreadState
 
-__all__ = ["DEFAULT_BUSY_WAIT_NS", "FAULT_SIGNALS", "AlreadyTraced", "Event", "EventKind", "Memory", "NoSuchProcess", "PermissionDenied",
+__all__ = ["DEFAULT_BUSY_WAIT_NS", "AlreadyTraced", "Event", "EventKind", "Memory", "NoSuchProcess", "PermissionDenied",
            "ProcessExited", "Regs", "Snapshot", "SpawnError", "Thread", "ThreadState", "Tracee", "TraceeError", "is_fault"]
