@@ -49,15 +49,18 @@ def _gcc() -> str:
     return gcc
 
 
-def _compile(gcc: str, name: str, out_dir: Path) -> Path:
-    source, flags = SOURCES[name]
-    src = HERE / source
+def compile_cached(name: str, source: bytes, flags: list[str], gcc: str | None = None) -> Path:
+    """The C program SOURCE compiled with FLAGS into the cache, once per source, flags and gcc."""
+    gcc = gcc or _gcc()
+    out_dir = cache_dir()
     version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(src.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
     out = out_dir / f"{name}-{key}"
     if out.exists():
         return out
     out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / f"{name}-{key}.c"
+    src.write_bytes(source)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=out_dir)
     os.close(fd)
     try:
@@ -75,9 +78,8 @@ def build() -> Workload:
     from pyprobes.symbols import ElfFile
 
     gcc = _gcc()
-    out_dir = cache_dir()
-    work = _compile(gcc, "work", out_dir).resolve()
-    cfloor = _compile(gcc, "cfloor", out_dir).resolve()
+    work, cfloor = (compile_cached(name, (HERE / source).read_bytes(), flags, gcc).resolve()
+                    for name, (source, flags) in SOURCES.items())
     elf = ElfFile.load(work)
 
     def address(name: str) -> int:

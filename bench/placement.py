@@ -22,7 +22,6 @@ millisecond. Times include starting the tool (Python and its imports, for pyprob
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -34,6 +33,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    from .build import BuildError, compile_cached
+except ImportError:  # run as a script: python bench/...
+    from build import BuildError, compile_cached
 
 REPO = Path(__file__).resolve().parent.parent
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
@@ -68,20 +72,10 @@ int main(int argc, char **argv)
 
 
 def build() -> Path:
-    gcc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not gcc:
-        sys.exit("bench/placement.py: no C compiler (install gcc)")
-    key = hashlib.sha256(WORKLOAD.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyprobes-bench"
-    exe = root / f"placework-{key}"
-    if not exe.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        src = root / f"placework-{key}.c"
-        src.write_text(WORKLOAD)
-        tmp = root / f"placework-{key}.{os.getpid()}.tmp"
-        subprocess.run([gcc, "-O1", "-g", "-o", str(tmp), str(src)], check=True)
-        os.replace(tmp, exe)
-    return exe
+    try:
+        return compile_cached("placework", WORKLOAD.encode(), ["-O1", "-g"])
+    except BuildError as e:
+        sys.exit(f"bench/placement.py: {e}")
 
 
 def pyprobes_command() -> list[str]:

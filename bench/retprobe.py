@@ -4,8 +4,8 @@ kernel's uprobe (tracefs `p:`) and uretprobe (tracefs `r:`), on the same workloa
     python bench/retprobe.py [--quick] [--repeats R]
 
 The workload: `long hit(long i)` returns i*3+1 (and stores it into a volatile global), called N
-times in a loop; its first instruction is `push %rbx`, which pyprobes and kernel uprobes both
-emulate (one trap at the entry, no single-step). The program prints its own ns per call and its
+times in a loop; its first instruction is `push %rbx`, which pyprobes boosts and kernel uprobes
+emulate (either way one trap at the entry, no single-step). The program prints its own ns per call and its
 own count of hit's executions. Per call = ns per call probed minus the unprobed median; each row
 is run R times, rows interleaved, and the table gives the median and min-max. Every run checks
 the tool's count against the workload's own. The kernel rows need root and tracefs; they are
@@ -14,7 +14,6 @@ skipped with a message otherwise. Compare rows inside one run only: this machine
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    from .build import BuildError, compile_cached
+except ImportError:  # run as a script: python bench/...
+    from build import BuildError, compile_cached
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +53,7 @@ __asm__(
     ".type hit, @function\n"
     ".p2align 4\n"
     "hit:\n"
-    "    push %rbx\n"                      /* emulated by pyprobes and by kernel uprobes */
+    "    push %rbx\n"                      /* boosted by pyprobes, emulated by kernel uprobes */
     "    lea 0x1(%rdi,%rdi,2), %rbx\n"
     "    mov %rbx, sink(%rip)\n"
     "    addq $1, hit_count(%rip)\n"
@@ -87,20 +91,10 @@ class Skip(Exception):
 
 
 def build() -> Path:
-    gcc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not gcc:
-        sys.exit("bench/retprobe.py: no C compiler (install gcc)")
-    key = hashlib.sha256(WORKLOAD.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pyprobes-bench"
-    exe = root / f"retwork-{key}"
-    if not exe.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        src = root / f"retwork-{key}.c"
-        src.write_text(WORKLOAD)
-        tmp = root / f"retwork-{key}.tmp"
-        subprocess.run([gcc, "-O2", "-o", str(tmp), str(src)], check=True)
-        os.replace(tmp, exe)
-    return exe
+    try:
+        return compile_cached("retwork", WORKLOAD.encode(), ["-O2"])
+    except BuildError as e:
+        sys.exit(f"bench/retprobe.py: {e}")
 
 
 def parse(text: str, n: int) -> tuple[float, int]:

@@ -3,7 +3,7 @@
  * hit is written in assembly so that each probe class has a fixed instruction:
  *   hit+0   nopl 0x0(%rax,%rax,1)   5-byte nop   pyprobes emulates it; kernel uprobes (6.18+) can
  *                                                turn it into a call to a trampoline (no trap)
- *   hit+5   push %rbx                            emulated (pyprobes and kernel uprobes)
+ *   hit+5   push %rbx                            boosted by pyprobes, emulated by kernel uprobes
  *   hit+6   lea 0x1(%rdi,%rdi,2),%rbx            boosted by pyprobes (stepped with boost=False);
  *                                                single-stepped out of line by kernel uprobes
  *   hit+11  mov %rbx, sink(%rip)                 the volatile store
