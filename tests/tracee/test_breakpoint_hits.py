@@ -10,7 +10,7 @@ import signal
 import time
 
 from pyprobes.symbols import ElfFile, main_module, resolve
-from pyprobes.tracee import EventKind, ProcessExited
+from pyprobes.tracee import EventKind, ProcessExited, ptrace
 
 from .conftest import pump
 
@@ -144,3 +144,39 @@ def test_detach_in_the_middle_of_a_breakpoint_storm(procs, fixture):
     _, status = os.waitpid(tracee.pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     _check_output(out.read_to_eof(), calls=3000)
+
+
+def test_detach_with_an_int3_trap_still_pending_at_the_interrupt(procs, fixture):
+    """The storm's race, made deterministic: a thread that executed the int3 is stopped by
+    an interrupt before its SIGTRAP is reported (the kernel takes a pending interrupt before
+    it dequeues signals), so it sits in an interrupt stop with SIGTRAP pending and RIP past
+    the int3. Built here from a reported hit: interrupt it while it is stopped, make SIGTRAP
+    pending again and resume it without the original one; it stops at once for the
+    interrupt, in exactly that state. Detach must rewind it and consume the trap: left
+    pending, it kills the program (status 133) once untraced."""
+    exe, tracee, out, address = _start(procs, fixture, 300, "linger")
+    while True:
+        event = tracee.wait()
+        if event.kind is EventKind.BREAKPOINT:
+            break
+        tracee.handle_default(event)
+    tid = event.tid
+    assert tracee.get_rip(tid) == address + 1
+    ptrace.interrupt(tid)
+    assert _tgkill(tracee.pid, tid, signal.SIGTRAP) == 0
+    tracee.resume(tid)
+    tracee.detach()
+    deadline = time.monotonic() + 20
+    while not out.search("^calls "):
+        assert time.monotonic() < deadline, f"no result after detach: {out.text!r}"
+        out.poll(0.05)
+    os.kill(tracee.pid, signal.SIGUSR1)
+    _, status = os.waitpid(tracee.pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    _check_output(out.read_to_eof(), calls=300)
+
+
+def _tgkill(tgid, tid, sig):
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).syscall(234, tgid, tid, sig)

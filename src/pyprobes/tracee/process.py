@@ -12,7 +12,7 @@ import signal as _signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from . import ptrace
 from .breakpoints import Breakpoints
@@ -45,6 +45,7 @@ def is_fault(event: Event) -> bool:
         event.siginfo = ptrace.getsiginfo(event.tid)
     return event.siginfo.si_code > 0
 _SIGTRAP = _signal.SIGTRAP
+_SIGTRAP_BIT = 1 << (_SIGTRAP - 1)
 _TRAP_STOP = (_SIGTRAP << 8) | 0x7F  # the wait status of a SIGTRAP signal-delivery stop (no ptrace event)
 
 
@@ -131,6 +132,7 @@ class Tracee:
         self.poll_stats = {"caught": 0, "timed_out": 0, "skipped": 0}  # what each wait's poll did
         self._resumed = True  # some thread was resumed since the last reap (wait()'s hang guard)
         self.fork_hooks: list[Callable[[Memory, int], None]] = []
+        self._live_regs = ptrace.LiveRegs()
 
     # ------------------------------------------------------------------ starting
     @classmethod
@@ -693,6 +695,11 @@ class Tracee:
         if not self.alive:
             self._freezing = False
             raise ProcessExited(self.pid, self.exit_code)
+        for tid in list(self.threads):
+            self._report_pending_trap(tid)
+        if not self.alive:
+            self._freezing = False
+            raise ProcessExited(self.pid, self.exit_code)
         snapshot = Snapshot(events=list(self._queue)[first_queued:])
         for t in self.threads.values():
             if t.state is ThreadState.STOPPED:
@@ -701,6 +708,33 @@ class Tracee:
                 except OSError:
                     t.exiting = True
         return snapshot
+
+    def _report_pending_trap(self, tid: int) -> None:
+        """Let a SIGTRAP that TID raised before the freeze's interrupt stopped it be reported now.
+
+        An int3 or a finished single-step makes SIGTRAP pending; the kernel takes a pending
+        interrupt before it dequeues signals, so the thread can stop for the freeze with its
+        trap still unreported (SigPnd bit 5) and RIP past the int3. Left so, the trap reaches
+        the program at the next resume after detach and kills it. Resumed, a thread with a
+        synchronous signal pending dequeues it first and stops again before any instruction
+        runs, so the trap becomes an ordinary queued event (breakpoint, step, or the
+        program's own SIGTRAP) that every owner already handles, and the snapshot's RIP is
+        the reported one."""
+        for _ in range(8):  # each round is one stop: a group stop may come before the trap
+            t = self.threads.get(tid)
+            if t is None or t.state is not ThreadState.STOPPED or t.stop_kind is not StopKind.EVENT \
+                    or t.event_pending is not None or t.exiting or t.held \
+                    or not pending_unblocked(self.pid, tid) & _SIGTRAP_BIT:
+                return
+            self._resume_quietly(t)
+            if t.state is not ThreadState.RUNNING:
+                return  # listening in a group stop: the trap is reported when it resumes
+            while t.state is not ThreadState.STOPPED and tid in self.threads and self.alive:
+                try:
+                    _, status = os.waitpid(tid, ptrace.WALL)
+                except ChildProcessError:
+                    return
+                self._handle(tid, status)
 
     def thaw(self) -> None:
         """Resume every thread the freeze stopped; those with an unhandled event wait for it."""
@@ -745,6 +779,24 @@ class Tracee:
 
     def set_rip(self, tid: int, rip: int) -> None:
         ptrace.set_rip(tid, rip)
+
+    def get_reg(self, tid: int, name: str) -> int:
+        """One register of a stopped thread (one PEEKUSER), by its Regs field name."""
+        return ptrace.peekuser(tid, ptrace.REG_OFFSET[name])
+
+    def live_regs(self, tid: int) -> "ptrace.LiveRegs":
+        """TID's registers read and written one at a time on access (PEEKUSER/POKEUSER): cheaper
+        than get_regs/set_regs for an instruction that touches one or two. One object, reused."""
+        live = self._live_regs
+        live.tid = tid
+        return live
+
+    def get_siginfo(self, tid: int) -> "ptrace.SigInfo":
+        """The siginfo of TID's current signal-delivery stop."""
+        return ptrace.getsiginfo(tid)
+
+    def get_xmm0(self, tid: int) -> bytes:
+        return ptrace.get_xmm0(tid)
 
     def syscall_instruction(self) -> int:
         """The address of a `syscall` instruction in the tracee's own text, to reuse for injection."""
@@ -869,5 +921,17 @@ def _tgkill(tgid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def live_thread_ids(pid: int) -> Iterable[int]:
-    return (int(t) for t in os.listdir(f"/proc/{pid}/task"))
+def pending_unblocked(pid: int, tid: int) -> int:
+    """The mask of signals pending for thread TID alone (SigPnd) that it does not block."""
+    pending = blocked = 0
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    pending = int(line[7:], 16)
+                elif line.startswith(b"SigBlk:"):
+                    blocked = int(line[7:], 16)
+                    break
+    except OSError:
+        return 0
+    return pending & ~blocked
