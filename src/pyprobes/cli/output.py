@@ -5,6 +5,8 @@ import json
 import sys
 from typing import IO, TYPE_CHECKING, Iterable
 
+from ..errors import PyprobesError
+
 if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before the first probe
     from rich.console import Console
     from rich.table import Table
@@ -12,7 +14,7 @@ if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before t
 PROG = "pyprobes"
 
 
-class CliError(Exception):
+class CliError(PyprobesError):
     """An error for the user: one line on stderr, then exit with STATUS (2 usage/spec, 1 runtime)."""
 
     def __init__(self, message: str, status: int = 1) -> None:

@@ -21,6 +21,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ..errors import PyprobesError
+
 __all__ = [
     "PAGE_SIZE",
     "REACH",
@@ -44,7 +46,7 @@ _PAGE_MASK = ~(PAGE_SIZE - 1)
 _FULL = (1 << SLOTS_PER_PAGE) - 1
 
 
-class SlotMapError(RuntimeError):
+class SlotMapError(PyprobesError, RuntimeError):
     """No slot page could be mapped within reach of the requested address."""
 
 

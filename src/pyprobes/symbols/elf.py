@@ -17,6 +17,8 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
+from ..errors import PyprobesError
+
 __all__ = [
     "ElfError",
     "ElfFile",
@@ -60,7 +62,7 @@ _VERSYM_HIDDEN = 0x8000
 PF_X = 1
 
 
-class ElfError(ValueError):
+class ElfError(PyprobesError, ValueError):
     """The file is not an ELF file pyprobes can use (or is corrupt)."""
 
 

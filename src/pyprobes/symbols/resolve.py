@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..errors import PyprobesError
+
 from . import maps as _maps
 from .elf import Symbol, preference
 from .maps import Module
@@ -21,7 +23,7 @@ from .maps import Module
 __all__ = ["SymbolError", "Spec", "Target", "parse_spec", "resolve", "find_module", "symbolize"]
 
 
-class SymbolError(LookupError):
+class SymbolError(PyprobesError, LookupError):
     """A probe spec that cannot be resolved; the message is one line for the user."""
 
 

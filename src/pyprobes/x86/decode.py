@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from iced_x86 import Code, Decoder, Formatter, FormatterSyntax, Instruction
 
+from ..errors import PyprobesError
+
 __all__ = ["Insn", "MidInstructionError", "decode_function", "instruction_at"]
 
 _BITNESS = 64
@@ -32,7 +34,7 @@ def _make_formatter() -> Formatter:
 _FORMATTER = _make_formatter()
 
 
-class MidInstructionError(ValueError):
+class MidInstructionError(PyprobesError, ValueError):
     """A probe address that falls inside an instruction instead of on its first byte.
 
     Writing int3 there would corrupt the instruction that spans it, so the

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from iced_x86 import BlockEncoder, Code, Decoder, FlowControl, OpKind, Register
 
+from ..errors import PyprobesError
+
 from .decode import Insn
 
 __all__ = [
@@ -39,7 +41,7 @@ _UNCONDITIONAL_REL_JMPS = frozenset({Code.JMP_REL8_64, Code.JMP_REL32_64})
 _CALLS = frozenset({FlowControl.CALL, FlowControl.INDIRECT_CALL})
 
 
-class RelocationError(ValueError):
+class RelocationError(PyprobesError, ValueError):
     """The instruction cannot run from this slot (a target out of reach, or no room)."""
 
 
