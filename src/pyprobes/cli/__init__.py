@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import PyprobesError
+from pyprobes import PyprobesError
+
 from . import count, demo, list as list_cmd, trace
 from .output import CliError, error
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.retprobe import ReturnProbe
+from pyprobes import ReturnProbe
+
 from .output import CliError, Histogram, Report, count_table, histogram_text
 from .session import Session, add_speed_options
 

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import os
-import re
 import shutil
 import sys
 
-from ..symbols import ElfError, ElfFile, SymbolError, main_module, modules, resolve
-from ..symbols.elf import preference
-from ..x86 import Kind, MidInstructionError, classify, instruction_at
+from pyprobes import ElfError, FunctionPlan, SymbolError, functions_of_binary, functions_of_process
+
 from .output import CliError
 
 HELP = "list functions and how a probe at each would run"
@@ -38,97 +35,33 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-class _Code:
-    """The file's bytes of executable segments, read once per segment."""
-
-    def __init__(self, elf: ElfFile) -> None:
-        self.elf = elf
-        self.segments: dict[int, bytes] = {}
-
-    def read(self, vaddr: int, size: int) -> bytes:
-        seg = self.elf.segment_for(vaddr)
-        if seg is None:
-            raise ValueError("not in a loadable segment")
-        data = self.segments.get(seg.vaddr)
-        if data is None:
-            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.memsz)
-        start = vaddr - seg.vaddr
-        return data[start:start + size]
-
-
-def verdict(code: _Code, sym) -> tuple[str, str]:
-    """(what a probe at SYM's entry would be, its first instruction)."""
-    if sym.kind == "ifunc":
-        extra = " (ifunc resolver)"
-    else:
-        extra = ""
-    try:
-        data = code.read(sym.address, 16 if not sym.size else min(sym.size, 16))
-        insn = instruction_at(data, sym.address, sym.address)
-    except (ValueError, ElfError, MidInstructionError) as e:
-        return f"refused: cannot read its code ({e})", ""
-    if insn.is_invalid:
-        return "refused: invalid instruction", insn.text
-    c = classify(insn)
-    if c.kind is Kind.REFUSE:
-        return f"refused: {c.reason}{extra}", insn.text
-    return c.kind.value + extra, insn.text
-
-
-def _binary(path: str) -> ElfFile:
+def _binary_path(path: str) -> str:
     if not os.path.exists(path) and "/" not in path:
         found = shutil.which(path)
         if found:
             path = found
     if not os.path.exists(path):
         raise CliError(f"no such file: {path}", 2)
+    return path
+
+
+def rows_for_binary(path: str, pattern: str | None) -> list[FunctionPlan]:
+    path = _binary_path(path)
+    if pattern and ":" in pattern:
+        raise CliError("a MODULE: prefix needs -p PID; for a BINARY give just the symbol pattern", 2)
     try:
-        return ElfFile.load_with_debug(path)
+        return functions_of_binary(path, pattern)
     except ElfError as e:
         raise CliError(f"{path}: not an ELF file we can read ({e})", 2) from None
+    except SymbolError as e:
+        raise CliError(str(e), 2) from None
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror}", 1) from None
 
 
-def _glob_filter(functions, pattern: str | None):
-    """One symbol per address (aliases are one function), names matching PATTERN."""
-    match = re.compile(fnmatch.translate(pattern)).match if pattern else None
-    skip_cold = not pattern or ".cold" not in pattern  # gcc's cold fragments are not functions
-    chosen = {}
-    for sym in functions:
-        if match is not None and not match(sym.name):
-            continue
-        if skip_cold and ".cold" in sym.name:
-            continue
-        old = chosen.get(sym.address)
-        if old is None or preference(sym) < preference(old):
-            chosen[sym.address] = sym
-    return [chosen[a] for a in sorted(chosen)]
-
-
-def rows_for_binary(path: str, pattern: str | None) -> list[tuple]:
-    elf = _binary(path)
-    if pattern and ":" in pattern:
-        raise CliError("a MODULE: prefix needs -p PID; for a BINARY give just the symbol pattern", 2)
-    syms = _glob_filter(elf.functions, pattern)
-    if not syms:
-        if pattern is None:
-            raise CliError(f"{path}: no function symbols", 1)
-        import difflib
-        stem = re.sub(r"\[[^\]]*\]|[*?]", "", pattern)
-        near = difflib.get_close_matches(stem, sorted({s.name for s in elf.functions}), n=5, cutoff=0.6)
-        hint = f"; did you mean: {', '.join(near)}?" if near else ""
-        raise CliError(f"no functions match {pattern!r} in {os.path.basename(path)}{hint}", 2)
-    code = _Code(elf)
-    name = os.path.basename(path)
-    return [(name, f"{s.address:#x}", str(s.size), s.name, *verdict(code, s)) for s in syms]
-
-
-def rows_for_pid(pid: int, pattern: str | None) -> list[tuple]:
+def rows_for_pid(pid: int, pattern: str | None) -> list[FunctionPlan]:
     try:
-        mods = modules(pid)
-        spec = pattern if pattern else f"{main_module(pid, mods).path}:*"
-        targets = resolve(pid, spec, mods)
+        return functions_of_process(pid, pattern)
     except SymbolError as e:
         raise CliError(str(e), 2) from None
     except ProcessLookupError:
@@ -137,16 +70,6 @@ def rows_for_pid(pid: int, pattern: str | None) -> list[tuple]:
         raise CliError(str(e), 1) from None
     except PermissionError:
         raise CliError(f"not permitted to read the memory map of PID {pid}", 1) from None
-    codes: dict[int, _Code] = {}
-    out = []
-    for t in targets:
-        if t.symbol is None:
-            continue
-        code = codes.setdefault(id(t.module.elf), _Code(t.module.elf))
-        sym = t.symbol
-        out.append((t.module.name, f"{t.address:#x}", str(sym.size), sym.name + (f"+{t.offset:#x}" if t.offset else ""),
-                    *verdict(code, sym)))
-    return out
 
 
 def run(args, command: list[str]) -> int:
@@ -163,6 +86,7 @@ def run(args, command: list[str]) -> int:
         if len(where) > 2:
             raise CliError("give a BINARY and at most one PATTERN", 2)
         rows = rows_for_binary(where[0], where[1] if len(where) > 1 else None)
+    rows = [(f.module, f"{f.address:#x}", str(f.size), f.name, f.probe, f.instruction) for f in rows]
     if args.output:
         try:
             out = open(args.output, "w")

@@ -5,7 +5,8 @@ import json
 import sys
 from typing import IO, TYPE_CHECKING, Iterable
 
-from ..errors import PyprobesError
+from pyprobes import PyprobesError
+
 
 if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before the first probe
     from rich.console import Console

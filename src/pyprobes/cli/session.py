@@ -13,12 +13,9 @@ import time
 from typing import Callable
 
 import pyprobes
-from ..engine import Probe, ProbeError, Process
-from ..engine.pending import RT_CONSISTENT, PendingProbe, find_loader, loader_state
-from ..engine.retprobe import ReturnProbe
-from ..errors import PyprobesError
-from ..symbols import AT_ENTRY, Symbol, SymbolError, Target, auxv_value, modules, parse_spec, symbolize
-from ..tracee import DEFAULT_BUSY_WAIT_NS
+from pyprobes import (DEFAULT_BUSY_WAIT_US, PendingProbe, Probe, ProbeError, Process, ProcessExited, PyprobesError,
+                      ReturnProbe, SymbolError, Target, parse_spec)
+
 from .output import CliError, Report, note
 
 MAX_BLOCK = 1.0
@@ -30,10 +27,9 @@ PreFactory = Callable[[Target], Callable | None]
 def placed_line(spec: str, probe: Probe | ReturnProbe) -> str:
     """What -v says about one placed probe."""
     entry = probe.entry_probe if isinstance(probe, ReturnProbe) else probe
-    point = entry.point
-    how = point.kind.value + (f" ({point.reason})" if point.reason else "")
+    how = entry.classification + (f" ({entry.reason})" if entry.reason else "")
     return (f"{spec} -> {probe.name} at {probe.address:#x} in {probe.target.module.path}: "
-            f"{point.insn.text}, {how}")
+            f"{entry.instruction}, {how}")
 
 
 def signal_name(sig: int) -> str:
@@ -43,11 +39,6 @@ def signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
-def entry_point(pid: int) -> int | None:
-    """The runtime address the kernel will jump to after the dynamic loader (AT_ENTRY)."""
-    return auxv_value(pid, AT_ENTRY)
-
-
 def add_speed_options(parser) -> None:
     """--same-cpu and --busy-wait, for the commands that trace."""
     parser.add_argument("--same-cpu", action="store_true",
@@ -55,7 +46,7 @@ def add_speed_options(parser) -> None:
                              "with one busy thread, a bottleneck for one that needs its cores")
     parser.add_argument("--busy-wait", type=float, metavar="US",
                         help="after resuming a thread, poll this long for its next stop before sleeping "
-                             f"(default {DEFAULT_BUSY_WAIT_NS / 1000:g}, 0 with --same-cpu; 0: never poll, least CPU)")
+                             f"(default {DEFAULT_BUSY_WAIT_US:g}, 0 with --same-cpu; 0: never poll, least CPU)")
 
 
 class Session:
@@ -80,7 +71,6 @@ class Session:
         self.stop_signal: int | None = None
         self.start = time.monotonic()
         self.end: float | None = None
-        self._held: list[int] = []
         self.started = False  # go() was called: the command runs with its probes
         self._old_handlers: dict[int, object] = {}
         self.child_status: int | None = None  # subprocess-style: negative for a killing signal
@@ -118,7 +108,10 @@ class Session:
             what = " ".join(self.command) if self.spawned else f"PID {self.pid_arg}"
             note(f"{'started' if self.spawned else 'attached to'} {what} (PID {self.proc.pid})")
         if self.spawned:
-            self._run_to_entry()
+            try:
+                self.proc.run_to_entry()
+            except ProcessExited as e:
+                raise CliError(f"{self.command[0]} exited before its entry point (status {e.exit_code})", 1) from None
         if self.same_cpu:
             cpu = self.proc.share_cpu()
             if self.verbose:
@@ -126,63 +119,6 @@ class Session:
         if self.busy_wait_us is not None:
             self.proc.busy_wait_us = self.busy_wait_us
         return self.proc
-
-    def _run_to_entry(self) -> None:
-        """Let the dynamic loader map and relocate the libraries, and stop the main thread before
-        any of their code runs: at the loader's startup RT_CONSISTENT event (its r_brk, where
-        gdb stops too: library constructors have not run yet), or for a program without one
-        at its entry point (AT_ENTRY)."""
-        proc = self.proc
-        mods = modules(proc.pid)
-        loader = find_loader(proc.pid, mods, proc.engine.memory)
-        if loader is not None and loader[1] is not None:
-            target, r_debug = loader
-
-            def ready() -> bool:
-                return loader_state(proc.engine.memory, r_debug) == RT_CONSISTENT
-        else:
-            entry = entry_point(proc.pid)
-            if entry is None:
-                return
-            target = symbolize(entry, mods)
-            if target is None:
-                return
-            if target.symbol is None or target.offset:
-                mod = target.module
-                sym = Symbol("(entry)", mod.to_link(entry), 0, "global")
-                target = Target(entry, mod, sym, entry, 0, f"0x{entry:x}")
-
-            def ready() -> bool:
-                return True
-        held = self._held
-        arriving: set[int] = set()
-
-        def arrived(tid, regs):
-            if tid not in arriving:
-                return
-            arriving.discard(tid)
-            proc.tracee.hold(tid)  # keep it stopped while the probes go in
-            held.append(tid)
-            proc.stop()
-
-        point_probe: list[Probe] = []
-
-        def pre(tid, regs):
-            if not ready():
-                return
-            arriving.add(tid)
-            if point_probe and point_probe[0].point.emulation is not None:
-                arrived(tid, regs)  # emulated: no step, no post-handler
-
-        try:
-            probe = proc.engine.add_probe(target, pre=pre, post=arrived, boost=False)
-        except PyprobesError:
-            return  # a place we cannot probe: libraries will be resolved as they are at exec
-        point_probe.append(probe)
-        code = proc.run()
-        probe.remove()
-        if code is not None or not proc.alive:
-            raise CliError(f"{self.command[0]} exited before its entry point (status {code})", 1)
 
     # ------------------------------------------------------------------ probes
     def place(self, specs: list[str], pre_for: PreFactory | None = None,
@@ -200,7 +136,7 @@ class Session:
         """
         proc = self.proc
         try:
-            proc.tracee.freeze()
+            proc.pause()
         except PyprobesError as e:
             raise CliError(str(e), 1) from None
         pending = proc.pending_probes
@@ -283,9 +219,6 @@ class Session:
         """The probes are in: start the clock and let the held thread(s) run."""
         self.started = True
         self.start = time.monotonic()
-        for tid in self._held:
-            self.proc.tracee.release(tid)
-        self._held.clear()
 
     def run(self, duration: float | None = None, interval: float | None = None,
             tick: Callable[[], None] | None = None) -> None:
@@ -326,21 +259,13 @@ class Session:
             return
         if self.spawned and not self.started:
             # Probes could not be placed: the command has not run a line of its own code; it
-            # must not run at all. Un-hold without resuming (a held thread would never be let
-            # through its exit stop).
-            for tid in self._held:
-                proc.tracee.release(tid, resume=False)
-            self._held.clear()
+            # must not run at all.
             try:
                 proc.kill()
             except (PyprobesError, OSError):
                 pass
             self.child_status = None
             return
-        if self._held and proc.alive:
-            for tid in self._held:
-                proc.tracee.release(tid)
-            self._held.clear()
         try:
             proc.detach()
         except PyprobesError as e:

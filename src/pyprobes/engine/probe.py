@@ -101,6 +101,22 @@ class Probe:
     def mode(self) -> str:
         return self.point.mode
 
+    @property
+    def classification(self) -> str:
+        """What the probed instruction was classified as: "emulated", "stepped" or "boosted"
+        (a boostable probe runs stepped until its first clean step, as in the seed)."""
+        return self.point.kind.value
+
+    @property
+    def reason(self) -> str:
+        """Why it was classified so ("" when nothing stands in the way of boosting)."""
+        return self.point.reason
+
+    @property
+    def instruction(self) -> str:
+        """The probed instruction, disassembled."""
+        return self.point.insn.text
+
     def enable(self) -> None:
         if self.removed:
             raise ProbeError(f"probe {self.name} was removed")

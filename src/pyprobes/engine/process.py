@@ -13,12 +13,17 @@ import threading
 import time
 from typing import Sequence
 
+from ..errors import PyprobesError
 from ..slots import SlotCache
-from ..tracee import EventKind, ProcessExited, Tracee
+from ..symbols import AT_ENTRY, Symbol, Target, auxv_value, modules, symbolize
+from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
 from .engine import Engine
-from .pending import PendingProbe, PendingProbes
+from .pending import RT_CONSISTENT, PendingProbe, PendingProbes, find_loader, loader_state
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
+
+
+DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000
 
 
 class Process:
@@ -97,6 +102,69 @@ class Process:
             raise ProbeError(f"{spec!r} matches {len(targets)} functions: a return probe needs exactly one")
         return self.engine.returns.add(targets[0], handler, entry=entry, maxactive=maxactive)
 
+    def pause(self) -> None:
+        """Stop every thread until the next run(). Probes placed meanwhile go in at once, as far
+        as the program can tell: no thread hits one placed a moment ago while the next one is
+        still being placed (with a slot page mapped by a system call injected in a thread, say)."""
+        self.tracee.freeze()
+
+    def run_to_entry(self) -> None:
+        """Run a process spawned stopped at its exec until the dynamic loader has mapped and
+        relocated every library it links, and pause it there, before any of their code runs:
+        at the loader's startup RT_CONSISTENT event (its r_brk, where gdb stops too: library
+        constructors have not run yet), or at the ELF entry point (AT_ENTRY) for a program
+        without one. `libc:puts` then resolves before the program has run a line of its own.
+        Raises PyprobesError if the program exits first."""
+        tracee = self.tracee
+        if not tracee.alive:
+            raise ProcessExited(self.pid, self.exit_code)
+        mods = modules(self.pid)
+        loader = find_loader(self.pid, mods, self.engine.memory)
+        if loader is not None and loader[1] is not None:
+            target, r_debug = loader
+
+            def ready() -> bool:
+                return loader_state(self.engine.memory, r_debug) == RT_CONSISTENT
+        else:
+            entry = auxv_value(self.pid, AT_ENTRY)
+            target = None if entry is None else symbolize(entry, mods)
+            if target is None:
+                return
+            if target.symbol is None or target.offset:
+                mod = target.module
+                target = Target(entry, mod, Symbol("(entry)", mod.to_link(entry), 0, "global"), entry, 0,
+                                f"0x{entry:x}")
+
+            def ready() -> bool:
+                return True
+        arrived: list[int] = []
+        arriving: set[int] = set()
+
+        def stop_there(tid: int, regs) -> None:
+            if tid in arriving:
+                arriving.discard(tid)
+                tracee.hold(tid)  # keep it stopped through the rest of this run
+                arrived.append(tid)
+                self.stop()
+
+        def pre(tid: int, regs) -> None:
+            if ready():
+                arriving.add(tid)
+                if probe.mode == "emulated":
+                    stop_there(tid, regs)  # emulated: no step, so no post-handler
+
+        try:
+            probe = self.engine.add_probe(target, pre=pre, post=stop_there, boost=False)
+        except PyprobesError:
+            return  # a place we cannot probe: libraries resolve as they are at exec
+        code = self.run()
+        probe.remove()
+        if code is not None or not self.alive:
+            raise ProcessExited(self.pid, code)
+        self.pause()
+        for tid in arrived:
+            tracee.release(tid, resume=False)  # paused now: the next run() lets it go
+
     def stop(self) -> None:
         """Make run() return soon; safe from a handler or a signal handler."""
         self._stop_requested = True
@@ -169,7 +237,7 @@ class Process:
     def share_cpu(self, cpu: int | None = None) -> int:
         """Run the tracer and every thread of the process on one CPU (the tracer's current one by
         default); return it. A ptrace stop costs 2-2.5x less when tracer and tracee share a CPU
-        (ANCHORS.md), but the process's threads then share that CPU too: worth it for a
+        (README "Speed"), but the process's threads then share that CPU too: worth it for a
         single-threaded or one-hot-thread program, not for one that needs its cores. Every
         affinity is given back at detach; threads born meanwhile get the process's original one.
         """

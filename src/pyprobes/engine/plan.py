@@ -1,0 +1,117 @@
+"""How a probe at each function's entry would run, without placing one (what `pyprobes list` shows).
+
+The same decode-from-the-symbol-start and classification a probe gets when it is placed, read
+from the file's bytes (a binary) or from a running process's modules (link-time code, runtime
+addresses), so a library user can ask what the CLI asks.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..errors import PyprobesError
+from ..symbols import ElfError, ElfFile, Symbol, SymbolError, main_module, modules, resolve
+from ..symbols.elf import preference
+from ..x86 import Kind, MidInstructionError, classify, instruction_at
+
+
+@dataclass(frozen=True)
+class FunctionPlan:
+    """One function and what a probe at its entry would be."""
+
+    module: str        # the module's file name
+    address: int       # link-time for a binary, runtime for a process
+    size: int
+    name: str
+    probe: str         # "boosted", "emulated", "stepped", or "refused: WHY"
+    instruction: str   # its first instruction, as disassembled ("" if unreadable)
+
+
+class _Code:
+    """The file's bytes of executable segments, read once per segment."""
+
+    def __init__(self, elf: ElfFile) -> None:
+        self.elf = elf
+        self.segments: dict[int, bytes] = {}
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        seg = self.elf.segment_for(vaddr)
+        if seg is None:
+            raise ValueError("not in a loadable segment")
+        data = self.segments.get(seg.vaddr)
+        if data is None:
+            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.memsz)
+        start = vaddr - seg.vaddr
+        return data[start:start + size]
+
+
+def _verdict(code: _Code, sym: Symbol) -> tuple[str, str]:
+    """(what a probe at SYM's entry would be, its first instruction)."""
+    extra = " (ifunc resolver)" if sym.kind == "ifunc" else ""
+    try:
+        data = code.read(sym.address, 16 if not sym.size else min(sym.size, 16))
+        insn = instruction_at(data, sym.address, sym.address)
+    except (ValueError, ElfError, MidInstructionError) as e:
+        return f"refused: cannot read its code ({e})", ""
+    if insn.is_invalid:
+        return "refused: invalid instruction", insn.text
+    c = classify(insn)
+    if c.kind is Kind.REFUSE:
+        return f"refused: {c.reason}{extra}", insn.text
+    return c.kind.value + extra, insn.text
+
+
+def _one_per_address(functions: Iterable[Symbol], pattern: str | None) -> list[Symbol]:
+    """One symbol per address (aliases are one function), names matching PATTERN."""
+    match = re.compile(fnmatch.translate(pattern)).match if pattern else None
+    skip_cold = not pattern or ".cold" not in pattern  # gcc's cold fragments are not functions
+    chosen: dict[int, Symbol] = {}
+    for sym in functions:
+        if match is not None and not match(sym.name):
+            continue
+        if skip_cold and ".cold" in sym.name:
+            continue
+        old = chosen.get(sym.address)
+        if old is None or preference(sym) < preference(old):
+            chosen[sym.address] = sym
+    return [chosen[a] for a in sorted(chosen)]
+
+
+def functions_of_binary(path: str, pattern: str | None = None) -> list[FunctionPlan]:
+    """Every function of the ELF file PATH whose name matches the glob PATTERN, at link-time
+    addresses. Raises ElfError (not an ELF file it can read), OSError, SymbolError (nothing
+    matches PATTERN, with the nearest names), PyprobesError (no function symbols at all)."""
+    elf = ElfFile.load_with_debug(path)
+    syms = _one_per_address(elf.functions, pattern)
+    if not syms:
+        if pattern is None:
+            raise PyprobesError(f"{path}: no function symbols")
+        stem = re.sub(r"\[[^\]]*\]|[*?]", "", pattern)
+        near = difflib.get_close_matches(stem, sorted({s.name for s in elf.functions}), n=5, cutoff=0.6)
+        hint = f"; did you mean: {', '.join(near)}?" if near else ""
+        raise SymbolError(f"no functions match {pattern!r} in {os.path.basename(path)}{hint}")
+    code = _Code(elf)
+    name = os.path.basename(path)
+    return [FunctionPlan(name, s.address, s.size, s.name, *_verdict(code, s)) for s in syms]
+
+
+def functions_of_process(pid: int, pattern: str | None = None) -> list[FunctionPlan]:
+    """Every function a probe spec PATTERN ([MODULE:]GLOB; default: all of the executable's)
+    matches in the running process PID, at runtime addresses. Raises SymbolError (a bad or
+    unmatched spec), ProcessLookupError, PermissionError, LookupError."""
+    mods = modules(pid)
+    spec = pattern if pattern else f"{main_module(pid, mods).path}:*"
+    codes: dict[int, _Code] = {}
+    out = []
+    for t in resolve(pid, spec, mods):
+        if t.symbol is None:
+            continue
+        code = codes.setdefault(id(t.module.elf), _Code(t.module.elf))
+        sym = t.symbol
+        out.append(FunctionPlan(t.module.name, t.address, sym.size, sym.name + (f"+{t.offset:#x}" if t.offset else ""),
+                                *_verdict(code, sym)))
+    return out
