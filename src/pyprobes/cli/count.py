@@ -6,7 +6,7 @@ import argparse
 from pyprobes import ReturnProbe
 
 from .output import CliError, Histogram, Report, count_table, histogram_text
-from .session import Session, add_speed_options
+from .session import MAX_SECONDS, Session, add_speed_options
 
 HELP = "count hits per probe"
 MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
@@ -103,7 +103,7 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
 def run(args, command: list[str], on_done=None) -> int:
     for name in ("duration", "interval"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not 0 < value < MAX_SECONDS:  # also refuses nan and inf
             raise CliError(f"--{name} must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     latency = getattr(args, "latency", False)

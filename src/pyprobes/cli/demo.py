@@ -13,6 +13,8 @@ from .output import CliError, note
 
 SOURCE = Path(__file__).resolve().parent.parent / "demo" / "demo.c"
 ROUNDS = 5000
+# The demo's C counters are longs, but a round costs tens of µs traced: this many take minutes.
+MAX_ROUNDS = 10_000_000
 THREADS = 2
 PROBES = ("demo_work", "demo_add", "demo_tick")
 
@@ -71,8 +73,8 @@ def build() -> Path:
 def run(args, command: list[str]) -> int:
     if command:
         raise CliError("demo takes no command", 2)
-    if args.rounds <= 0:
-        raise CliError("--rounds must be positive", 2)
+    if not 0 < args.rounds <= MAX_ROUNDS:
+        raise CliError(f"--rounds must be between 1 and {MAX_ROUNDS:,}", 2)
     exe = build()
     note(f"demo: counting {', '.join(PROBES)} in {exe} ({THREADS} threads x {args.rounds} rounds)")
     ns = argparse.Namespace(pid=None, duration=None, interval=None, json=args.json, output=args.output,

@@ -19,6 +19,7 @@ from pyprobes import (DEFAULT_BUSY_WAIT_US, PendingProbe, Probe, ProbeError, Pro
 from .output import CliError, Report, note
 
 MAX_BLOCK = 1.0
+MAX_SECONDS = 1e9  # a bound on -d/-i that time.monotonic() arithmetic can take (about 31 years)
 SIGNAL_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 PreFactory = Callable[[Target], Callable | None]

@@ -6,7 +6,7 @@ import json
 import time
 
 from .output import CliError, Report
-from .session import Session, add_speed_options
+from .session import MAX_SECONDS, Session, add_speed_options
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 def run(args, command: list[str]) -> int:
     if not 0 <= args.args <= len(ARG_REGISTERS):
         raise CliError(f"--args must be between 0 and {len(ARG_REGISTERS)}", 2)
-    if args.duration is not None and args.duration <= 0:
+    if args.duration is not None and not 0 < args.duration < MAX_SECONDS:  # also refuses nan and inf
         raise CliError("--duration must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     report = Report(args.output)
