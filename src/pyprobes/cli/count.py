@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from pyprobes import ReturnProbe
 
@@ -46,33 +47,41 @@ def add_parser(sub) -> None:
 
 def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[dict]:
     """One row per function probed: its hits summed over every load of its module (and every
-    image after an exec); a PROBE not armed yet is one row with mode "pending" and no address."""
-    out: list[dict] = []
+    image after an exec); a PROBE not armed yet is one row with mode "pending" and no address.
+
+    A function is its module and link-time address, not its name: two `static helper()` of two
+    source files are two rows, each named `helper@0xLINKADDR` so the user can tell them apart."""
+    out: list[tuple[dict, str]] = []  # (row, its name as shown)
     for pp in session.pendings:
         if not pp.history:
-            out.append({"probe": pp.spec, "module": pp.module, "address": None, "hits": 0,
-                        "missed": 0, "mode": pp.state})
+            out.append(({"probe": pp.spec, "module": pp.module, "address": None, "hits": 0,
+                         "missed": 0, "mode": pp.state}, pp.spec))
             continue
         live = {id(p) for p in pp.probes}
-        group: dict[str, dict] = {}
+        group: dict[tuple[str, str, int], dict] = {}
         for p in pp.history:
             is_live = id(p) in live
             mode = ("return" if isinstance(p, ReturnProbe) else p.mode) if is_live else "unloaded"
-            row = group.get(p.name)
+            module = p.target.module
+            key = (p.name, module.path, module.to_link(p.address))
+            row = group.get(key)
             if row is None:
-                row = group[p.name] = {"probe": p.name, "module": p.target.module.name,
-                                       "address": f"{p.address:#x}", "hits": 0, "missed": 0, "mode": mode}
+                row = group[key] = {"probe": p.name, "module": module.name,
+                                    "address": f"{p.address:#x}", "hits": 0, "missed": 0, "mode": mode}
             elif is_live:
                 row.update(address=f"{p.address:#x}", mode=mode)
             row["hits"] += p.hits
             row["missed"] += p.missed
-        out.extend(group.values())
-    if hists is not None:
-        for row in out:
+        names = Counter(name for name, _, _ in group)
+        out.extend((row, f"{name}@{link:#x}" if names[name] > 1 else name)
+                   for (name, _, link), row in group.items())
+    for row, shown_name in out:
+        if hists is not None:
             hist = hists.get(row["probe"])
             if hist is not None:
                 row["latency_ns"] = hist.as_json()
-    return out
+        row["probe"] = shown_name
+    return [row for row, _ in out]
 
 
 def show(session: Session, report: Report, args, final: bool, exit_code=None,
@@ -88,7 +97,9 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
         # 'libc:*' places thousands: the ones never hit would bury the others (and take
         # seconds to draw). --json keeps every row.
         shown = [r for r in table_rows if r["hits"] or r["missed"]]
-    report.table(count_table(shown, title=title))
+    # The title is a line of its own: as the table's title, rich pads it to the table's width.
+    report.line(title)
+    report.table(count_table(shown))
     if len(shown) < len(table_rows):
         report.line(f"{len(table_rows) - len(shown)} of {len(table_rows)} probes had no hits and are "
                     "not shown (--json lists every probe)")

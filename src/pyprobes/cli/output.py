@@ -86,10 +86,10 @@ class Report:
             self.stream.close()
 
 
-def count_table(rows: Iterable[dict], title: str | None = None) -> "Table":
+def count_table(rows: Iterable[dict]) -> "Table":
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("probe")
     table.add_column("address", justify="right")
     table.add_column("mode")
