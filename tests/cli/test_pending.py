@@ -125,3 +125,14 @@ def test_armed_and_dropped_while_threads_run_probed_code(build, plug):
     assert rows["plug_fn"]["hits"] == rows["plug_fn%return"]["hits"] == 100 * rounds
     assert rows["spin_fn"]["hits"] == int(own["spin_fn"]) > 0
     assert all(row["missed"] == 0 for row in rows.values())
+
+
+def test_a_pending_probe_whose_library_never_loads_says_so(loader):
+    """The fixture runs 0 rounds (never dlopens): the report's row says pending, and a note
+    says the module never came, instead of a silent 0."""
+    r = cli("count", "--json", "libnever:fn", "main_fn", "--", str(loader), "/nonexistent/libnever.so", "1", "0")
+    assert r.returncode == 0, r.stderr
+    rows = {row["probe"]: row for row in last_json(r.stderr)["probes"]}
+    assert rows["libnever:fn"]["mode"] == "pending" and rows["libnever:fn"]["hits"] == 0
+    assert any(x.endswith("libnever:fn: module 'libnever' was never loaded: nothing was probed")
+               for x in notes(r.stderr)), r.stderr

@@ -271,6 +271,9 @@ class Session:
             proc.detach()
         except PyprobesError as e:
             note(f"while detaching: {e}")
+        for pp in self.pendings:
+            if not pp.history:
+                note(f"{pp.spec}: module {pp.module!r} was never loaded: nothing was probed")
         if self.end is None:
             self.end = time.monotonic()
         if not self.spawned:
