@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyprobes.tracee import ProcessExited, Tracee
+from pyprobes.tracee import ProcessExited
 
 from .conftest import drain, pump
 
@@ -33,7 +33,7 @@ def _freeze_thaw_until_exit(tracee, out, action=None, max_cycles=200_000):
 
 
 def test_exit_during_freeze_thaw_loop(procs, fixture):
-    tracee, out = procs.spawn([fixture("tr_exit_mid"), 4, 300, 42])
+    tracee, out = procs.spawn_tracee([fixture("tr_exit_mid"), 4, 300, 42])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready$"), output=out)
     exc, cycles = _freeze_thaw_until_exit(tracee, out)
@@ -54,7 +54,7 @@ def test_exit_during_freeze_thaw_loop(procs, fixture):
 @pytest.mark.parametrize("while_frozen,delay", [(False, 0), (True, 0), (True, 0.05)],
                          ids=["running", "frozen", "frozen-then-wait"])
 def test_sigkill_from_outside_during_freeze_thaw_loop(procs, fixture, while_frozen, delay):
-    tracee, out = procs.spawn([fixture("tr_counters"), 8])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), 8])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready "), output=out)
     killed = []
@@ -80,7 +80,7 @@ def test_sigkill_from_outside_during_freeze_thaw_loop(procs, fixture, while_froz
 
 
 def test_kill_method_ends_a_frozen_process(procs, fixture):
-    tracee, out = procs.spawn([fixture("tr_counters"), 4])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), 4])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready "), output=out)
     tracee.freeze()
@@ -99,8 +99,7 @@ def test_kill_method_on_an_attached_process(procs, fixture):
     while len(os.listdir(f"/proc/{pid}/task")) < 5:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    tracee = Tracee.attach(pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(pid)
     tracee.freeze()
     tracee.thaw()
     assert tracee.kill() == -signal.SIGKILL

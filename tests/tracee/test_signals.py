@@ -37,7 +37,7 @@ def test_signal_storm_with_freezes_loses_none(procs, fixture, tmp_path, mode, ns
         region = mmap.mmap(f.fileno(), 4096)
     shared = Shared(region)
     try:
-        tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+        tracee, out = procs.spawn_tracee([fixture("tr_sigrecv"), path])
         tracee.thaw()
         pump(tracee, lambda: shared.ready, output=out)
         delivered = {}
@@ -92,7 +92,7 @@ def _ready(out):
 
 def test_group_stop_survives_freeze_and_ends_with_sigcont(procs, fixture):
     nthreads = 2
-    tracee, out = procs.spawn([fixture("tr_counters"), nthreads])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), nthreads])
     tracee.thaw()
     base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
     tids = proc_tids(tracee.pid)
@@ -148,7 +148,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
     with open(path, "r+b") as f:
         region = mmap.mmap(f.fileno(), 4096)
     shared = Shared(region)
-    tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+    tracee, out = procs.spawn_tracee([fixture("tr_sigrecv"), path])
     tracee.thaw()
     pump(tracee, lambda: shared.ready, output=out)
     [spinner] = proc_tids(tracee.pid) - {tracee.pid}
@@ -189,7 +189,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
 def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
     """Job control that happens while every thread is frozen takes effect after thaw."""
     nthreads = 3
-    tracee, out = procs.spawn([fixture("tr_counters"), nthreads])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), nthreads])
     tracee.thaw()
     base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
     tids = proc_tids(tracee.pid)
