@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from processes import signals_pending
 from pyprobes.tracee import EventKind, ProcessExited, ThreadState
 
 from .conftest import drain, expect_exit, proc_state, proc_tids, pump
@@ -203,7 +204,9 @@ def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
 
     tracee.freeze()
     os.kill(tracee.pid, signal.SIGSTOP)
-    time.sleep(0.05)
+    # kill() queues it before it returns; it waits, pending, while every thread is frozen.
+    assert signal.SIGSTOP in signals_pending(tracee.pid)
+    assert all(proc_state(tracee.pid, t) == "t" for t in tids)
     tracee.thaw()
     pump(tracee, lambda: group_stopped == tids, output=out, on_event=on_event)
     pump(tracee, lambda: all(proc_state(tracee.pid, t) in "tT" for t in tids), output=out,
@@ -215,7 +218,8 @@ def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
 
     tracee.freeze()
     os.kill(tracee.pid, signal.SIGCONT)
-    time.sleep(0.05)
+    assert signal.SIGCONT in signals_pending(tracee.pid)
+    assert all(proc_state(tracee.pid, t) == "t" for t in tids)
     tracee.thaw()
     pump(tracee, lambda: all(a != b for a, b in zip(before, counters())), output=out,
          on_event=on_event)
