@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pyprobes
+from pyprobes.symbols import ElfFile, modules
 from pyprobes.tracee import Tracee, TraceeError
 
 WALL = 0x40000000
@@ -417,3 +418,20 @@ def signals_pending(pid: int) -> set[int]:
                 mask = int(line.split()[1], 16)
                 return {n for n in range(1, 65) if mask & (1 << (n - 1))}
     return set()
+
+
+def text_differences(pid: int, exe: Path) -> list[str]:
+    """Where PID's mapped executable segments of EXE differ from the file (empty: identical)."""
+    real = os.path.realpath(exe)
+    (mod,) = [m for m in modules(pid) if os.path.realpath(m.path) == real]
+    elf = ElfFile.load(exe)
+    diffs = []
+    for seg in elf.segments:
+        if not seg.flags & 1:  # PF_X
+            continue
+        want = elf.read_vaddr(seg.vaddr, seg.filesz)
+        got = read_mem(pid, mod.to_runtime(seg.vaddr), seg.filesz)
+        if got != want:
+            at = next(i for i in range(len(want)) if got[i] != want[i])
+            diffs.append(f"segment {seg.vaddr:#x}: first difference at +{at:#x}")
+    return diffs
