@@ -9,6 +9,10 @@ over R repeats, medians shown):
   sparse  1 thread calling hit every 200 µs: what polling costs when it mostly times out
 Per hit: the workload's wall time over its calls (for 2 threads: over both threads' calls).
 Tracer CPU: pyprobes' own user + system time per hit.
+A second table counts the polls per 1000 hits: caught a stop / timed out / skipped (the back-off
+after misses: 1, 3, 7 ... 63 waits without a poll); budget 0, which never polls, is the reference.
+At the default budget the dense workload's polls catch stops, and the sparse one's time out and
+back off (these used to be assertions of tests/engine/test_busy_wait.py; they depend on speed).
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ WORKLOADS = {  # name: (calls per thread, threads, gap between calls in µs)
     "threads": (15_000, 2, 0),
     "sparse": (3_000, 1, 200),
 }
-RESULT = re.compile(r"pyprobes: hits=(\d+) .*user_ns_per_hit=([0-9.]+) sys_ns_per_hit=([0-9.]+)")
+RESULT = re.compile(r"pyprobes: hits=(\d+) .*user_ns_per_hit=([0-9.]+) sys_ns_per_hit=([0-9.]+)"
+                    r"(?: polls=(\d+)/(\d+)/(\d+))?")
 
 
-def run_one(work: str, budget: float, n: int, threads: int, gap: int) -> tuple[float, float, bool]:
-    """(µs per hit, tracer CPU µs per hit, count exact)."""
+def run_one(work: str, budget: float, n: int, threads: int, gap: int
+            ) -> tuple[float, float, bool, tuple[float, float, float]]:
+    """(µs per hit, tracer CPU µs per hit, count exact, polls caught/timed out/skipped per 1000 hits)."""
     cmd = [sys.executable, "-m", "bench.pyrun", f"hit+{LEA_OFF}", "--busy-wait", str(budget), "--",
            work, str(n), str(threads), str(gap)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -41,7 +47,9 @@ def run_one(work: str, budget: float, n: int, threads: int, gap: int) -> tuple[f
     calls, hits, ns_per_call = int(w.group(1)), int(w.group(2)), float(w.group(4))
     per_hit = ns_per_call * n / (n * threads) / 1000  # the loop's wall time over every thread's calls
     cpu = (float(p.group(2)) + float(p.group(3))) / 1000
-    return per_hit, cpu, int(p.group(1)) == hits == calls
+    per_k = 1000 / max(int(p.group(1)), 1)
+    polls = tuple(int(p.group(i) or 0) * per_k for i in (4, 5, 6))
+    return per_hit, cpu, int(p.group(1)) == hits == calls, polls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             exact &= all(s[2] for s in samples)
             cells += [f"{statistics.median(s[0] for s in samples):.1f}",
                       f"{statistics.median(s[1] for s in samples):.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\npolls per 1000 hits: caught / timed out / skipped (budget 0 never polls: the reference)\n")
+    print("| busy_wait_us | " + " | ".join(WORKLOADS) + " |")
+    print("| ---: |" + " ---: |" * len(WORKLOADS))
+    for budget in budgets:
+        cells = [f"{budget:g}"]
+        for name in WORKLOADS:
+            samples = results[(name, budget)]
+            cells.append(" / ".join(f"{statistics.median(s[3][i] for s in samples):.0f}" for i in range(3)))
         print("| " + " | ".join(cells) + " |")
     print(f"\nmedians of {args.repeats} runs; " + ("hit counts exact in every run" if exact
                                                    else "HIT COUNTS WRONG in some run"))

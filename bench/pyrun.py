@@ -3,8 +3,9 @@
     python -m bench.pyrun SPEC [--no-boost] [--busy-wait US] [--profile N] -- PROGRAM [ARGS...]
 
 Spawns PROGRAM under pyprobes with one probe at SPEC, runs it to the end, and prints
-"pyprobes: hits=H mode=M exit=E user_ns_per_hit=U sys_ns_per_hit=S" on stderr (U and S: this
-tracer's own CPU time during proc.run(), per hit). PROGRAM's own output goes to the inherited stdout.
+"pyprobes: hits=H mode=M exit=E user_ns_per_hit=U sys_ns_per_hit=S polls=C/T/K" on stderr (U and
+S: this tracer's own CPU time during proc.run(), per hit; C/T/K: busy-wait polls that caught a
+stop, timed out, and waits that skipped the poll while backing off). PROGRAM's own output goes to the inherited stdout.
 With --profile N, proc.run() runs under cProfile and the top N functions (by own time) follow on
 stderr.
 """
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if profiler is not None:
             profiler.disable()
         hits, mode = probe.hits, probe.mode
+        polls = getattr(proc.tracee, "poll_stats", None) or {}
     per = 1e9 / max(hits, 1)
     user, sys_ = (after.ru_utime - before.ru_utime) * per, (after.ru_stime - before.ru_stime) * per
-    print(f"pyprobes: hits={hits} mode={mode} exit={code} user_ns_per_hit={user:.1f} sys_ns_per_hit={sys_:.1f}",
+    print(f"pyprobes: hits={hits} mode={mode} exit={code} user_ns_per_hit={user:.1f} sys_ns_per_hit={sys_:.1f} "
+          f"polls={polls.get('caught', 0)}/{polls.get('timed_out', 0)}/{polls.get('skipped', 0)}",
           file=sys.stderr, flush=True)
     if profiler is not None:
         import pstats

@@ -5,10 +5,7 @@ import hashlib
 import os
 import shutil
 import subprocess
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -56,32 +53,16 @@ def fixture(build):
     return get
 
 
-@contextmanager
-def watchdog(procs, request, seconds: float) -> Iterator[None]:
-    """Kill every process of PROCS (anything with kill_all() and cleanup()) if the test runs past
-    SECONDS, then fail it; clean up in any case. A thread timer, not SIGALRM: run(timeout=) uses that."""
-    fired = []
-    timer = threading.Timer(seconds, lambda: (fired.append(True), procs.kill_all()))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        procs.cleanup()
-    if fired:
-        pytest.fail(f"watchdog: {request.node.nodeid} ran over {seconds} s; its processes were killed")
-
-
 WATCHDOG = 120.0  # seconds; a test reaching it has hung, not run slowly (even on a loaded machine)
 
 
 @pytest.fixture
-def procs(tmp_path, request):
-    """The engine and return-probe tests' fixture processes (tests/processes.py), killed and reaped
-    at teardown; a watchdog fails a test that hangs (tests/tracee has its own `procs`)."""
-    from processes import Procs
+def procs(request):
+    """Every suite's fixture processes (tests/processes.py): started traced or not, stdout read
+    without blocking, killed and reaped at teardown; a watchdog kills them and fails the test
+    if it hangs."""
+    from processes import Procs, watchdog
 
-    p = Procs(tmp_path)
-    with watchdog(p, request, WATCHDOG):
+    p = Procs()
+    with watchdog(p, request.node.nodeid, WATCHDOG, pytest.fail):
         yield p

@@ -7,9 +7,7 @@ correct results untraced.
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 import time
 
 import pytest
@@ -105,24 +103,18 @@ def test_detach_leaves_text_identical_and_no_slot_pages(procs, fixture, how):
     _finish_untraced(pid, lambda: run.text)
 
 
-def test_detach_from_an_attached_process(procs, fixture, tmp_path):
+def test_detach_from_an_attached_process(procs, fixture):
     exe = fixture("eng_work")
-    out = tmp_path / "attached.txt"
-    with open(out, "w") as f:
-        child = subprocess.Popen([str(exe), "lea,push,lock,many,call", "8", "0"], stdout=f)
-    procs.pids.append(child.pid)
-    deadline = time.monotonic() + 10
-    while not re.search(r"^ready", out.read_text(), re.M):
-        assert time.monotonic() < deadline and child.poll() is None
-        time.sleep(0.01)
+    child = procs.start(exe, "lea,push,lock,many,call", 8, 0)
+    child.wait_output(r"^ready")
     before = _exec_mappings(child.pid)
-    proc = pyprobes.attach(child.pid)
+    proc = procs.attach(child)
     try:
         pages = _probe_and_churn(proc)
     finally:
         proc.detach()
     _check_clean(child.pid, exe, before, pages)
-    _finish_untraced(child.pid, out.read_text)
+    _finish_untraced(child.pid, lambda: child.text)
 
 
 def test_text_is_restored_between_runs_too(procs, fixture):

@@ -8,9 +8,11 @@ address in the program's text, and siglongjmp out.
 """
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
+from processes import wait_stop
 
 
 def _stop_in_the_slot_at_the_fault(proc, spec: str, faulting) -> object:
@@ -22,6 +24,7 @@ def _stop_in_the_slot_at_the_fault(proc, spec: str, faulting) -> object:
     def pre(tid, regs):
         if probe.mode == "boosted" and faulting(regs) and not state["armed"]:
             state["armed"] = True
+            state["tid"] = tid
             proc.stop()
 
     probe = proc.probe(spec, pre=pre)
@@ -29,7 +32,8 @@ def _stop_in_the_slot_at_the_fault(proc, spec: str, faulting) -> object:
     while not state["armed"] and time.monotonic() < deadline:
         assert proc.run(timeout=0.2) is None, "the program ended before the faulting hit"
     assert state["armed"]
-    time.sleep(0.05)  # the copy runs and faults
+    # The copy runs and faults: its stop is there (left for the tracer to take) before we go on.
+    assert wait_stop(state["tid"]) == signal.SIGSEGV
     return probe
 
 

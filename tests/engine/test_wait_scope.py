@@ -7,6 +7,14 @@ import threading
 import time
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"  # reaped: by the tracer, if that is the bug
+
+
 def test_a_child_of_another_thread_keeps_its_exit_status(procs, fixture):
     run = procs.spawn(fixture("eng_paced"), 1, 400, 1000)  # about half a second of sparse hits
     p = run.proc.probe("paced_hit")
@@ -14,7 +22,14 @@ def test_a_child_of_another_thread_keeps_its_exit_status(procs, fixture):
 
     def other_thread() -> None:
         child = subprocess.Popen(["sh", "-c", "exit 7"])
-        time.sleep(0.3)  # it exits at once, while the tracer waits for its tracee's stops
+        # It exits at once: once it is a zombie, let the tracer wait for a few more of its
+        # tracee's stops (its waitpid would take the zombie's status if it waited too widely).
+        deadline = time.monotonic() + 30
+        while _state(child.pid) not in ("Z", "gone") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        hits = p.hits
+        while p.hits < min(hits + 20, 400) and run.proc.alive and time.monotonic() < deadline:
+            time.sleep(0.001)
         result["code"] = child.wait(timeout=30)
 
     t = threading.Thread(target=other_thread)

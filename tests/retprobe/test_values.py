@@ -59,8 +59,8 @@ def test_elapsed_time_of_a_10ms_sleep(procs, fixture):
     assert (rp.hits, rp.missed, rp.dropped) == (3, 0, 0)
     assert [v for v, _ in naps] == [11, 11, 11]
     for _, ns in naps:
-        # at least the sleep itself; generous above (a noisy 2-vCPU machine, and the tracer's stops)
-        assert 10_000_000 <= ns < 500_000_000, naps
+        # at least the sleep itself (how close: python -m bench.retprobe_latency)
+        assert ns >= 10_000_000, naps
     assert run.lines("nap ms 10 got 11") == ["nap ms 10 got 11"] * 3
 
 

@@ -1,63 +1,22 @@
-"""Live fixture processes for the symbol tests."""
+"""Live fixture processes for the symbol tests (started through every suite's `procs`)."""
 from __future__ import annotations
 
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 
-@dataclass
-class Running:
-    """A started fixture: its process and the addresses it printed about itself."""
-
-    proc: subprocess.Popen
-    exe: Path
-    addresses: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def _start(exe: Path, *args: str) -> Running:
-    proc = subprocess.Popen(
-        [str(exe), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    running = Running(proc, exe)
-    for line in proc.stdout:
-        line = line.strip()
-        if line == "ready":
-            return running
-        name, _, value = line.partition(" ")
-        try:
-            running.addresses[name] = int(value, 16)
-        except ValueError:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"{exe}: unexpected output {line!r}") from None
-    proc.wait()
-    raise RuntimeError(f"{exe} exited with {proc.returncode} before it was ready")
-
-
 @pytest.fixture
-def spawn():
-    """spawn(exe, *args) -> Running; every process is killed at the end of the test."""
-    started: list[Running] = []
+def spawn(procs):
+    """spawn(exe, *args) -> the started fixture (processes.Run) once it printed "ready", with the
+    addresses it printed about itself in .addresses; killed at the end of the test."""
 
-    def start(exe: Path, *args: str) -> Running:
-        running = _start(exe, *args)
-        started.append(running)
-        return running
+    def start(exe: Path, *args: str):
+        run = procs.start(exe, *args)
+        run.wait_output(r"^ready$")
+        return run
 
-    yield start
-    for running in started:
-        if running.proc.poll() is None:
-            running.proc.kill()
-        running.proc.wait()
-        for stream in (running.proc.stdin, running.proc.stdout):
-            stream.close()
+    return start
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -100,14 +99,12 @@ def test_globs(spawn, pie):
     assert {t.symbol.name for t in resolve(proc.pid, "libc:mem[cs]py", modules=mods)} >= {"memcpy"}
 
 
-def test_libc_star_is_fast(spawn, pie):
+def test_libc_star(spawn, pie):
+    """Every libc function (how long it takes: python -m bench.resolve)."""
     proc = spawn(pie)
     mods = modules(proc.pid)
-    start = time.perf_counter()
     targets = resolve(proc.pid, "libc:*", modules=mods)
-    elapsed = time.perf_counter() - start
     assert len(targets) > 1000
-    assert elapsed < 1.0, f"libc:* took {elapsed:.3f} s"
 
 
 def test_unknown_symbol_suggests_near_misses(spawn, pie):

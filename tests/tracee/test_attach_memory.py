@@ -2,10 +2,7 @@
 detach: the program runs on as if nothing happened."""
 from __future__ import annotations
 
-import subprocess
-
 from pyprobes.symbols import ElfFile, main_module
-from pyprobes.tracee import Tracee
 
 
 def _expected_result() -> int:
@@ -14,8 +11,9 @@ def _expected_result() -> int:
 
 def test_attach_patch_readonly_text_restore_detach(procs, fixture):
     exe = fixture("tr_textpatch")
-    proc = procs.popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
+    proc = procs.start(exe)
+    ready = proc.wait_output(r"^ready .*\n")[0]
+    line = ready.split()
     assert line[0] == "ready"
     compute = int(line[1], 16)
 
@@ -27,8 +25,7 @@ def test_attach_patch_readonly_text_restore_detach(procs, fixture):
     offset = elf.vaddr_to_offset(mod.to_link(compute))
     file_bytes = exe.read_bytes()[offset:offset + 32]
 
-    tracee = Tracee.attach(proc.pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(proc)
     snap = tracee.freeze()
     assert snap.tids == {proc.pid}
 
@@ -46,6 +43,8 @@ def test_attach_patch_readonly_text_restore_detach(procs, fixture):
     assert not tracee.attached
     with open(f"/proc/{proc.pid}/status") as f:
         assert "TracerPid:\t0\n" in f.read()
-    out, _ = proc.communicate("go\n", timeout=20)
+    proc.write("go\n")
+    proc.close_stdin()
+    assert proc.wait_exit() == 3
+    out = proc.output.read_to_eof()[len(ready):]
     assert out == f"result {_expected_result()}\n"
-    assert proc.returncode == 3

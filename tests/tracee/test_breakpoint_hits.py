@@ -20,7 +20,7 @@ CALLS = 150
 
 def _start(procs, fixture, calls=CALLS, *extra):
     exe = fixture("tr_bphits")
-    tracee, out = procs.spawn([exe, THREADS, calls, *extra])
+    tracee, out = procs.spawn_tracee([exe, THREADS, calls, *extra])
     tracee.thaw()
     m = pump(tracee, lambda: out.search(r"^ready (0x[0-9a-f]+)$"), output=out)
     go = int(m[1], 16)

@@ -3,6 +3,8 @@ an unprivileged tracer, a command that cannot be started."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -23,15 +25,28 @@ def _unused_pid() -> int:
     return proc.pid
 
 
-def _target(procs) -> subprocess.Popen:
+def _target(procs):
     """A root-owned process that waits (on its stdin) until we let it go."""
-    proc = procs.popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    return proc
+    return procs.start(shutil.which("cat"))
 
 
-def _finish_target(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(b"still fine\n", timeout=20)
-    assert out == b"still fine\n" and proc.returncode == 0
+def _finish_target(proc) -> None:
+    proc.write(b"still fine\n")
+    proc.close_stdin()
+    assert proc.wait_exit() == 0
+    assert proc.output.read_to_eof() == "still fine\n"
+
+
+def _seized(procs, fixture, pid: int):
+    """tr_seizer holding PID (a thread) with PTRACE_SEIZE, once it says so."""
+    seizer = procs.start(fixture("tr_seizer"), pid, stdin_pipe=False)
+    assert seizer.wait_output(r"^seized\n").string == "seized\n"
+    return seizer
+
+
+def _end(seizer) -> None:
+    os.kill(seizer.pid, signal.SIGKILL)
+    seizer.wait_exit()
 
 
 def test_no_such_process():
@@ -47,26 +62,23 @@ def test_no_such_process():
 
 def test_already_traced_by_another_program(procs, fixture):
     target = _target(procs)
-    seizer = procs.popen([fixture("tr_seizer"), target.pid], stdout=subprocess.PIPE, text=True)
-    assert seizer.stdout.readline() == "seized\n"
+    seizer = _seized(procs, fixture, target.pid)
     with pytest.raises(AlreadyTraced) as e:
         Tracee.attach(target.pid)
     assert e.value.pid == target.pid
     assert e.value.tracer_pid == seizer.pid
     assert f"already traced by PID {seizer.pid} (tr_seizer)" in str(e.value)
-    seizer.kill()
-    seizer.wait()
+    _end(seizer)
     _finish_target(target)
 
 
 def test_one_thread_traced_by_another_program_leaves_nothing_seized(procs, fixture):
     """Another tracer holds one worker thread: attach fails naming it, and releases the
     threads it had already seized."""
-    proc = procs.popen([fixture("tr_counters"), 3], stdout=subprocess.PIPE, text=True)
-    stop = int(proc.stdout.readline().split()[3], 16)
+    proc = procs.start(fixture("tr_counters"), 3)
+    stop = int(proc.wait_output(r"^ready .*$")[0].split()[3], 16)
     worker = max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
-    seizer = procs.popen([fixture("tr_seizer"), worker], stdout=subprocess.PIPE, text=True)
-    assert seizer.stdout.readline() == "seized\n"
+    seizer = _seized(procs, fixture, worker)
     with pytest.raises(AlreadyTraced) as e:
         Tracee.attach(proc.pid)
     assert e.value.tracer_pid == seizer.pid and "(tr_seizer)" in str(e.value)
@@ -74,22 +86,19 @@ def test_one_thread_traced_by_another_program_leaves_nothing_seized(procs, fixtu
         with open(f"/proc/{proc.pid}/task/{tid}/status") as f:
             tracer = int(f.read().split("TracerPid:")[1].split()[0])
         assert tracer == (seizer.pid if int(tid) == worker else 0), tid
-    seizer.kill()
-    seizer.wait()
-    tracee = Tracee.attach(proc.pid)
-    procs.tracees.append(tracee)
+    _end(seizer)
+    tracee = procs.attach_tracee(proc)
     tracee.freeze()
     tracee.memory.write(stop, (1).to_bytes(4, "little"))
     tracee.detach()
-    out, _ = proc.communicate(timeout=20)
-    assert "done threads 3 moved 3" in out and proc.returncode == 0
+    assert proc.wait_exit() == 0
+    assert "done threads 3 moved 3" in proc.output.read_to_eof()
 
 
 def test_already_traced_by_another_pyprobes(procs):
     """We trace it; a second Python process using pyprobes is told who does."""
     target = _target(procs)
-    tracee = Tracee.attach(target.pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(target)
     code = textwrap.dedent("""
         import sys
         from pyprobes.tracee import AlreadyTraced, Tracee

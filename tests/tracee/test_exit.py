@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pyprobes.tracee import ProcessExited, Tracee
+from pyprobes.tracee import ProcessExited
 
 from .conftest import drain, pump
 
@@ -33,7 +33,7 @@ def _freeze_thaw_until_exit(tracee, out, action=None, max_cycles=200_000):
 
 
 def test_exit_during_freeze_thaw_loop(procs, fixture):
-    tracee, out = procs.spawn([fixture("tr_exit_mid"), 4, 300, 42])
+    tracee, out = procs.spawn_tracee([fixture("tr_exit_mid"), 4, 300, 42])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready$"), output=out)
     exc, cycles = _freeze_thaw_until_exit(tracee, out)
@@ -51,10 +51,25 @@ def test_exit_during_freeze_thaw_loop(procs, fixture):
     assert not tracee.attached
 
 
-@pytest.mark.parametrize("while_frozen,delay", [(False, 0), (True, 0), (True, 0.05)],
+PTRACE_EVENT_EXIT = 6
+WALL = 0x40000000
+
+
+def _wait_every_thread_exiting(pid: int) -> None:
+    """Until every thread of PID has left the stop we froze it in for its exit stop
+    (PTRACE_EVENT_EXIT) or its exit, without taking that stop from the tracer (WNOWAIT)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            info = os.waitid(os.P_PID, int(tid), os.WSTOPPED | os.WEXITED | os.WNOWAIT | WALL)
+        except ChildProcessError:
+            continue  # gone already
+        assert info.si_code != os.CLD_TRAPPED or info.si_status >> 8 == PTRACE_EVENT_EXIT, (tid, info)
+
+
+@pytest.mark.parametrize("while_frozen,delay", [(False, False), (True, False), (True, True)],
                          ids=["running", "frozen", "frozen-then-wait"])
 def test_sigkill_from_outside_during_freeze_thaw_loop(procs, fixture, while_frozen, delay):
-    tracee, out = procs.spawn([fixture("tr_counters"), 8])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), 8])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready "), output=out)
     killed = []
@@ -65,9 +80,9 @@ def test_sigkill_from_outside_during_freeze_thaw_loop(procs, fixture, while_froz
             subprocess.run(["kill", "-KILL", str(tracee.pid)], check=True)
             killed.append(cycle)
             if delay:
-                # Let every thread leave the stop we froze it in for its exit stop, unseen:
+                # Every thread leaves the stop we froze it in for its exit stop, unseen:
                 # thaw() then resumes threads from a stop it never reported.
-                time.sleep(delay)
+                _wait_every_thread_exiting(tracee.pid)
 
     exc, cycles = _freeze_thaw_until_exit(tracee, out, kill_from_outside)
     assert killed and cycles >= 20
@@ -80,7 +95,7 @@ def test_sigkill_from_outside_during_freeze_thaw_loop(procs, fixture, while_froz
 
 
 def test_kill_method_ends_a_frozen_process(procs, fixture):
-    tracee, out = procs.spawn([fixture("tr_counters"), 4])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), 4])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready "), output=out)
     tracee.freeze()
@@ -99,8 +114,7 @@ def test_kill_method_on_an_attached_process(procs, fixture):
     while len(os.listdir(f"/proc/{pid}/task")) < 5:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    tracee = Tracee.attach(pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(pid)
     tracee.freeze()
     tracee.thaw()
     assert tracee.kill() == -signal.SIGKILL

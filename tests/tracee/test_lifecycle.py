@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from pyprobes.tracee import EventKind, Memory, PermissionDenied, ProcessExited, Tracee, TraceeError
 
-from .conftest import drain, expect_exit, hang_guard, proc_state, proc_tids, pump
+from .conftest import drain, expect_exit, proc_state, proc_tids, pump
 
 
 def _cycle_until_exit(tracee, out, check=None, max_seconds=20.0):
@@ -37,7 +36,7 @@ def _cycle_until_exit(tracee, out, check=None, max_seconds=20.0):
 
 def test_vfork_and_exec_children_under_freeze_thaw(procs, fixture):
     n = 60
-    tracee, out = procs.spawn([fixture("tr_vfork"), n])
+    tracee, out = procs.spawn_tracee([fixture("tr_vfork"), n])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready$"), output=out)
 
@@ -58,7 +57,7 @@ def test_vfork_and_exec_children_under_freeze_thaw(procs, fixture):
 
 
 def test_exec_from_a_non_leader_thread(procs, fixture):
-    tracee, out = procs.spawn([fixture("tr_exec")])
+    tracee, out = procs.spawn_tracee([fixture("tr_exec")])
     tracee.thaw()
     pump(tracee, lambda: out.search("^ready$"), output=out)
     execs = []
@@ -78,7 +77,7 @@ def test_exec_from_a_non_leader_thread(procs, fixture):
 
 def test_zombie_leader_spawned(procs, fixture):
     """main() calls pthread_exit: freeze must not wait for the leader, which never stops again."""
-    tracee, out = procs.spawn([fixture("tr_zombie_leader"), 4])
+    tracee, out = procs.spawn_tracee([fixture("tr_zombie_leader"), 4])
     tracee.thaw()
     m = pump(tracee, lambda: out.search(r"^ready (0x[0-9a-f]+)$"), output=out)
     stop = int(m[1], 16)
@@ -97,8 +96,9 @@ def test_zombie_leader_spawned(procs, fixture):
 
 def test_attach_to_a_zombie_leader_is_refused_clearly(procs, fixture):
     """The kernel refuses to attach to an exited main thread: say so, not "permission denied"."""
-    proc = procs.popen([fixture("tr_zombie_leader"), 3], stdout=subprocess.PIPE, text=True)
-    stop = int(proc.stdout.readline().split()[1], 16)
+    proc = procs.start(fixture("tr_zombie_leader"), 3)
+    first = proc.wait_output(r"^.*\n")[0]
+    stop = int(first.split()[1], 16)
     deadline = time.monotonic() + 10
     while proc_state(proc.pid, proc.pid) != "Z":
         assert time.monotonic() < deadline
@@ -112,13 +112,16 @@ def test_attach_to_a_zombie_leader_is_refused_clearly(procs, fixture):
         memory.write(stop, (1).to_bytes(4, "little"))
     finally:
         memory.close()
-    out, _ = proc.communicate(timeout=20)
-    assert out == "done 3\n" and proc.returncode == 0
+    code = proc.wait_exit()
+    out = proc.output.read_to_eof()[len(first):]
+    assert out == "done 3\n"
+    assert code == 0
 
 
 def test_attach_to_a_stopped_process_keeps_it_stopped(procs, fixture):
-    proc = procs.popen([fixture("tr_counters"), 2], stdout=subprocess.PIPE, text=True)
-    parts = proc.stdout.readline().split()
+    proc = procs.start(fixture("tr_counters"), 2)
+    first = proc.wait_output(r"^.*\n")[0]
+    parts = first.split()
     base, stride, stop = int(parts[1], 16), int(parts[2]), int(parts[3], 16)
     os.kill(proc.pid, signal.SIGSTOP)
     tids = proc_tids(proc.pid)
@@ -126,8 +129,7 @@ def test_attach_to_a_stopped_process_keeps_it_stopped(procs, fixture):
     while not all(proc_state(proc.pid, t) == "T" for t in tids):
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    tracee = Tracee.attach(proc.pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(proc)
     counters = lambda: [tracee.memory.read_u64(base + i * stride) for i in range(2)]  # noqa: E731
     before = counters()
     for _ in range(5):
@@ -148,23 +150,24 @@ def test_attach_to_a_stopped_process_keeps_it_stopped(procs, fixture):
         assert time.monotonic() < deadline, "SIGCONT did not resume it"
         time.sleep(0.005)
     # Stop it the usual way: attach, write the flag, detach.
-    tracee = Tracee.attach(proc.pid)
-    procs.tracees.append(tracee)
+    tracee = procs.attach_tracee(proc)
     tracee.freeze()
     tracee.memory.write(stop, (1).to_bytes(4, "little"))
     tracee.detach()
-    out, _ = proc.communicate(timeout=20)
-    assert "done threads 2 moved 2" in out and proc.returncode == 0
+    code = proc.wait_exit()
+    out = proc.output.read_to_eof()[len(first):]
+    assert "done threads 2 moved 2" in out
+    assert code == 0
 
 
 def test_attach_detach_torture_with_thread_churn(procs, fixture):
     """Attach, freeze/thaw a little, detach -- 25 times -- on a program that creates and
     joins threads all the time: it finishes with its correct output."""
-    proc = procs.popen([fixture("tr_churn")], stdout=subprocess.PIPE, text=True)
-    stop = int(proc.stdout.readline().split()[1], 16)
+    proc = procs.start(fixture("tr_churn"))
+    first = proc.wait_output(r"^.*\n")[0]
+    stop = int(first.split()[1], 16)
     for round_ in range(25):
-        tracee = Tracee.attach(proc.pid)
-        procs.tracees.append(tracee)
+        tracee = procs.attach_tracee(proc)
         for _ in range(round_ % 4):
             snap = tracee.freeze()
             assert snap.tids <= proc_tids(proc.pid)
@@ -184,8 +187,9 @@ def test_attach_detach_torture_with_thread_churn(procs, fixture):
             except (FileNotFoundError, ProcessLookupError):
                 pass  # exited meanwhile
         time.sleep(0.005)
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
+    code = proc.wait_exit()
+    out = proc.output.read_to_eof()[len(first):]
+    assert code == 0, out
     created, joined, ran = (int(x) for x in out.split()[1::2])
     assert created == joined == ran > 0
 
@@ -193,25 +197,25 @@ def test_attach_detach_torture_with_thread_churn(procs, fixture):
 def test_attach_races_with_threads_exiting_as_it_attaches(procs, fixture):
     """Threads that exit the moment they start: attach sees some in /proc/PID/task that are
     already dead (the kernel refuses to seize them). Such a thread must not be waited for."""
-    proc = procs.popen([fixture("tr_churn"), 0], stdout=subprocess.PIPE, text=True)
-    stop = int(proc.stdout.readline().split()[1], 16)
+    proc = procs.start(fixture("tr_churn"), 0)
+    first = proc.wait_output(r"^.*\n")[0]
+    stop = int(first.split()[1], 16)
     deadline = time.monotonic() + 4
     rounds = 0
-    with hang_guard(15, "attach/freeze/detach on dying threads"):
-        while rounds < 3000 and time.monotonic() < deadline:
-            tracee = Tracee.attach(proc.pid)
-            snap = tracee.freeze()
-            assert snap.tids <= proc_tids(proc.pid)
-            tracee.thaw()
-            tracee.detach()
-            rounds += 1
+    while rounds < 3000 and time.monotonic() < deadline:
         tracee = Tracee.attach(proc.pid)
-        procs.tracees.append(tracee)
-        tracee.freeze()
-        tracee.memory.write(stop, (1).to_bytes(4, "little"))
+        snap = tracee.freeze()
+        assert snap.tids <= proc_tids(proc.pid)
+        tracee.thaw()
         tracee.detach()
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
+        rounds += 1
+    tracee = procs.attach_tracee(proc)
+    tracee.freeze()
+    tracee.memory.write(stop, (1).to_bytes(4, "little"))
+    tracee.detach()
+    code = proc.wait_exit()
+    out = proc.output.read_to_eof()[len(first):]
+    assert code == 0, out
     created, joined, ran = (int(x) for x in out.split()[1::2])
     assert created == joined == ran > 0
     assert rounds > 100

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from processes import signals_pending
 from pyprobes.tracee import EventKind, ProcessExited, ThreadState
 
 from .conftest import drain, expect_exit, proc_state, proc_tids, pump
@@ -37,7 +38,7 @@ def test_signal_storm_with_freezes_loses_none(procs, fixture, tmp_path, mode, ns
         region = mmap.mmap(f.fileno(), 4096)
     shared = Shared(region)
     try:
-        tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+        tracee, out = procs.spawn_tracee([fixture("tr_sigrecv"), path])
         tracee.thaw()
         pump(tracee, lambda: shared.ready, output=out)
         delivered = {}
@@ -92,7 +93,7 @@ def _ready(out):
 
 def test_group_stop_survives_freeze_and_ends_with_sigcont(procs, fixture):
     nthreads = 2
-    tracee, out = procs.spawn([fixture("tr_counters"), nthreads])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), nthreads])
     tracee.thaw()
     base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
     tids = proc_tids(tracee.pid)
@@ -148,7 +149,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
     with open(path, "r+b") as f:
         region = mmap.mmap(f.fileno(), 4096)
     shared = Shared(region)
-    tracee, out = procs.spawn([fixture("tr_sigrecv"), path])
+    tracee, out = procs.spawn_tracee([fixture("tr_sigrecv"), path])
     tracee.thaw()
     pump(tracee, lambda: shared.ready, output=out)
     [spinner] = proc_tids(tracee.pid) - {tracee.pid}
@@ -189,7 +190,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
 def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
     """Job control that happens while every thread is frozen takes effect after thaw."""
     nthreads = 3
-    tracee, out = procs.spawn([fixture("tr_counters"), nthreads])
+    tracee, out = procs.spawn_tracee([fixture("tr_counters"), nthreads])
     tracee.thaw()
     base, stride, stop, n = pump(tracee, lambda: _ready(out), output=out)
     tids = proc_tids(tracee.pid)
@@ -203,7 +204,9 @@ def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
 
     tracee.freeze()
     os.kill(tracee.pid, signal.SIGSTOP)
-    time.sleep(0.05)
+    # kill() queues it before it returns; it waits, pending, while every thread is frozen.
+    assert signal.SIGSTOP in signals_pending(tracee.pid)
+    assert all(proc_state(tracee.pid, t) == "t" for t in tids)
     tracee.thaw()
     pump(tracee, lambda: group_stopped == tids, output=out, on_event=on_event)
     pump(tracee, lambda: all(proc_state(tracee.pid, t) in "tT" for t in tids), output=out,
@@ -215,7 +218,8 @@ def test_sigstop_and_sigcont_arriving_while_frozen(procs, fixture):
 
     tracee.freeze()
     os.kill(tracee.pid, signal.SIGCONT)
-    time.sleep(0.05)
+    assert signal.SIGCONT in signals_pending(tracee.pid)
+    assert all(proc_state(tracee.pid, t) == "t" for t in tids)
     tracee.thaw()
     pump(tracee, lambda: all(a != b for a, b in zip(before, counters())), output=out,
          on_event=on_event)

@@ -41,7 +41,7 @@ def _wait_for(tracee, kind):
 
 def test_spawn_stops_in_the_loader_and_main_breakpoint_hits(procs, fixture):
     exe = fixture("tr_hello")
-    tracee, out = procs.spawn([exe])
+    tracee, out = procs.spawn_tracee([exe])
     assert set(tracee.threads) == {tracee.pid}
     # Before the first instruction: RIP is in the dynamic loader, not in the program.
     rip = tracee.get_rip(tracee.pid)
@@ -80,7 +80,7 @@ def test_spawn_stops_in_the_loader_and_main_breakpoint_hits(procs, fixture):
 
 def test_forked_children_do_not_inherit_breakpoints(procs, fixture):
     nchildren = 3
-    tracee, out = procs.spawn([fixture("tr_fork"), nchildren])
+    tracee, out = procs.spawn_tracee([fixture("tr_fork"), nchildren])
     [target] = resolve(tracee.pid, "child_work")
     address = target.address
     tracee.breakpoints.insert(address)

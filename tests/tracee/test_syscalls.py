@@ -30,7 +30,7 @@ def _syscall_of(pid: int, tid: int) -> int | None:
 
 
 def _start_sleeper(procs, fixture, ms: int):
-    tracee, out = procs.spawn([fixture("tr_sleeper"), ms])
+    tracee, out = procs.spawn_tracee([fixture("tr_sleeper"), ms])
     tracee.thaw()
     m = pump(tracee, lambda: out.search(r"^ready (\d+)$"), output=out)
     sleeper = int(m[1])
