@@ -1,9 +1,10 @@
 """Stop decoding: one wait status in, the thread table brought up to date and an Event out.
 
-Every stop of a traced thread comes through StopDecoder._handle. A stop the layer deals with
-itself (a stale interrupt, a finished vfork, a retired breakpoint's trap) returns None; an
-informational event (clone, fork, group stop...) resumes its thread here and is returned
-(events.SELF_RESUMING); every other event leaves its thread stopped for the owner.
+Every stop of a traced thread comes through StopDecoder._handle. It returns None when nothing
+is left for the owner: the layer dealt with the stop itself (a stale interrupt, a finished
+vfork, a retired breakpoint's trap) or an owner's trap handler took it. An informational event
+(clone, fork, group stop...; events.SELF_RESUMING) has its thread resumed here; every other
+event leaves its thread stopped until the owner resumes it.
 
 While `_queue_all` is set (between freeze() and thaw(), and while step() waits for its own
 step), every event is also queued for the owner, the layer resumes no thread that stopped for
