@@ -141,7 +141,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
     """A signal that arrives while the layer single-steps a thread (a step of its own, or an
     injected system call) is held, never delivered mid-step -- and reaches the program once
     the thread runs on after thaw() (or, for a thread held across thaw, after release())."""
-    from pyprobes.tracee.process import _tgkill
+    from pyprobes.tracee.ptrace import tgkill
     from pyprobes.tracee.syscalls import SYS_GETPID, inject_syscall
 
     path = tmp_path / "shared"
@@ -163,7 +163,7 @@ def test_signal_arriving_during_a_step_is_delivered_after_thaw(procs, fixture, t
     tracee.freeze()
     if how == "hold":
         tracee.hold(spinner)
-    _tgkill(tracee.pid, spinner, signal.SIGUSR1)
+    tgkill(tracee.pid, spinner, signal.SIGUSR1)
     if how in ("step", "hold"):
         for _ in range(5):
             assert tracee.step(spinner).kind is EventKind.SINGLESTEP

@@ -4,9 +4,12 @@ The lowest layer of pyprobes: it imports nothing from the layers above it.
 """
 from .errors import AlreadyTraced, NoSuchProcess, PermissionDenied, ProcessExited, SpawnError, TraceeError
 from .events import Event, EventKind
+from .freezer import Snapshot
+from .loop import DEFAULT_BUSY_WAIT_NS
 from .memory import Memory
-from .process import DEFAULT_BUSY_WAIT_NS, Snapshot, Tracee, is_fault
+from .process import Tracee
 from .ptrace import Regs
+from .signals import is_fault
 from .threads import Thread, ThreadState
 
 __all__ = ["DEFAULT_BUSY_WAIT_NS", "AlreadyTraced", "Event", "EventKind", "Memory", "NoSuchProcess", "PermissionDenied",

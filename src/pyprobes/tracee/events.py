@@ -12,7 +12,7 @@ class EventKind(Enum):
     FORK = "fork"                  # a forked child (child = its pid), already scrubbed and detached
     VFORK = "vfork"                # a vforked child, which shares our memory until it execs or exits
     EXEC = "exec"                  # the image was replaced; the thread table is the exec'ing thread alone
-    EXITING = "exiting"            # PTRACE_EVENT_EXIT: the thread is about to exit (status = its wait status)
+    EXITING = "exiting"            # PTRACE_EVENT_EXIT: the thread is about to exit (exit_code = what it exits with)
     THREAD_EXIT = "thread-exit"    # a thread is gone
     PROCESS_EXIT = "process-exit"  # the whole process is gone (exit_code as subprocess reports it)
     GROUP_STOP = "group-stop"      # the thread entered a job-control stop (SIGSTOP and friends)

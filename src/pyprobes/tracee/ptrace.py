@@ -1,4 +1,5 @@
-"""Our own small ctypes binding of ptrace(2), process_vm_readv(2) and the x86-64 register file.
+"""Our own small ctypes binding of ptrace(2), process_vm_readv(2), tgkill(2), rt_tgsigqueueinfo(2)
+and the x86-64 register file.
 
 python-ptrace lacks PTRACE_SEIZE/INTERRUPT/LISTEN and thread support, so pyprobes carries
 exactly what it needs here and nothing more. Every function raises OSError with errno set,
@@ -130,10 +131,6 @@ def _call(request: int, tid: int, addr: int | None, data: object) -> int:
 
 def seize(tid: int, options: int = TRACE_OPTIONS) -> None:
     _call(PTRACE_SEIZE, tid, None, options)
-
-
-def set_options(tid: int, options: int = TRACE_OPTIONS) -> None:
-    _call(PTRACE_SETOPTIONS, tid, None, options)
 
 
 def interrupt(tid: int) -> None:
@@ -287,3 +284,22 @@ def process_vm_readv(pid: int, address: int, size: int) -> bytes:
     if n != size:
         raise OSError(14, f"process_vm_readv({pid}, {address:#x}, {size}): short read of {n} bytes")
     return buf.raw[:size]
+
+
+# System call numbers (x86-64, asm/unistd_64.h) of the two calls libc has no wrapper for.
+SYS_TGKILL = 234
+SYS_RT_TGSIGQUEUEINFO = 297
+_syscall = _libc.syscall
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    """Send SIG to thread TID of thread group TGID."""
+    if _syscall(SYS_TGKILL, tgid, tid, sig) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
+
+
+def rt_tgsigqueueinfo(tgid: int, tid: int, sig: int, info: SigInfo) -> bool:
+    """Queue SIG with INFO for thread TID; False if the kernel refused (it refuses kernel-made
+    siginfo, si_code >= 0, sent from another process)."""
+    return _syscall(SYS_RT_TGSIGQUEUEINFO, tgid, tid, sig, ctypes.byref(info)) == 0

@@ -35,9 +35,5 @@ class Thread:
         self.vfork_child = vfork_child  # a vforked child sharing our memory until exec/exit
         self.held_signals: list[tuple[int, SigInfo | None]] = []  # signals suppressed, to deliver later
 
-    @property
-    def is_stopped(self) -> bool:
-        return self.state is ThreadState.STOPPED
-
     def __repr__(self) -> str:
         return f"Thread({self.tid}, {self.state.value})"

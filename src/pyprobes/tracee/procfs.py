@@ -1,0 +1,49 @@
+"""What /proc says of a process and its threads: its tracer, whether a thread is dead, its pending signals."""
+from __future__ import annotations
+
+
+def tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
+    """The pid and command name of the process tracing PID (or its thread TID); (0, "") if none."""
+    status = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    tracer = int(line.split()[1])
+                    break
+            else:
+                return 0, ""
+    except OSError:
+        return 0, ""
+    if not tracer:
+        return 0, ""
+    try:
+        with open(f"/proc/{tracer}/comm") as f:
+            return tracer, f.read().strip()
+    except OSError:
+        return tracer, "?"
+
+
+def is_zombie(pid: int, tid: int) -> bool:
+    """Thread TID has exited (a zombie, or gone from /proc altogether)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def pending_unblocked(pid: int, tid: int) -> int:
+    """The mask of signals pending for thread TID alone (SigPnd) that it does not block."""
+    pending = blocked = 0
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigPnd:"):
+                    pending = int(line[7:], 16)
+                elif line.startswith(b"SigBlk:"):
+                    blocked = int(line[7:], 16)
+                    break
+    except OSError:
+        return 0
+    return pending & ~blocked
