@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from ..slots import PAGE_SIZE, REACH, SlotMapError
 from ..tracee import ProcessExited, ThreadState, Tracee
 from ..tracee import syscalls
+from ..tracee.maps import read_maps
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -23,16 +24,12 @@ def _gaps(pid: int) -> list[tuple[int, int]]:
     """Unmapped ranges of the address space (user half), minus the heap's and stack's growth room."""
     spans: list[tuple[int, int]] = []
     reserved: list[tuple[int, int]] = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end))
-            name = fields[5] if len(fields) > 5 else ""
-            if name == "[heap]":
-                reserved.append((end, end + HEAP_MARGIN))
-            elif name == "[stack]":
-                reserved.append((start - STACK_MARGIN, start))
+    for m in read_maps(pid):
+        spans.append((m.start, m.end))
+        if m.path == "[heap]":
+            reserved.append((m.end, m.end + HEAP_MARGIN))
+        elif m.path == "[stack]":
+            reserved.append((m.start - STACK_MARGIN, m.start))
     spans.extend(reserved)
     spans.sort()
     gaps, cursor = [], 0x10000  # stay clear of mmap_min_addr
