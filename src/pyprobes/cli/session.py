@@ -14,7 +14,8 @@ from typing import Callable
 
 import pyprobes
 from ..engine import Probe, ProbeError, Process
-from ..engine.pending import RT_CONSISTENT, PendingProbe, find_loader, loader_state
+from ..engine.loader import RT_CONSISTENT, find_loader, loader_state
+from ..engine.pending import PendingProbe
 from ..engine.retprobe import ReturnProbe
 from ..errors import PyprobesError
 from ..symbols import AT_ENTRY, Symbol, SymbolError, Target, auxv_value, modules, parse_spec, symbolize
