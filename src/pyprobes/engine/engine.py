@@ -22,8 +22,9 @@ from typing import Callable, Iterable
 from ..slots import SlotCache
 from ..symbols import SymbolError, Target, resolve
 from ..tracee import Event, EventKind, Regs, Tracee, is_fault
-from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile_emulation, instruction_at,
-                   instruction_pointer, prepare_slot, set_instruction_pointer)
+from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, RelocationError, classify,
+                   compile_emulation, instruction_at, instruction_pointer, prepare_slot,
+                   set_instruction_pointer)
 from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError, ProbePoint
 from .retprobe import ReturnProbes
@@ -87,7 +88,7 @@ class Engine:
             raise ProbeError(f"{address:#x} is in no known function, so its instruction boundaries "
                              "cannot be checked")
         size = target.symbol.size or UNSIZED_FUNCTION_BYTES
-        code = self._function_code(target.symbol_address, max(size, target.offset + 16))
+        code = self._function_code(target.symbol_address, max(size, target.offset + MAX_INSTRUCTION_LENGTH + 1))
         try:
             insn = instruction_at(code, target.symbol_address, address)
         except MidInstructionError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .arch import (
     BREAKPOINT,
     BREAKPOINT_LENGTH,
+    MAX_INSTRUCTION_LENGTH,
     SlotCopy,
     instruction_pointer,
     popped_return_slot,
@@ -34,6 +35,7 @@ from .relocate import (
 __all__ = [
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
+    "MAX_INSTRUCTION_LENGTH",
     "SlotCopy",
     "instruction_pointer",
     "popped_return_slot",

@@ -14,6 +14,8 @@ plays arch/x86/kernel/kprobes/core.c. The engine names no register and no opcode
   instruction_pointer / set_instruction_pointer / stack_pointer / return_value
       the registers of a `Regs` by role, not by name (instruction_pointer(regs) and
       regs_return_value in the kernel);
+  MAX_INSTRUCTION_LENGTH
+      how many bytes past an address to read to decode the instruction there;
   return_address_slot / popped_return_slot, BREAKPOINT, BREAKPOINT_LENGTH
       what return probes need to hijack a return and to know it came back
       (arch_prepare_kretprobe, the kretprobe trampoline).
@@ -31,6 +33,7 @@ from .relocate import SlotCode, pushed_flags_fixup, relocate, return_address_fix
 __all__ = [
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
+    "MAX_INSTRUCTION_LENGTH",
     "SlotCopy",
     "StackMemory",
     "ThreadRegisters",
@@ -43,6 +46,7 @@ __all__ = [
     "stack_pointer",
 ]
 
+MAX_INSTRUCTION_LENGTH = 15
 BREAKPOINT = b"\xcc"  # int3
 BREAKPOINT_LENGTH = len(BREAKPOINT)  # a trap on it reports the program counter this far past it
 RETURN_ADDRESS_SIZE = 8
