@@ -11,7 +11,7 @@ import pytest
 
 from pyprobes.x86 import (BREAKPOINT, BREAKPOINT_LENGTH, RelocationError, SlotCopy, decode_function,
                           instruction_pointer, popped_return_slot, prepare_slot, relocate, return_address_slot,
-                          return_value, set_instruction_pointer, stack_pointer)
+                          return_value, set_instruction_pointer, stack_pointer, step_fixup)
 
 ORIG = 0x7F12_3400_1000
 SLOT = 0x7F12_3456_7000
@@ -140,3 +140,15 @@ def test_registers_by_role():
 
 def test_breakpoint_is_int3():
     assert BREAKPOINT == b"\xcc" and BREAKPOINT_LENGTH == 1
+
+
+@pytest.mark.parametrize("hexcode", ["4883c001", "488d0500100000", "e2fe", "e3f0", "7405", "ebfe", "e8fb0f0000", "c3"])
+@pytest.mark.parametrize("boosted", [False, True])
+def test_original_address_is_step_fixup(hexcode, boosted):
+    insn = one(hexcode)
+    try:
+        copy = prepare_slot(insn, SLOT, boosted=boosted)
+    except RelocationError:
+        return  # a boosted call: refused, as test_prepare_slot_refuses_a_boosted_call checks
+    for pc in [SLOT + i for i in range(-1, 40)] + [ORIG, ORIG + insn.length, ORIG + 0x1000]:
+        assert copy.original_address(pc) == step_fixup(insn, copy.code, SLOT, pc)

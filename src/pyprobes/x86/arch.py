@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .decode import Insn
-from .relocate import SlotCode, pushed_flags_fixup, relocate, return_address_fixup, step_fixup
+from .relocate import SlotCode, pushed_flags_fixup, relocate, return_address_fixup
 
 __all__ = [
     "BREAKPOINT",
@@ -76,7 +76,7 @@ class StackMemory(Protocol):
 class SlotCopy:
     """One probed instruction's copy in a slot: its bytes, and what a step of it needs fixed."""
 
-    __slots__ = ("insn", "slot_address", "code", "call_fix", "pushf_width")
+    __slots__ = ("insn", "slot_address", "code", "call_fix", "pushf_width", "_exits")
 
     def __init__(self, insn: Insn, slot_address: int, code: SlotCode) -> None:
         self.insn = insn
@@ -86,6 +86,11 @@ class SlotCopy:
         self.call_fix = return_address_fixup(insn, slot_address, code)
         # A stepped pushf stores RFLAGS with TF set: this many bytes at [rsp] to clear it in.
         self.pushf_width = pushed_flags_fixup(insn)
+        # step_fixup() as one lookup for the hit path: each place a step can stop in the slot,
+        # and the original address it stands for.
+        exits = {slot_address + offset: original for offset, original in code.exits}
+        exits.setdefault(slot_address + code.copy_length, code.resume_address)
+        self._exits = exits
 
     @property
     def bytes(self) -> bytes:
@@ -94,8 +99,8 @@ class SlotCopy:
 
     def original_address(self, pc: int) -> int:
         """Where a thread at PC in this slot continues in original code; PC itself when that is
-        not known (the copy has not run, or PC is already outside the slot)."""
-        return step_fixup(self.insn, self.code, self.slot_address, pc)
+        not known (the copy has not run, or PC is already outside the slot): step_fixup()."""
+        return self._exits.get(pc, pc)
 
     def resume_after_step(self, thread: ThreadRegisters, memory: StackMemory, tid: int, pc: int) -> int:
         """Once the copy has run under a single-step, with the thread at PC: put the program
@@ -110,7 +115,7 @@ class SlotCopy:
             rsp = thread.get_reg(tid, "rsp")
             image = int.from_bytes(memory.read(rsp, width), "little") & ~_TRAP_FLAG
             memory.write(rsp, image.to_bytes(width, "little"))
-        new = step_fixup(self.insn, self.code, self.slot_address, pc)
+        new = self._exits.get(pc, pc)
         if new != pc:
             thread.set_rip(tid, new)
         return new
