@@ -1,10 +1,11 @@
-"""The probe engine: probes, probe points, the hit path, and the Process API built on them."""
+"""The probe engine: probes, probe points, the hit path, loader events, and the Process API built on them."""
 from .engine import Engine
+from .loader import LoaderEvents
 from .pending import PendingProbe
 from .plan import FunctionPlan, functions_of_binary, functions_of_process
 from .probe import Probe, ProbeError, ProbePoint
 from .process import DEFAULT_BUSY_WAIT_US, Process, attach, spawn
 from .retprobe import ReturnProbe
 
-__all__ = ["DEFAULT_BUSY_WAIT_US", "Engine", "FunctionPlan", "PendingProbe", "Probe", "ProbeError", "ProbePoint",
-           "Process", "ReturnProbe", "attach", "functions_of_binary", "functions_of_process", "spawn"]
+__all__ = ["DEFAULT_BUSY_WAIT_US", "Engine", "FunctionPlan", "LoaderEvents", "PendingProbe", "Probe", "ProbeError",
+           "ProbePoint", "Process", "ReturnProbe", "attach", "functions_of_binary", "functions_of_process", "spawn"]

@@ -1,12 +1,18 @@
 """The probe engine: placing probes, the hit path of DESIGN.md, signals, migration out of slots.
 
-The hit path (thread trapped on int3 at A, RIP = A+1):
-  pre-handlers (regs with RIP = A), then
+The hit path (thread trapped on the breakpoint at A, its program counter just past it):
+  pre-handlers (regs with the program counter = A), then
   emulated insn -> apply its effect, resume                         (1 stop)
-  boosted slot  -> RIP = slot, PTRACE_CONT; the slot jumps back       (1 stop)
-  stepped slot  -> RIP = slot, PTRACE_SINGLESTEP; on the step trap:
-                   fix RIP (and a pushed return address or flags), post-handlers, resume (2 stops);
+  boosted slot  -> PC = slot, continue; the slot jumps back            (1 stop)
+  stepped slot  -> PC = slot, single-step; on the step trap:
+                   the arch fix-up (SlotCopy.resume_after_step in x86/arch.py: the program
+                   counter, a pushed return address or flags), post-handlers, resume (2 stops);
                    as in the seed, a clean step with no post-handler makes the point boosted.
+
+Like kernel/kprobes.c this file is generic: registers and instruction bytes are the business of
+x86/ (classify, compile_emulation, prepare_slot, SlotCopy), register access goes through the
+tracee. Probes, return probes, pending probes and the slot host see the engine only through
+the Protocols they declare (ProbeOwner, ProbePlacer, PendingHost, SlotMigrator).
 """
 from __future__ import annotations
 
@@ -16,10 +22,10 @@ from typing import Callable, Iterable
 from ..slots import SlotCache
 from ..symbols import SymbolError, Target, resolve
 from ..tracee import Event, EventKind, Regs, Tracee, is_fault
-from ..tracee import ptrace
-from ..x86 import (Kind, MidInstructionError, RelocationError, classify, compile_emulation,
-                   decode_function, instruction_at, pushed_flags_fixup, relocate, return_address_fixup,
-                   step_fixup)
+from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, RelocationError, classify,
+                   compile_emulation, instruction_at, instruction_pointer, prepare_slot,
+                   set_instruction_pointer)
+from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError, ProbePoint
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
@@ -39,10 +45,16 @@ class Engine:
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
         self._regs = Regs()
-        self._live_regs = ptrace.LiveRegs()
+        # The tracee's register calls, bound once for the hit path.
+        self._get_pc = tracee.get_rip
+        self._set_pc = tracee.set_rip
+        self._get_regs = tracee.get_regs
+        self._set_regs = tracee.set_regs
+        self._live_regs = tracee.live_regs
         self.handler_errors: list[tuple[Probe, BaseException]] = []
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
-        self.returns = ReturnProbes(self)
+        self.loader = LoaderEvents(self, tracee)
+        self.returns = ReturnProbes(self, tracee, self.host, self.loader)
         tracee.breakpoint_handler = self.on_breakpoint
         tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
@@ -76,7 +88,7 @@ class Engine:
             raise ProbeError(f"{address:#x} is in no known function, so its instruction boundaries "
                              "cannot be checked")
         size = target.symbol.size or UNSIZED_FUNCTION_BYTES
-        code = self._function_code(target.symbol_address, max(size, target.offset + 16))
+        code = self._function_code(target.symbol_address, max(size, target.offset + MAX_INSTRUCTION_LENGTH + 1))
         try:
             insn = instruction_at(code, target.symbol_address, address)
         except MidInstructionError as e:
@@ -98,20 +110,16 @@ class Engine:
     def _give_slot(self, point: ProbePoint) -> None:
         slot = self.slots.get(point.address)
         try:
-            # Boostable copies carry their jmp back from the start: stepping stops before it,
-            # and boosting later then needs no rewrite of a slot a thread may be in.
-            code = relocate(point.insn, slot.address, boosted=not point.step_only)
+            copy = prepare_slot(point.insn, slot.address, boosted=not point.step_only)
         except RelocationError as e:
             self.slots.free(slot, dirty=False)
             raise ProbeError(f"cannot probe {point.name}: {e}") from None
-        self.memory.write(slot.address, code.code)
-        point.slot, point.slot_code = slot, code
-        point.call_fix = return_address_fixup(point.insn, slot.address, code)
-        point.pushf_width = pushed_flags_fixup(point.insn)
+        self.memory.write(slot.address, copy.bytes)
+        point.slot, point.copy = slot, copy
         self._slot_origin[slot.address] = point
 
     def update_point(self, point: ProbePoint) -> None:
-        """Arm or disarm after a change: the int3 is there exactly while an enabled probe wants it."""
+        """Arm or disarm after a change: the breakpoint is there exactly while an enabled probe wants it."""
         point.refresh()
         want = bool(point.counting or point.pre or point.post) and not point.removed
         if want and not point.armed:
@@ -135,6 +143,23 @@ class Engine:
         self.update_point(point)
         del self.points[point.address]
         self._release_slot(point)
+
+    def drop_probes_in(self, inside: Callable[[int], bool]) -> int:
+        """Every probe and return probe at an address INSIDE accepts leaves the engine with
+        nothing written back (its library was unmapped: whatever is there now is not ours).
+        Returns how many probes went."""
+        dropped = 0
+        for point in [p for p in self.points.values() if inside(p.address)]:
+            if point.armed:
+                self.tracee.breakpoints.original.pop(point.address, None)
+                point.armed = False
+            point.removed = True  # never armed again while its probes go, one by one
+            for probe in list(point.probes):
+                probe.remove()
+                dropped += 1
+        for rp in [r for r in self.returns.probes if inside(r.address)]:
+            rp.remove()
+        return dropped
 
     def _release_slot(self, point: ProbePoint) -> None:
         # A thread single-stepping the copy is inside the slot until its trap is seen: the free
@@ -174,33 +199,31 @@ class Engine:
                 tracee.resume(tid)
                 return
             # Removed after this thread trapped on it: run the original instruction instead.
-            ptrace.set_rip(tid, address)
+            self._set_pc(tid, address)
             tracee.resume(tid)
             return
         for probe in point.tally:
             probe.hits += 1
         emulation = point.emulation
         if emulation is not None and not point.pre and not emulation.needs_memory:
-            # A jmp, jcc or nop reads and writes a register or two: touch just those.
+            # An emulation that reads and writes a register or two: touch just those.
             if emulation.constant_rip is not None:
-                ptrace.set_rip(tid, emulation.constant_rip)
+                self._set_pc(tid, emulation.constant_rip)
             else:
-                live = self._live_regs
-                live.tid = tid
-                emulation.apply(live, None)
+                emulation.apply(self._live_regs(tid), None)
             tracee.resume(tid)
             return
         if point.pre or emulation is not None:
-            regs = ptrace.getregs(tid, self._regs)
-            regs.rip = address
+            regs = self._get_regs(tid, self._regs)
+            set_instruction_pointer(regs, address)
             if point.pre:
                 before = bytes(regs)
                 self._call_handlers(point.pre, "pre", tid, regs)
-                if regs.rip != address or not point.armed:
+                if instruction_pointer(regs) != address or not point.armed:
                     # The handler moved execution elsewhere (the instruction is skipped: kprobes'
                     # pre_handler returning 1), or removed or disabled the last probe here, which
                     # put the original instruction back in place: run it there.
-                    ptrace.setregs(tid, regs)
+                    self._set_regs(tid, regs)
                     tracee.resume(tid)
                     return
                 changed = bytes(regs) != before
@@ -208,22 +231,22 @@ class Engine:
                 changed = False
             if point.emulation is not None:
                 point.emulation.apply(regs, self.memory)
-                ptrace.setregs(tid, regs)
+                self._set_regs(tid, regs)
                 tracee.resume(tid)
                 return
-            regs.rip = point.slot.address
             if changed:
-                ptrace.setregs(tid, regs)
+                set_instruction_pointer(regs, point.slot.address)
+                self._set_regs(tid, regs)
             else:
-                ptrace.set_rip(tid, regs.rip)
+                self._set_pc(tid, point.slot.address)
         else:
-            ptrace.set_rip(tid, point.slot.address)
+            self._set_pc(tid, point.slot.address)
         if point.boosted and not tracee.threads[tid].held_signals:
             point.dirty = True
             tracee.resume(tid)
         else:
             # Stepped, and also a boosted point's hit by a thread owed a held signal: resuming
-            # at this (signal) stop would deliver that signal with RIP in the slot (invariant
+            # at this (signal) stop would deliver that signal with the thread in the slot (invariant
             # 2); the step's trap delivers it, back in original code.
             point.steppers += 1
             self._stepping[tid] = point
@@ -248,20 +271,21 @@ class Engine:
         if point is None:
             self.tracee.resume(tid)
             return
-        slot_address = point.slot.address
-        rip = ptrace.get_rip(tid)
-        if rip == slot_address:
-            # A rep string instruction between iterations: step on.
+        copy = point.copy
+        pc = self._get_pc(tid)
+        if pc == copy.slot_address:
+            # Still at the copy's start: it has not finished (a rep string instruction between
+            # iterations): step on.
             self._stepping[tid] = point
             self.tracee.resume(tid, step=True)
             return
-        self._after_copy(tid, point, slot_address, rip)
+        copy.resume_after_step(self.tracee, self.memory, tid, pc)
         if point.post:
-            regs = ptrace.getregs(tid, self._regs)
+            regs = self._get_regs(tid, self._regs)
             before = bytes(regs)
             self._call_handlers(point.post, "post", tid, regs)
             if bytes(regs) != before:
-                ptrace.setregs(tid, regs)
+                self._set_regs(tid, regs)
         self._step_done(point)
         if point.may_boost and not point.boosted and not point.removed:
             point.boosted = True
@@ -274,91 +298,82 @@ class Engine:
         if point.removed:
             self._release_slot(point)
 
-    def _after_copy(self, tid: int, point: ProbePoint, slot_address: int, rip: int) -> int:
-        """Once the copy has run under a step: put RIP and anything it pushed back in original terms."""
-        if point.call_fix is not None:
-            wrong, right = point.call_fix
-            rsp = ptrace.peekuser(tid, ptrace.REG_OFFSET["rsp"])
-            if self.memory.read_u64(rsp) == wrong:
-                self.memory.write_u64(rsp, right)
-        if point.pushf_width:
-            rsp = ptrace.peekuser(tid, ptrace.REG_OFFSET["rsp"])
-            image = int.from_bytes(self.memory.read(rsp, point.pushf_width), "little") & ~0x100
-            self.memory.write(rsp, image.to_bytes(point.pushf_width, "little"))
-        new = step_fixup(point.insn, point.slot_code, slot_address, rip)
-        if new != rip:
-            ptrace.set_rip(tid, new)
-        return new
-
     def on_signal(self, event: Event) -> None:
         tid, sig = event.tid, event.signal
-        rip = ptrace.get_rip(tid)
+        pc = self._get_pc(tid)
         stepping = self._stepping.get(tid)
-        if stepping is None and not self.slots.contains(rip):
+        if stepping is None and not self.slots.contains(pc):
             self.tracee.resume(tid, sig)
             return
         # The thread is inside a slot: no signal may be delivered there (invariant 2).
-        slot = self.slots.slot_at(rip)
+        slot = self.slots.slot_at(pc)
         owner = self._slot_origin.get(slot.address) if slot is not None else stepping
-        if owner is not None and slot is not None and rip == slot.address and is_fault(event):
+        if owner is not None and slot is not None and pc == slot.address and is_fault(event):
             # The copied instruction faulted: report it at the original address, as if it had
             # executed in place (kprobes' fault handler does the same).
             self.stats["faults_in_slots"] += 1
             if stepping is not None:
                 self._stepping.pop(tid)
                 self._step_done(stepping)
-            ptrace.set_rip(tid, owner.address)
+            self._set_pc(tid, owner.address)
             self.tracee.resume(tid, sig)
             return
         self.stats["signals_held"] += 1  # resuming it with a step holds the signal (Tracee.resume)
         if event.siginfo is None:
-            event.siginfo = ptrace.getsiginfo(tid)
+            event.siginfo = self.tracee.get_siginfo(tid)
         if stepping is not None:
             self.tracee.resume(tid, step=True)  # the step's trap resumes it with the held signal
         else:
             self.migrate_out_of_slot(tid)
             if self.tracee.threads[tid].event_pending is event:
-                # Moved out with no step (RIP set straight back from the jmp): nothing held the
-                # signal, and it is still this stop's own to deliver, now in original code.
+                # Moved out with no step (the program counter set straight back from the jmp):
+                # nothing held the signal, and it is still this stop's own to deliver, now in
+                # original code.
                 self.tracee.resume(tid, sig)
             else:
                 self.tracee.resume(tid)  # the migration's step held the signal: this delivers it
 
+    def in_slot(self, address: int) -> bool:
+        """Whether ADDRESS lies in an instruction slot (SlotMigrator, for the slot host)."""
+        return self.slots.contains(address)
+
     def migrate_out_of_slot(self, tid: int) -> None:
-        """Step a stopped thread until its RIP is back in original code."""
-        rip = ptrace.get_rip(tid)
+        """Step a stopped thread until its program counter is back in original code."""
+        tracee = self.tracee
+        pc = self._get_pc(tid)
         migrated = False
-        while self.slots.contains(rip):
-            slot = self.slots.slot_at(rip)
+        while self.slots.contains(pc):
+            slot = self.slots.slot_at(pc)
             point = self._slot_origin[slot.address]
+            copy = point.copy
             stepping = self._stepping.get(tid)
-            if rip == slot.address:
+            if pc == slot.address:
                 # The copy has not run. If it faults (its stop came in a freeze, or comes from
                 # this step) the fault is reported at the original address, as on_signal does,
                 # instead of stepping the copy into it again and again.
-                pending = self.tracee.threads[tid].event_pending
+                pending = tracee.threads[tid].event_pending
                 faulted = pending is not None and is_fault(pending)
                 if not faulted:
-                    faulted = is_fault(self.tracee.step(tid))  # the step holds it for the next resume
+                    faulted = is_fault(tracee.step(tid))  # the step holds it for the next resume
                 if faulted:
                     self.stats["faults_in_slots"] += 1
-                    ptrace.set_rip(tid, point.address)
-                    rip = point.address
+                    self._set_pc(tid, point.address)
+                    pc = point.address
                 else:
-                    rip = ptrace.get_rip(tid)
-                    if rip == slot.address:
+                    pc = self._get_pc(tid)
+                    if pc == slot.address:
                         continue
-                    rip = self._after_copy(tid, point, slot.address, rip)
+                    pc = copy.resume_after_step(tracee, self.memory, tid, pc)
             elif stepping is point:
-                rip = self._after_copy(tid, point, slot.address, rip)  # its step ran; the trap is queued
+                pc = copy.resume_after_step(tracee, self.memory, tid, pc)  # its step ran; the trap is queued
             else:
-                new = step_fixup(point.insn, point.slot_code, slot.address, rip)
-                if new == rip:
-                    self.tracee.step(tid)  # somewhere unexpected in the slot: let the code itself lead out
-                    rip = ptrace.get_rip(tid)
+                new = copy.original_address(pc)
+                if new == pc:
+                    tracee.step(tid)  # somewhere unexpected in the slot: let the code itself lead out
+                    pc = self._get_pc(tid)
                     continue
-                ptrace.set_rip(tid, new)
-                rip = new
+                self._set_pc(tid, new)
+                pc = new
             if stepping is point:
                 self._stepping.pop(tid)
                 self._step_done(point)
@@ -367,7 +382,7 @@ class Engine:
             self.stats["threads_migrated"] += 1
 
     def on_exec(self) -> None:
-        """The image is gone, and with it every int3, slot and probe placed in it."""
+        """The image is gone, and with it every breakpoint, slot and probe placed in it."""
         for probe in self.probes:
             probe.removed = True
             probe.enabled = False
@@ -380,13 +395,14 @@ class Engine:
         self._stepping.clear()
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
+        self.loader.forget()
         self.returns.forget()
         for hook in self.exec_hooks:
             hook()
 
     # ------------------------------------------------------------------ leaving
     def detach(self) -> None:
-        """Every int3 removed, every thread out of the slots, pages unmapped, threads detached."""
+        """Every breakpoint removed, every thread out of the slots, pages unmapped, threads detached."""
         tracee = self.tracee
         if not tracee.attached:
             return
@@ -398,7 +414,7 @@ class Engine:
                         point.armed = False
                 snapshot = tracee.freeze()
                 for tid, regs in snapshot.regs.items():
-                    if self.slots.contains(regs.rip) or tid in self._stepping:
+                    if self.slots.contains(instruction_pointer(regs)) or tid in self._stepping:
                         self.migrate_out_of_slot(tid)
                     pending = tracee.threads[tid].event_pending
                     if pending is not None and pending.kind is EventKind.BREAKPOINT \

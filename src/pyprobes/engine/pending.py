@@ -1,12 +1,7 @@
 """Pending probes: probes on libraries that are not loaded yet, armed the moment the loader maps them.
 
-The dynamic loader keeps its list of loaded objects in `struct r_debug` (found through the
-`_r_debug` symbol of ld.so, or DT_DEBUG) and calls an empty function, r_debug.r_brk
-(`_dl_debug_state` in glibc), at every change: with r_state = RT_ADD or RT_DELETE before it
-maps or unmaps objects, and RT_CONSISTENT once the list is whole again -- after a dlopen has
-mapped and relocated the new objects and before their constructors run, after a dlclose has
-unmapped them, and once at startup when every DT_NEEDED library is in. Debuggers put a
-breakpoint there (gdb's shared-library event breakpoint); pyprobes puts an internal probe.
+They follow the dynamic loader's reports (loader.py: LoaderEvents, one probe on r_brk shared
+with return probes).
 
 At each RT_CONSISTENT the process's modules are read again (/proc/PID/maps):
   - a pending probe whose module appeared is placed (several, for a glob);
@@ -24,22 +19,14 @@ placed again in the new program at its first RT_CONSISTENT (a static program: at
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable, Protocol
 
 from ..errors import PyprobesError
-from ..symbols import (AT_BASE, ElfFile, Module, SymbolError, Target, auxv_value, find_module, modules, parse_spec,
-                       resolve, symbolize)
+from ..symbols import Module, SymbolError, Target, find_module, modules, parse_spec, resolve
+from ..tracee import Tracee
+from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError
-from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
-
-if TYPE_CHECKING:
-    from .engine import Engine
-
-# Names of r_brk in the loaders gdb knows (glibc's is _dl_debug_state).
-LOADER_HOOKS = ("_dl_debug_state", "r_debug_state", "_r_debug_state", "rtld_db_dlactivity")
-R_DEBUG_SYMBOL = "_r_debug"
-R_BRK, R_STATE = 16, 24  # offsets in struct r_debug {int r_version; link_map *r_map; r_brk; r_state; ...}
-RT_CONSISTENT, RT_ADD, RT_DELETE = 0, 1, 2
+from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe, ReturnProbes
 
 ModKey = tuple[str, int]  # (path, base): one mapping of one file
 Notify = Callable[[str, "PendingProbe | None", str], None]
@@ -47,68 +34,6 @@ Notify = Callable[[str, "PendingProbe | None", str], None]
 
 def module_key(mod: Module) -> ModKey:
     return (mod.path, mod.base)
-
-
-def data_symbol(path: str, name: str) -> int | None:
-    """st_value of the data object NAME in the ELF file at PATH, or None."""
-    try:
-        return ElfFile.load(path).object_address(name)
-    except (OSError, ValueError):
-        return None  # not readable, not ELF: no r_debug, every loader event is a sync
-
-
-def interpreter_base(pid: int) -> int | None:
-    """AT_BASE of PID: the dynamic loader's load address, 0 for a static program, None if unknown."""
-    return auxv_value(pid, AT_BASE)
-
-
-def _loader_hook(mods: list[Module]) -> Target | None:
-    """r_brk by name, looked up directly: a miss through resolve() would search every symbol
-    for near misses (0.1-0.4 s in a static program)."""
-    for name in LOADER_HOOKS:
-        for mod in mods:
-            for sym in mod.elf.lookup(name):
-                address = mod.to_runtime(sym.address)
-                return Target(address, mod, sym, address, 0, f"{mod.name}:{name}")
-    return None
-
-
-def find_loader(pid: int, mods: list[Module], memory) -> tuple[Target, int | None] | None:
-    """Where the loader reports its changes (r_brk) and its struct r_debug (None if unknown);
-    None for a program without a dynamic loader. The loader is the module the kernel mapped as
-    the program's interpreter (AT_BASE): a static program carries _dl_debug_state and _r_debug
-    too, for a static dlopen, but never reports its (one, fixed) library list there."""
-    base = interpreter_base(pid)
-    if base == 0:
-        return None
-    if base is not None:
-        mods = [m for m in mods if m.base == base] or mods
-    target = _loader_hook(mods)
-    if target is None:
-        return None
-    mod = target.module
-    value = data_symbol(mod.elf.path, R_DEBUG_SYMBOL)
-    r_debug = mod.to_runtime(value) if value else None
-    if r_debug is not None:
-        try:
-            r_brk = memory.read_u64(r_debug + R_BRK)
-        except OSError:
-            r_brk = 0
-        if r_brk and r_brk != target.address:  # zero until the loader has run (an exec stop)
-            where = symbolize(r_brk, mods)
-            if where is not None and where.symbol is not None:
-                target = where
-    return target, r_debug
-
-
-def loader_state(memory, r_debug: int | None) -> int:
-    """r_debug.r_state: RT_CONSISTENT, RT_ADD or RT_DELETE (RT_CONSISTENT when unknown)."""
-    if r_debug is None:
-        return RT_CONSISTENT
-    try:
-        return int.from_bytes(memory.read(r_debug + R_STATE, 4), "little")
-    except OSError:
-        return RT_CONSISTENT
 
 
 class PendingProbe:
@@ -182,23 +107,40 @@ class PendingProbe:
         return f"<PendingProbe {self.spec} {self.state} probes={len(self.probes)} hits={self.hits}>"
 
 
-class PendingProbes:
-    """Every pending probe of one process, and the watch on its dynamic loader."""
+class PendingHost(Protocol):
+    """What pending probes need of the engine (the Engine provides it)."""
 
-    def __init__(self, engine: "Engine") -> None:
+    tracee: Tracee
+    returns: ReturnProbes
+    loader: LoaderEvents
+    exec_hooks: list[Callable[[], None]]
+
+    def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
+                  boost: bool = True) -> Probe: ...
+
+    def drop_probes_in(self, inside: Callable[[int], bool]) -> int: ...
+
+
+class PendingProbes:
+    """Every pending probe of one process; subscribed to its loader's events while it has some."""
+
+    def __init__(self, engine: PendingHost) -> None:
         self.engine = engine
+        self.loader = engine.loader
         self.specs: list[PendingProbe] = []
-        self.hook: Probe | None = None          # the internal probe on r_brk
-        self.r_debug: int | None = None         # runtime address of struct r_debug, when known
         self.known: dict[ModKey, Module] | None = None  # the modules at the last sync
-        self.no_loader = False                  # static program: no loader events will come
         self.on_change: Notify | None = None    # (what, pending probe or None, detail)
-        self.stats = {"loader_events": 0, "syncs": 0, "armed": 0, "dropped": 0}
+        self._stats = {"syncs": 0, "armed": 0, "dropped": 0}
+        self._told: str | None = None           # the loader watch's failure, once reported
         engine.exec_hooks.append(self._on_exec)
 
     @property
     def pid(self) -> int:
         return self.engine.tracee.pid
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"loader_events": self.loader.reports, **self._stats}
 
     # ------------------------------------------------------------------ adding
     def add(self, spec: str, kind: str = "entry", many: bool = False, pre: Handler | None = None,
@@ -227,7 +169,7 @@ class PendingProbes:
             except SymbolError as e:
                 if not str(e).startswith("no module"):
                     raise ProbeError(str(e)) from None
-                if self.hook is None and self.no_loader:
+                if not self.loader.watching:
                     raise ProbeError(f"module {pp.parsed.module!r} is not loaded in process {self.pid}, "
                                      "and it has no dynamic loader to load it later") from None
                 self.specs.append(pp)
@@ -246,25 +188,15 @@ class PendingProbes:
 
     # ------------------------------------------------------------------ the loader watch
     def _watch(self, mods: list[Module]) -> None:
-        """An internal probe on the loader's r_brk, once per image."""
-        if self.hook is not None or self.no_loader:
+        """Follow the loader's events (one internal probe on its r_brk, per image)."""
+        loader = self.loader
+        if loader.subscribe(self._on_libraries_changed, mods) or loader.error is None:
             return
-        found = find_loader(self.pid, mods, self.engine.memory)
-        if found is None:
-            self.no_loader = True  # a static program: what is loaded now is all there will be
-            return
-        target, self.r_debug = found
-        try:
-            self.hook = self.engine.add_probe(target, pre=self._on_loader_event)
-        except (ProbeError, OSError) as e:
-            self.no_loader = True
-            self._notify("failed", None, f"cannot watch the dynamic loader ({e}): "
-                                         "libraries loaded from now on will not be probed")
+        if self._told != loader.error:
+            self._told = loader.error
+            self._notify("failed", None, f"{loader.error}: libraries loaded from now on will not be probed")
 
-    def _on_loader_event(self, tid: int, regs: Any) -> None:
-        self.stats["loader_events"] += 1
-        if loader_state(self.engine.memory, self.r_debug) != RT_CONSISTENT:
-            return  # objects being mapped or unmapped: the list is not whole yet
+    def _on_libraries_changed(self) -> None:
         try:
             self.sync()
         except Exception as e:  # reported, never raised into the hit path
@@ -273,7 +205,7 @@ class PendingProbes:
     # ------------------------------------------------------------------ syncing
     def sync(self) -> None:
         """The module list is consistent: drop probes of modules gone, arm pending probes."""
-        self.stats["syncs"] += 1
+        self._stats["syncs"] += 1
         try:
             mods = modules(self.pid)
         except ProcessLookupError:
@@ -306,24 +238,12 @@ class PendingProbes:
 
     def _drop_modules(self, gone: list[Module]) -> None:
         """Every probe in GONE's address ranges leaves the engine, with nothing written back."""
-        engine = self.engine
         ranges = [(m.start, m.end) for mod in gone for m in mod.mappings]
 
         def inside(address: int) -> bool:
             return any(lo <= address < hi for lo, hi in ranges)
 
-        for point in [p for p in engine.points.values() if inside(p.address)]:
-            if point.armed:
-                engine.tracee.breakpoints.original.pop(point.address, None)
-                point.armed = False
-            point.removed = True  # never armed again while its probes go, one by one
-            for probe in list(point.probes):
-                probe.remove()
-                self.stats["dropped"] += 1
-        for rp in [r for r in engine.returns.probes if inside(r.address)]:
-            rp.remove()
-        if self.hook is not None and self.hook.removed:
-            self.hook = None  # the loader itself went: nothing will report again
+        self._stats["dropped"] += self.engine.drop_probes_in(inside)
 
     def _arm(self, pp: PendingProbe, mods: list[Module], within: list[Module] | None,
              raising: bool) -> None:
@@ -386,7 +306,7 @@ class PendingProbes:
         for key, probes in placed.items():
             pp.instances.setdefault(key, []).extend(probes)
             pp.history.extend(probes)
-            self.stats["armed"] += len(probes)
+            self._stats["armed"] += len(probes)
         if pp.instances:
             pp.state = "armed"
         if not raising:  # placed later, from the loader's event: say so (add()'s caller knows)
@@ -418,12 +338,11 @@ class PendingProbes:
 
     # ------------------------------------------------------------------ exec
     def _on_exec(self) -> None:
-        """A new image: the engine dropped every probe. Watch the new loader; every spec waits
-        for the new program's libraries (RT_CONSISTENT at its startup), static ones are armed now."""
-        self.hook = None
-        self.r_debug = None
+        """A new image: the engine dropped every probe and forgot the loader watch. Watch the new
+        loader; every spec waits for the new program's libraries (RT_CONSISTENT at its startup),
+        static ones are armed now."""
         self.known = None
-        self.no_loader = False
+        self._told = None
         for pp in self.specs:
             pp.instances.clear()
             pp._failed.clear()
@@ -442,7 +361,7 @@ class PendingProbes:
             return
         self.known = {module_key(m): m for m in mods}
         self._watch(mods)
-        if self.hook is None:
+        if not self.loader.watching:
             self.sync()
 
     def _notify(self, what: str, pp: PendingProbe | None, detail: str) -> None:

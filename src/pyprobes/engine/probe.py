@@ -1,21 +1,35 @@
 """Probes and probe points: what a user asked for, and the one breakpoint that serves them.
 
-Several probes on one address share one ProbePoint (kprobes' aggregate probe): one int3, one
+Several probes on one address share one ProbePoint (kprobes' aggregate probe): one breakpoint, one
 slot, one decoded instruction, each probe with its own handlers, enable flag and counters.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..errors import PyprobesError
 from ..slots import Slot
-from ..x86 import Emulation, Insn, Kind, SlotCode
+from ..x86 import Emulation, Insn, Kind, SlotCopy
 
 if TYPE_CHECKING:
     from ..symbols import Target
-    from .engine import Engine
 
 Handler = Callable[[int, Any], Any]
+
+
+class ProbeOwner(Protocol):
+    """What a Probe asks of whoever placed it (the Engine) when it is enabled, disabled or removed."""
+
+    def update_point(self, point: "ProbePoint") -> None: ...
+
+    def remove_probe(self, probe: "Probe") -> None: ...
+
+
+class ProbePlacer(Protocol):
+    """Placing a probe (the Engine does it): what return probes and the loader watch need."""
+
+    def add_probe(self, target: "Target", pre: Handler | None = None, post: Handler | None = None,
+                  boost: bool = True) -> "Probe": ...
 
 
 class ProbeError(PyprobesError):
@@ -23,11 +37,11 @@ class ProbeError(PyprobesError):
 
 
 class ProbePoint:
-    """One probed address: the int3, the displaced instruction and how it is executed."""
+    """One probed address: the breakpoint, the displaced instruction and how it is executed."""
 
-    __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "slot_code", "boosted",
+    __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "copy", "boosted",
                  "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
-                 "name", "step_only", "call_fix", "pushf_width", "tally", "may_boost")
+                 "name", "step_only", "tally", "may_boost")
 
     def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
         self.address = address
@@ -37,7 +51,7 @@ class ProbePoint:
         self.name = name
         self.emulation: Emulation | None = None
         self.slot: Slot | None = None
-        self.slot_code: SlotCode | None = None
+        self.copy: SlotCopy | None = None     # what the slot holds, and its fix-up after a step
         self.step_only = kind is Kind.STEP    # never boost this one
         self.boosted = False                  # as in the seed: boosted after a clean step, if allowed
         self.may_boost = not self.step_only   # every probe allows it and none has a post-handler
@@ -50,8 +64,6 @@ class ProbePoint:
         self.armed = False
         self.steppers = 0                     # threads single-stepping in the slot right now
         self.removed = False
-        self.call_fix: tuple[int, int] | None = None  # a stepped call pushed (this, instead of that)
-        self.pushf_width = 0                  # a stepped pushf left TF in this many bytes at [rsp]
 
     @property
     def mode(self) -> str:
@@ -74,9 +86,9 @@ class ProbePoint:
 class Probe:
     """A user's probe. `hits` counts every execution reported to it; `missed` those its handler failed on."""
 
-    def __init__(self, engine: "Engine", point: ProbePoint, target: "Target | None", spec: str | int,
+    def __init__(self, owner: ProbeOwner, point: ProbePoint, target: "Target | None", spec: str | int,
                  pre: Handler | None, post: Handler | None, boost: bool) -> None:
-        self._engine = engine
+        self._owner = owner
         self.point = point
         self.target = target
         self.spec = spec
@@ -122,16 +134,16 @@ class Probe:
             raise ProbeError(f"probe {self.name} was removed")
         if not self.enabled:
             self.enabled = True
-            self._engine.update_point(self.point)
+            self._owner.update_point(self.point)
 
     def disable(self) -> None:
         if self.enabled and not self.removed:
             self.enabled = False
-            self._engine.update_point(self.point)
+            self._owner.update_point(self.point)
 
     def remove(self) -> None:
         if not self.removed:
-            self._engine.remove_probe(self)
+            self._owner.remove_probe(self)
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("enabled" if self.enabled else "disabled")

@@ -18,7 +18,8 @@ from ..slots import SlotCache
 from ..symbols import AT_ENTRY, Symbol, Target, auxv_value, modules, symbolize
 from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
 from .engine import Engine
-from .pending import RT_CONSISTENT, PendingProbe, PendingProbes, find_loader, loader_state
+from .loader import RT_CONSISTENT
+from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 
@@ -119,12 +120,14 @@ class Process:
         if not tracee.alive:
             raise ProcessExited(self.pid, self.exit_code)
         mods = modules(self.pid)
-        loader = find_loader(self.pid, mods, self.engine.memory)
-        if loader is not None and loader[1] is not None:
-            target, r_debug = loader
+        loader = self.engine.loader
+        if loader.watch(mods) and loader.r_debug is not None:
+            # A probe of our own beside the loader events' hook (they share its int3): with a
+            # post-handler it is stepped, so the thread is held past the hook, not in a slot.
+            target = loader.hook.target
 
             def ready() -> bool:
-                return loader_state(self.engine.memory, r_debug) == RT_CONSISTENT
+                return loader.state() == RT_CONSISTENT
         else:
             entry = auxv_value(self.pid, AT_ENTRY)
             target = None if entry is None else symbolize(entry, mods)

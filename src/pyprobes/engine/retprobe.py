@@ -1,33 +1,38 @@
 """Return probes (kretprobes / uretprobes): return values and latency through a shadow stack.
 
-At a function's entry the return address at [rsp] is replaced by the address of a return
-trampoline, an int3 in a page of ours. Each thread keeps a shadow stack of (original return
+At a function's entry the return address on the stack is replaced by the address of a return
+trampoline, a breakpoint in a page of ours. Each thread keeps a shadow stack of (original return
 address, where it was on the stack, probe, entry time, entry data). When the function returns,
-the thread traps on the trampoline; the tracer pops the matching entry, sets RIP to the real
+the thread traps on the trampoline; the tracer pops the matching entry, sends it to the real
 return address and reports the return value and the elapsed time.
 
 A frame left without returning (longjmp, an exception) leaves its entry behind; since the
 stack grows down, an entry whose stack slot lies below the current stack pointer is dead and is
 dropped on the thread's next entry or return (uprobes' arch_uretprobe_is_alive). A tail call
-from a hijacked frame finds the trampoline at [rsp]: its entry is chained on the same slot, and
-both return together. Every way of leaving the process — detach, fork, a C++ throw, a forced
+from a hijacked frame finds the trampoline in its return address slot: its entry is chained
+on the same slot, and both return together. Every way of leaving the process — detach, fork, a C++ throw, a forced
 unwind — first writes the hijacked return addresses back, so no frame is left returning into a
 page that is about to vanish or was never there. The unwinder is probed wherever it is loaded,
-at the first return probe or later (the loader's _dl_debug_state hook).
+at the first return probe or later (a subscriber to the loader's events, loader.py).
+
+Where the return address is, which register holds the return value and what the trampoline
+holds are x86's (x86/arch.py, as arch_prepare_kretprobe in the kernel).
 """
 from __future__ import annotations
 
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from ..slots import PAGE_SIZE
-from ..symbols import Target, modules
-from ..tracee import Memory, ptrace
-from .probe import ProbeError
+from ..symbols import Target, main_module, modules
+from ..tracee import Memory, Regs, Tracee
+from ..x86 import (BREAKPOINT, BREAKPOINT_LENGTH, popped_return_slot, return_address_slot, return_value,
+                   set_instruction_pointer, stack_pointer)
+from .probe import ProbeError, ProbePlacer
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .loader import LoaderEvents
     from .probe import Probe
 
 ReturnHandler = Callable[[int, "ReturnValue", int, Any], Any]
@@ -36,20 +41,26 @@ DEFAULT_MAXACTIVE = 64
 # Where an exception starts unwinding: from here on return addresses are read by the unwinder,
 # which cannot find a frame for a trampoline address (and would call std::terminate).
 UNWIND_ENTRIES = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
-# The dynamic loader calls this after each change of the library list (the r_debug protocol
-# debuggers use): an unwinder loaded after the first return probe (a process spawned at its
-# exec stop, libgcc_s dlopened by glibc for pthread_exit) is found there.
-LOADER_HOOK = "_dl_debug_state"
+TRAMPOLINE_BYTES = 16
+
+
+class PageMapper(Protocol):
+    """Mapping a page of ours into the tracee near an address (the slot host does it)."""
+
+    def map_page(self, near: int) -> int: ...
+
+    def unmap_page(self, address: int) -> None: ...
 
 
 class ReturnValue(int):
     """rax as an int; .double / .xmm0 read the floating-point return (valid inside the handler only)."""
 
     _tid: int
+    _tracee: Tracee
 
     @property
     def xmm0(self) -> bytes:
-        return ptrace.get_xmm0(self._tid)
+        return self._tracee.get_xmm0(self._tid)
 
     @property
     def double(self) -> float:
@@ -111,14 +122,18 @@ class ReturnProbe:
 class ReturnProbes:
     """Every return probe of one process, the trampoline, and each thread's shadow stack."""
 
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+    def __init__(self, placer: ProbePlacer, tracee: Tracee, pages: PageMapper, loader: "LoaderEvents") -> None:
+        self._placer = placer
+        self._tracee = tracee
+        self._memory = tracee.memory
+        self._pages = pages
+        self._loader = loader
+        self._regs = Regs()
         self.trampoline: int | None = None
         self.stacks: dict[int, list[ShadowEntry]] = {}
         self.probes: list[ReturnProbe] = []
         self._unwind_probes: list["Probe"] = []
         self._unwind_seen: set[int] = set()  # addresses of unwinder entries already probed
-        self._loader_probe: "Probe | None" = None
         self._unwinder_found = False
         self.restored_for_unwind = 0
 
@@ -131,7 +146,7 @@ class ReturnProbes:
             raise ProbeError("maxactive must be at least 1")
         self._ensure_trampoline()
         rp = ReturnProbe(self, target, handler, entry, maxactive)
-        rp.entry_probe = self.engine.add_probe(target, pre=lambda tid, regs: self._on_entry(rp, tid, regs),
+        rp.entry_probe = self._placer.add_probe(target, pre=lambda tid, regs: self._on_entry(rp, tid, regs),
                                                boost=True)
         self.probes.append(rp)
         return rp
@@ -139,70 +154,63 @@ class ReturnProbes:
     def _ensure_trampoline(self) -> None:
         if self.trampoline is not None:
             return
-        host = self.engine.host
-        page = host.map_page(_anchor(self.engine))
-        self.engine.memory.write(page, b"\xcc" * 16)
+        page = self._pages.map_page(_anchor(self._tracee.pid))
+        self._memory.write(page, BREAKPOINT * (TRAMPOLINE_BYTES // len(BREAKPOINT)))
         self.trampoline = page
-        self.engine.tracee.breakpoints.own(page)
+        self._tracee.breakpoints.own(page)
         self._watch_unwinder()
 
     def _watch_unwinder(self) -> None:
         """Probe where C++ exceptions start unwinding, in whichever loaded library defines it;
         until one is found, look again each time the loader changes the library list."""
         self._unwinder_found = self._probe_unwinder()
-        if self._unwinder_found or self._loader_probe is not None:
-            return
-        targets = _functions_named(self.engine.tracee.pid, LOADER_HOOK)
-        if not targets:
-            return  # static, or no glibc loader: whatever is loaded now is all there will be
-        try:
-            self._loader_probe = self.engine.add_probe(targets[0], pre=self._on_library_change)
-        except ProbeError:
-            pass
+        if not self._unwinder_found:
+            # No loader (static): whatever is loaded now is all there will be.
+            self._loader.subscribe(self._on_library_change)
 
     def _probe_unwinder(self) -> bool:
         """Probe every unwinder entry loaded now and not probed yet; whether the one C++ throws
         go through (_Unwind_RaiseException, in libgcc_s) is probed. (glibc's libc has its own
         _Unwind_ForcedUnwind for pthread_exit, which does not make C++ exceptions safe.)"""
         for name in UNWIND_ENTRIES:
-            for target in _functions_named(self.engine.tracee.pid, name):
+            for target in _functions_named(self._tracee.pid, name):
                 if target.address in self._unwind_seen:
                     continue
                 try:
-                    probe = self.engine.add_probe(target, pre=self._on_unwind)
+                    probe = self._placer.add_probe(target, pre=self._on_unwind)
                 except ProbeError:
                     continue
                 self._unwind_seen.add(target.address)
                 self._unwind_probes.append(probe)
         return any(p.name.endswith(":" + UNWIND_ENTRIES[0]) for p in self._unwind_probes)
 
-    def _on_library_change(self, tid: int, regs: Any) -> None:
-        # Kept armed once the unwinder is found (the engine cannot yet remove a probe from inside
-        # its own hit); one check per library load is all it costs then.
+    def _on_library_change(self) -> None:
         if not self._unwinder_found and self.trampoline is not None:
             self._unwinder_found = self._probe_unwinder()
+        if self._unwinder_found:
+            self._loader.unsubscribe(self._on_library_change)
 
     # ------------------------------------------------------------------ the two hits
     def _on_entry(self, rp: ReturnProbe, tid: int, regs: Any) -> None:
         if rp.removed:
             return
-        rsp = regs.rsp
+        slot = return_address_slot(regs)
         stack = self.stacks.get(tid)
         if stack is None:
             stack = self.stacks[tid] = []
-        memory = self.engine.memory
-        return_address = memory.read_u64(rsp)
+        memory = self._memory
+        return_address = memory.read_u64(slot)
         # A frame at or below this slot can no longer be live: a new call is using it. Except
-        # a tail call from a hijacked frame (a jmp, with the trampoline still at [rsp]): that
+        # a tail call from a hijacked frame (a jmp, with the trampoline still in the slot): that
         # frame returns when this one does, so both entries stay and are reported together
         # (kretprobes and uretprobes' "chained" instances).
-        while stack and (stack[-1].stack_slot < rsp or
-                         (stack[-1].stack_slot == rsp and return_address != self.trampoline)):
+        while stack and (stack[-1].stack_slot < slot or
+                         (stack[-1].stack_slot == slot and return_address != self.trampoline)):
             self._drop(stack.pop())
         if len(stack) >= rp.maxactive:
             rp.missed += 1
             return
-        if return_address == self.trampoline and not (stack and stack[-1].stack_slot == rsp):
+        if return_address == self.trampoline and not (stack and stack[-1].stack_slot == slot):
             # No live entry owns this slot: the trampoline was left there by a frame whose
             # entry is gone. Never record the trampoline as somebody's real caller.
             rp.missed += 1
@@ -215,45 +223,46 @@ class ReturnProbes:
                 rp.missed += 1
                 rp.last_error = e
                 return
-        stack.append(ShadowEntry(return_address, rsp, rp, time.perf_counter_ns(), data))
+        stack.append(ShadowEntry(return_address, slot, rp, time.perf_counter_ns(), data))
         if return_address != self.trampoline:
-            memory.write_u64(rsp, self.trampoline)
+            memory.write_u64(slot, self.trampoline)
 
     def on_trampoline(self, tid: int, report: bool = True) -> None:
         """A thread returned into the trampoline: send it to its real caller and report.
 
-        Also for a thread stopped on the trampoline before executing its int3 (RIP == the
-        trampoline): the `ret` has popped the slot either way."""
+        Also for a thread stopped on the trampoline before executing its breakpoint (its
+        program counter on the trampoline): the `ret` has popped the slot either way."""
         now = time.perf_counter_ns()
-        regs = ptrace.getregs(tid, self.engine._regs)
-        slot = regs.rsp - 8  # ret popped the hijacked slot
+        regs = self._tracee.get_regs(tid, self._regs)
+        slot = popped_return_slot(regs)
         stack = self.stacks.get(tid) or []
         while stack and stack[-1].stack_slot < slot:
             self._drop(stack.pop())
         if not stack or stack[-1].stack_slot != slot:
             raise ProbeError(f"thread {tid} returned through the trampoline with no matching shadow entry "
-                             f"(rsp {regs.rsp:#x})")
+                             f"(stack pointer {stack_pointer(regs):#x})")
         # Tail calls chained entries on one slot: each returns now, innermost first.
         done = [stack.pop()]
         while done[-1].return_address == self.trampoline and stack and stack[-1].stack_slot == slot:
             done.append(stack.pop())
-        regs.rip = done[-1].return_address
-        ptrace.setregs(tid, regs)
+        set_instruction_pointer(regs, done[-1].return_address)
+        self._tracee.set_regs(tid, regs)
         if not report:
             return
-        rax = regs.rax
+        value = return_value(regs)
         for top in done:
-            self._report(top, tid, rax, now)
+            self._report(top, tid, value, now)
 
-    def _report(self, top: ShadowEntry, tid: int, rax: int, now: int) -> None:
+    def _report(self, top: ShadowEntry, tid: int, value: int, now: int) -> None:
         rp = top.probe
         if rp.handler is None:
             rp.hits += 1
             return
-        value = ReturnValue(rax)
-        value._tid = tid
+        result = ReturnValue(value)
+        result._tid = tid
+        result._tracee = self._tracee
         try:
-            rp.handler(tid, value, now - top.start_ns, top.data)
+            rp.handler(tid, result, now - top.start_ns, top.data)
         except Exception as e:  # a handler's bug must not take the traced program down
             rp.missed += 1
             rp.last_error = e
@@ -264,7 +273,7 @@ class ReturnProbes:
         entry.probe.dropped += 1
 
     def _on_unwind(self, tid: int, regs: Any) -> None:
-        self.restore_thread(tid, self.engine.memory)
+        self.restore_thread(tid, self._memory)
 
     # ------------------------------------------------------------------ giving frames back
     def restore_thread(self, tid: int, memory: Memory) -> None:
@@ -290,22 +299,22 @@ class ReturnProbes:
     def restore_all(self) -> None:
         """Detach time (every thread frozen): every frame returns to its real caller later.
 
-        A thread already returned into the trampoline but stopped before (or on) its int3
+        A thread already returned into the trampoline but stopped before (or on) its breakpoint
         would run into an unmapped page: it is sent to its real caller first."""
         if self.trampoline is not None:
             for tid in list(self.stacks):
                 try:
-                    rip = ptrace.get_rip(tid)
+                    pc = self._tracee.get_rip(tid)
                 except OSError:
                     continue  # exiting
-                if rip in (self.trampoline, self.trampoline + 1):
+                if pc in (self.trampoline, self.trampoline + BREAKPOINT_LENGTH):
                     try:
                         self.on_trampoline(tid)
                     except ProbeError:
                         pass
         for tid in list(self.stacks):
             for entry in self.stacks.pop(tid):
-                self._write_back(self.engine.memory, entry)
+                self._write_back(self._memory, entry)
 
     def thread_exited(self, tid: int) -> None:
         for entry in self.stacks.pop(tid, ()):
@@ -320,14 +329,13 @@ class ReturnProbes:
         self.probes.clear()
         self._unwind_probes.clear()
         self._unwind_seen.clear()
-        self._loader_probe = None
         self._unwinder_found = False
 
     def release(self) -> None:
         """Unmap the trampoline page (only after restore_all, with every thread frozen)."""
-        if self.trampoline is not None and self.engine.tracee.alive:
+        if self.trampoline is not None and self._tracee.alive:
             try:
-                self.engine.host.unmap_page(self.trampoline)
+                self._pages.unmap_page(self.trampoline)
             except OSError:
                 pass
         self.trampoline = None
@@ -349,11 +357,9 @@ def _functions_named(pid: int, name: str) -> list[Target]:
     return found
 
 
-def _anchor(engine: "Engine") -> int:
+def _anchor(pid: int) -> int:
     """Somewhere for the trampoline page: near the main binary, like the slots it serves."""
-    from ..symbols import main_module
-
     try:
-        return main_module(engine.tracee.pid).base
+        return main_module(pid).base
     except Exception:
         return 0x7F00_0000_0000 - PAGE_SIZE

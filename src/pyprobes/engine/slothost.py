@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import errno
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from ..slots import PAGE_SIZE, REACH, SlotMapError
 from ..tracee import ProcessExited, ThreadState, Tracee
 from ..tracee import syscalls
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from ..tracee.maps import read_maps
+from ..x86 import instruction_pointer
 
 # Room left free after the heap and below the stack, so slot pages never stop brk or the
 # main stack from growing where the program expects them to.
@@ -23,16 +22,12 @@ def _gaps(pid: int) -> list[tuple[int, int]]:
     """Unmapped ranges of the address space (user half), minus the heap's and stack's growth room."""
     spans: list[tuple[int, int]] = []
     reserved: list[tuple[int, int]] = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end))
-            name = fields[5] if len(fields) > 5 else ""
-            if name == "[heap]":
-                reserved.append((end, end + HEAP_MARGIN))
-            elif name == "[stack]":
-                reserved.append((start - STACK_MARGIN, start))
+    for m in read_maps(pid):
+        spans.append((m.start, m.end))
+        if m.path == "[heap]":
+            reserved.append((m.end, m.end + HEAP_MARGIN))
+        elif m.path == "[stack]":
+            reserved.append((m.start - STACK_MARGIN, m.start))
     spans.extend(reserved)
     spans.sort()
     gaps, cursor = [], 0x10000  # stay clear of mmap_min_addr
@@ -62,15 +57,24 @@ def page_candidates(gaps: list[tuple[int, int]], near: int) -> list[int]:
     return candidates
 
 
-class TraceeSlotHost:
-    """Implements slots.SlotHost for a live tracee."""
+class SlotMigrator(Protocol):
+    """What the slot host needs of the engine: which addresses are slots, and moving a stopped
+    thread out of one (the engine knows which probe's copy a slot holds)."""
 
-    def __init__(self, tracee: Tracee, engine: "Engine") -> None:
+    def in_slot(self, address: int) -> bool: ...
+
+    def migrate_out_of_slot(self, tid: int) -> None: ...
+
+
+class TraceeSlotHost:
+    """Implements slots.SlotHost for a live tracee; also maps the return-probe trampoline page."""
+
+    def __init__(self, tracee: Tracee, migrator: SlotMigrator) -> None:
         self.tracee = tracee
-        self.engine = engine
+        self.migrator = migrator
 
     def _injectable(self) -> int | None:
-        """A stopped thread to inject into whose RIP is outside every slot, one with no event of
+        """A stopped thread to inject into whose program counter is outside every slot, one with no event of
         its own to handle first if there is such. A signal that comes during the injection is
         held for the thread and delivered when it next runs on: never from inside a slot
         (invariant 2), where a thread held there, say, would be released."""
@@ -79,7 +83,7 @@ class TraceeSlotHost:
             if t.state is not ThreadState.STOPPED or t.exiting or t.vfork_child:
                 continue
             try:
-                if self.engine.slots.contains(self.tracee.get_rip(t.tid)):
+                if self.migrator.in_slot(self.tracee.get_rip(t.tid)):
                     continue
             except OSError:
                 continue
@@ -123,8 +127,8 @@ class TraceeSlotHost:
         snapshot = self.tracee.freeze()
         migrated = 0
         for tid, regs in snapshot.regs.items():
-            if inside(regs.rip):
-                self.engine.migrate_out_of_slot(tid)
+            if inside(instruction_pointer(regs)):
+                self.migrator.migrate_out_of_slot(tid)
                 migrated += 1
         return migrated
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..errors import PyprobesError
+from ..x86 import SLOT_SIZE  # what a slot holds is x86's to say: one definition, there
 
 __all__ = [
     "PAGE_SIZE",
@@ -35,7 +36,6 @@ __all__ = [
     "in_reach",
 ]
 
-SLOT_SIZE = 32  # bytes: a 15-byte insn re-encoded + 5-byte jmp back, with room
 PAGE_SIZE = 4096
 SLOTS_PER_PAGE = PAGE_SIZE // SLOT_SIZE
 # A page whose start is within REACH of `near` has every byte within 2**31 of

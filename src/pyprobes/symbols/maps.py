@@ -1,8 +1,8 @@
 """A process's memory map: which ELF files are loaded where.
 
-/proc/PID/maps is the only source: this layer sits below the tracer and must
-not need ptrace. The load bias (runtime address minus link-time address) of
-each file is derived from its mappings and program headers.
+/proc/PID/maps is the only source (parsed by tracee/maps.py; no ptrace needed). The
+load bias (runtime address minus link-time address) of each file is derived from its
+mappings and program headers.
 """
 from __future__ import annotations
 
@@ -10,61 +10,16 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
+from ..tracee.maps import DELETED_SUFFIX as _DELETED
+from ..tracee.maps import Mapping, parse_maps, read_maps
 from .elf import ElfError, ElfFile
 
 __all__ = ["Mapping", "Module", "parse_maps", "read_maps", "modules", "main_module"]
 
 log = logging.getLogger(__name__)
 
-_DELETED = " (deleted)"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class Mapping(NamedTuple):
-    """One line of /proc/PID/maps."""
-
-    start: int
-    end: int
-    perms: str  # "r-xp"
-    offset: int
-    dev: str  # "fd:01"
-    inode: int
-    path: str  # "" for anonymous memory; may end in " (deleted)"
-
-    @property
-    def deleted(self) -> bool:
-        return self.path.endswith(_DELETED) and self.inode != 0
-
-    @property
-    def executable(self) -> bool:
-        return self.perms[2:3] == "x"
-
-
-def parse_maps(text: str) -> list[Mapping]:
-    """Parse the text of a /proc/PID/maps file."""
-    out = []
-    for line in text.splitlines():
-        # The path is everything after the fifth field, spaces included.
-        parts = line.split(None, 5)
-        if len(parts) < 5:
-            continue
-        start, _, end = parts[0].partition("-")
-        path = parts[5].lstrip(" ") if len(parts) == 6 else ""
-        out.append(
-            Mapping(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path)
-        )
-    return out
-
-
-def read_maps(pid: int) -> list[Mapping]:
-    """The mappings of process PID; ProcessLookupError if it is gone."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return parse_maps(f.read())
-    except FileNotFoundError:
-        raise ProcessLookupError(f"no process {pid}") from None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""x86-64 instruction layer: decode, classify, relocate into slots, emulate.
+"""x86-64 instruction layer: decode, classify, relocate into slots, emulate, and the arch side of a hit (arch.py).
 
 This is the lowest layer of pyprobes: it knows instructions and bytes, never
 processes. It imports only iced_x86 and the standard library so the layers
@@ -6,6 +6,19 @@ above can test it (and replace it) without a tracee.
 """
 from __future__ import annotations
 
+from .arch import (
+    BREAKPOINT,
+    BREAKPOINT_LENGTH,
+    MAX_INSTRUCTION_LENGTH,
+    SlotCopy,
+    instruction_pointer,
+    popped_return_slot,
+    prepare_slot,
+    return_address_slot,
+    return_value,
+    set_instruction_pointer,
+    stack_pointer,
+)
 from .classify import Classification, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function, instruction_at
 from .emulate import Emulation, compile_emulation
@@ -20,6 +33,17 @@ from .relocate import (
 )
 
 __all__ = [
+    "BREAKPOINT",
+    "BREAKPOINT_LENGTH",
+    "MAX_INSTRUCTION_LENGTH",
+    "SlotCopy",
+    "instruction_pointer",
+    "popped_return_slot",
+    "prepare_slot",
+    "return_address_slot",
+    "return_value",
+    "set_instruction_pointer",
+    "stack_pointer",
     "SLOT_SIZE",
     "Classification",
     "Emulation",
