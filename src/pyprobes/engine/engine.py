@@ -1,4 +1,4 @@
-"""The probe engine: placing probes, the hit path of DESIGN.md, signals, migration out of slots.
+"""The probe engine: placing probes, the hit path (docs/ARCHITECTURE.md), signals, migration out of slots.
 
 The hit path (thread trapped on the breakpoint at A, its program counter just past it):
   pre-handlers (regs with the program counter = A), then
@@ -151,7 +151,7 @@ class Engine:
         dropped = 0
         for point in [p for p in self.points.values() if inside(p.address)]:
             if point.armed:
-                self.tracee.breakpoints.original.pop(point.address, None)
+                self.tracee.breakpoints.abandon(point.address)
                 point.armed = False
             point.removed = True  # never armed again while its probes go, one by one
             for probe in list(point.probes):

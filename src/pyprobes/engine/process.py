@@ -239,8 +239,8 @@ class Process:
 
     def share_cpu(self, cpu: int | None = None) -> int:
         """Run the tracer and every thread of the process on one CPU (the tracer's current one by
-        default); return it. A ptrace stop costs 2-2.5x less when tracer and tracee share a CPU
-        (README "Speed"), but the process's threads then share that CPU too: worth it for a
+        default); return it. A stop costs less when the tracer needs no cross-CPU wake-up (README
+        "Speed" has the measurements), but the process's threads then share that CPU too: worth it for a
         single-threaded or one-hot-thread program, not for one that needs its cores. Every
         affinity is given back at detach; threads born meanwhile get the process's original one.
         """

@@ -10,8 +10,8 @@ class Breakpoints:
     """Where int3 is written, and what was there.
 
     A single-byte write at an instruction boundary is atomic with respect to instruction
-    fetch, so inserting or removing one needs no freeze (DESIGN.md, invariant 6 concerns
-    multi-byte patches). A thread may already have trapped on a breakpoint when it is removed;
+    fetch, so inserting or removing one needs no freeze (invariant 6 of docs/ARCHITECTURE.md
+    concerns multi-byte patches). A thread may already have trapped on a breakpoint when it is removed;
     `retired` remembers such addresses so its trap is recognised and rewound, not delivered.
     """
 
@@ -43,6 +43,11 @@ class Breakpoints:
         if byte:
             self.memory.write(address, byte)
         self.retired.add(address)
+
+    def abandon(self, address: int) -> None:
+        """Forget the breakpoint at ADDRESS without writing its byte back: the mapping it was
+        in is gone (an unloaded library), and whatever is there now is not ours."""
+        self.original.pop(address, None)
 
     def remove_all(self) -> None:
         for address in list(self.original):

@@ -78,17 +78,12 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         self._live_regs = ptrace.LiveRegs()
 
     # ------------------------------------------------------------------ registers
-    def get_regs(self, tid: int, regs: Regs | None = None) -> Regs:
-        return ptrace.getregs(tid, regs)
-
-    def set_regs(self, tid: int, regs: Regs) -> None:
-        ptrace.setregs(tid, regs)
-
-    def get_rip(self, tid: int) -> int:
-        return ptrace.get_rip(tid)
-
-    def set_rip(self, tid: int, rip: int) -> None:
-        ptrace.set_rip(tid, rip)
+    # The hot-path register API: the ptrace calls themselves, so a call through the Tracee
+    # costs no Python frame more than calling ptrace directly (tracee.get_rip(tid) and so on).
+    get_regs = staticmethod(ptrace.getregs)    # (tid, regs=None) -> Regs: one GETREGS
+    set_regs = staticmethod(ptrace.setregs)    # (tid, regs): one SETREGS
+    get_rip = staticmethod(ptrace.get_rip)     # (tid) -> int: one PEEKUSER
+    set_rip = staticmethod(ptrace.set_rip)     # (tid, rip): one POKEUSER
 
     def get_reg(self, tid: int, name: str) -> int:
         """One register of a stopped thread (one PEEKUSER), by its Regs field name."""

@@ -1,6 +1,6 @@
 """Decode x86-64 machine code into instructions with known boundaries.
 
-A probe may only land on an instruction boundary (design invariant 5), and the
+A probe may only land on an instruction boundary (invariant 5, docs/ARCHITECTURE.md), and the
 only way to know the boundaries of variable-length x86 code is to decode from a
 known boundary: the start of the function. Everything here therefore decodes
 from the start of a buffer that begins at the function's address.

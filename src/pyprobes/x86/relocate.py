@@ -101,7 +101,7 @@ def relocate(insn: Insn, slot_address: int, boosted: bool) -> SlotCode:
         raise RelocationError(f"cannot relocate invalid bytes at {insn.address:#x}")
     if boosted and instruction.flow_control in _CALLS:
         # Boosting a call leaves a return address into the slot on the stack,
-        # which would outlive the slot: design invariant 2.
+        # which would outlive the slot: invariant 2 of docs/ARCHITECTURE.md.
         raise RelocationError(f"{_describe(insn)} is a call: it must never run boosted")
     resume = insn.address + insn.length
 
