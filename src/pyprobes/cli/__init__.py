@@ -9,11 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyprobes import PyprobesError
-
-from . import count, demo, list as list_cmd, trace
-from .output import CliError, error
-
 EPILOG = """\
 examples:
   pyprobes demo                                  a 3-second tour on a built-in program
@@ -26,7 +21,9 @@ Run `pyprobes COMMAND --help` for each command's options.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from pyprobes import __version__
+
+    from . import count, demo, list as list_cmd, trace
     parser = argparse.ArgumentParser(
         prog="pyprobes", description="kprobes for ordinary Linux x86-64 processes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +45,20 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = [*(sys.argv[1:] if argv is None else argv)]  # (`list` here is the list.py submodule)
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handlers are in: while importing, say
+        print("pyprobes: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line, with the commands' imports (main() catches a Ctrl-C among them too)."""
+    from pyprobes import PyprobesError
+
+    from .output import CliError, error
+
+    argv = [*(sys.argv[1:] if argv is None else argv)]
     ours, command = split_command(argv)
     parser = build_parser()
     args = parser.parse_args(ours)
@@ -66,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except PyprobesError as e:
         error(str(e))
         return 1
-    except KeyboardInterrupt:
-        error("interrupted")
-        return 130
     except BrokenPipeError:
         return 1
     except OSError as e:
