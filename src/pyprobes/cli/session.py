@@ -267,6 +267,11 @@ class Session:
                 pass
             self.child_status = None
             return
+        # A stop signal sent to pyprobes alone (SIGTERM, SIGHUP, `kill -INT`) is passed on to the
+        # command; a terminal's Ctrl-C reaches the whole process group, the command included, and
+        # is not sent twice. Asked before detach, while every signal the command got is seen.
+        forward = self.stop_signal is not None and self.spawned and proc.alive \
+            and not proc.was_sent(self.stop_signal)
         try:
             proc.detach()
         except PyprobesError as e:
@@ -281,13 +286,12 @@ class Session:
         if not proc.alive:
             self.child_status = proc.exit_code
             return
-        if self.stop_signal == signal.SIGTERM or self.stop_signal == signal.SIGHUP:
-            # The command did not get this signal (it went to pyprobes alone): pass it on.
+        if forward:
             try:
                 os.kill(proc.pid, self.stop_signal)
             except ProcessLookupError:
                 pass
-        # Ctrl-C reached the command too (same process group): it decides, we wait for it.
+        # The command has its stop signal now: it decides, we wait for it.
         while True:
             try:
                 _, status = os.waitpid(proc.pid, 0)

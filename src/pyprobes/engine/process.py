@@ -17,6 +17,7 @@ from ..errors import PyprobesError
 from ..slots import SlotCache
 from ..symbols import AT_ENTRY, Symbol, Target, auxv_value, modules, symbolize
 from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
+from ..tracee.procfs import pending_signals
 from .engine import Engine
 from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
@@ -167,6 +168,13 @@ class Process:
         self.pause()
         for tid in arrived:
             tracee.release(tid, resume=False)  # paused now: the next run() lets it go
+
+    def was_sent(self, sig: int) -> bool:
+        """Whether signal SIG reached the program while traced: it stopped for it (pyprobes then
+        delivers it, or holds it until the thread is out of a slot), or it is pending now."""
+        if self.tracee.signals_reported[sig]:
+            return True
+        return self.alive and bool(pending_signals(self.pid) & (1 << (sig - 1)))
 
     def stop(self) -> None:
         """Make run() return soon; safe from a handler or a signal handler."""

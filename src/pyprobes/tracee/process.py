@@ -16,7 +16,7 @@ loop (wait() / resume()).
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from typing import Callable
 
 from . import ptrace
@@ -56,6 +56,9 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         # and while step() waits for its step (stops.py).
         self._queue_all = False
         self._wake_requested = False
+        # Signal-delivery stops seen, by signal (SIGTRAP of breakpoints and steps aside): what the
+        # program has been sent, whether pyprobes delivered it yet or holds it.
+        self.signals_reported: Counter[int] = Counter()
         self._syscall_insn: int | None = None
         # The owner's handlers for a breakpoint hit (tid, address) and a finished single-step
         # (tid); each must resume the thread. Unset, those traps come out of wait() as events.

@@ -1,6 +1,8 @@
 """What /proc says of a process and its threads: its tracer, whether a thread is dead, its pending signals."""
 from __future__ import annotations
 
+import os
+
 
 def tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
     """The pid and command name of the process tracing PID (or its thread TID); (0, "") if none."""
@@ -47,3 +49,21 @@ def pending_unblocked(pid: int, tid: int) -> int:
     except OSError:
         return 0
     return pending & ~blocked
+
+
+def pending_signals(pid: int) -> int:
+    """The mask of signals pending for process PID (ShdPnd) or any of its threads (SigPnd)."""
+    mask = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for i, tid in enumerate(tids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"SigPnd:") or (i == 0 and line.startswith(b"ShdPnd:")):
+                        mask |= int(line[7:], 16)
+        except OSError:
+            continue
+    return mask

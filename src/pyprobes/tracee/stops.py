@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import signal as _signal
-from collections import deque
+from collections import Counter, deque
 from typing import Callable
 
 from . import ptrace
@@ -49,6 +49,7 @@ class StopDecoder:
     _queue_all: bool
     _early: dict[int, int]
     _wake_requested: bool
+    signals_reported: Counter[int]
     # and, from the other parts: _resume_quietly (signals.py), _release_fork_child and
     # _after_exec (lifecycle.py).
 
@@ -74,6 +75,7 @@ class StopDecoder:
             sig = os.WSTOPSIG(status)
             if sig == _SIGTRAP:
                 return self._handle_sigtrap(t)
+            self.signals_reported[sig] += 1
             return self._pending(t, Event(EventKind.SIGNAL, tid, signal=sig))
         t.stop_kind = StopKind.EVENT
         return _EVENT_STOPS.get(event, StopDecoder._unknown_event)(self, t, os.WSTOPSIG(status))
