@@ -161,10 +161,6 @@ class Trampoline:
         return None
 
 
-def _refuse(kind: RefusalKind, reason: str) -> Refusal:
-    return Refusal(kind, reason)
-
-
 class _Scan:
     """What the region check needs from one pass over the whole function."""
 
@@ -211,7 +207,8 @@ def _text_of(code: bytes, function_address: int, address: int) -> str:
     return decode_function(code[offset:offset + _MAX_INSTRUCTION], address)[0].text
 
 
-def find_region(code: bytes, function_address: int, function_size: int, probe_address: int) -> Region | Refusal:
+def find_region(code: bytes, function_address: int, function_size: int,
+                probe_address: int) -> Region | Refusal:
     """The region a ``jmp rel32`` may replace for a probe at PROBE_ADDRESS, or why none fits.
 
     CODE holds the function's bytes from FUNCTION_ADDRESS (as loaded, breakpoints removed);
@@ -221,7 +218,7 @@ def find_region(code: bytes, function_address: int, function_size: int, probe_ad
     not an instruction boundary.
     """
     if function_size <= 0:
-        return _refuse(RefusalKind.NO_SIZE, "the function's size is unknown, so its branches "
+        return Refusal(RefusalKind.NO_SIZE, "the function's size is unknown, so its branches "
                        "into the patched bytes cannot all be found")
     function_end = function_address + function_size
     if not function_address <= probe_address < function_end:
@@ -232,13 +229,13 @@ def find_region(code: bytes, function_address: int, function_size: int, probe_ad
     code = bytes(code[:function_size])
     scan = _scan(code, function_address)
     if scan.invalid is not None:
-        return _refuse(RefusalKind.UNDECODABLE, f"the bytes at {scan.invalid:#x} do not decode "
+        return Refusal(RefusalKind.UNDECODABLE, f"the bytes at {scan.invalid:#x} do not decode "
                        "as an instruction, so the function's branches cannot all be found")
 
     boundaries = scan.boundaries
     index = _boundary_index(boundaries, probe_address)
     skipped = 0
-    if probe_address == function_address and function_address in scan.endbrs:
+    if probe_address == function_address and scan.endbrs[:1] == [function_address]:
         skipped = ENDBR64_LENGTH
         index += 1
     start = probe_address + skipped
@@ -246,7 +243,7 @@ def find_region(code: bytes, function_address: int, function_size: int, probe_ad
         left = function_end - start
         where = (f"the function is {left} bytes long" if start == function_address
                  else f"only {left} bytes are left from {start:#x} to the function's end")
-        return _refuse(RefusalKind.TOO_SHORT, f"{where}, fewer than the {JMP_REL32_LENGTH} "
+        return Refusal(RefusalKind.TOO_SHORT, f"{where}, fewer than the {JMP_REL32_LENGTH} "
                        "of a jmp")
     end = start
     while end < start + JMP_REL32_LENGTH:
@@ -291,13 +288,13 @@ def _displaceable(insn: Insn) -> Refusal | None:
             why = "a call would push a return address into the trampoline"
         else:  # a syscall, int n, ud2... (iced calls syscall a CALL): classify() says why
             why = _FLOW_REASONS.get(flow) or classify(insn).reason
-        return _refuse(RefusalKind.CONTROL_FLOW, f"'{insn.text}' at {insn.address:#x} is within "
+        return Refusal(RefusalKind.CONTROL_FLOW, f"'{insn.text}' at {insn.address:#x} is within "
                        f"the {JMP_REL32_LENGTH} bytes a jmp needs: {why}")
     if instruction.code in NOP_CODES:
         return None
     verdict = classify(insn)
     if verdict.kind is not Kind.BOOST:
-        return _refuse(RefusalKind.NOT_RELOCATABLE, f"'{insn.text}' at {insn.address:#x} is "
+        return Refusal(RefusalKind.NOT_RELOCATABLE, f"'{insn.text}' at {insn.address:#x} is "
                        f"within the {JMP_REL32_LENGTH} bytes a jmp needs and cannot run from a "
                        f"trampoline ({verdict.kind.value} as a breakpoint): {verdict.reason}")
     return None
@@ -309,19 +306,19 @@ def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
     span = f"the patched bytes {start:#x}..{end:#x}"
     for source, target in scan.branches:
         if target in inside:
-            return _refuse(RefusalKind.BRANCH_INTO, f"a branch at {source:#x} jumps into {span} "
+            return Refusal(RefusalKind.BRANCH_INTO, f"a branch at {source:#x} jumps into {span} "
                            f"(to {target:#x})")
     for endbr in scan.endbrs:
         if endbr in inside:
-            return _refuse(RefusalKind.ENDBR_INSIDE, f"the endbr64 at {endbr:#x} marks an "
+            return Refusal(RefusalKind.ENDBR_INSIDE, f"the endbr64 at {endbr:#x} marks an "
                            f"indirect-branch target inside {span}")
     for source, target in scan.addresses:
         if target in inside:
-            return _refuse(RefusalKind.ADDRESS_INTO, f"the instruction at {source:#x} takes the "
+            return Refusal(RefusalKind.ADDRESS_INTO, f"the instruction at {source:#x} takes the "
                            f"address {target:#x}, inside {span}")
     if scan.indirect is not None:
         source, text = scan.indirect
-        return _refuse(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump ('{text}' "
+        return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump ('{text}' "
                        f"at {source:#x}): a jump table could target {span}")
     return None
 
