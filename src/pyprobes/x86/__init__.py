@@ -1,4 +1,5 @@
-"""x86-64 instruction layer: decode, classify, relocate into slots, emulate, and the arch side of a hit (arch.py).
+"""x86-64 instruction layer: decode, classify, relocate into slots, emulate, the arch side of a hit
+(arch.py), and the region, trampoline and patch of a jump-optimised probe (optimize.py).
 
 This is the lowest layer of pyprobes: it knows instructions and bytes, never
 processes. It imports only iced_x86 and the standard library so the layers
@@ -22,6 +23,17 @@ from .arch import (
 from .classify import Classification, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function, instruction_at
 from .emulate import Emulation, compile_emulation
+from .optimize import (
+    JMP_REL32_LENGTH,
+    RED_ZONE,
+    Refusal,
+    RefusalKind,
+    Region,
+    Trampoline,
+    count_trampoline,
+    find_region,
+    jump_patch,
+)
 from .relocate import (
     SLOT_SIZE,
     RelocationError,
@@ -60,4 +72,13 @@ __all__ = [
     "relocate",
     "return_address_fixup",
     "step_fixup",
+    "JMP_REL32_LENGTH",
+    "RED_ZONE",
+    "Refusal",
+    "RefusalKind",
+    "Region",
+    "Trampoline",
+    "count_trampoline",
+    "find_region",
+    "jump_patch",
 ]

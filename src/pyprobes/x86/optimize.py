@@ -1,0 +1,392 @@
+"""Jump-optimised probes (issue 11): the region a 5-byte ``jmp`` may replace, its trampoline, the patch.
+
+The kernel's optprobes (arch/x86/kernel/kprobes/opt.c) in user space. A probe whose action
+runs inside the tracee replaces whole instructions at the probe address with ``jmp rel32``
+to a *trampoline*: the action, then those instructions relocated, then ``jmp`` back to the
+first instruction after them. No stop per hit.
+
+What may be replaced (find_region), and why each rule holds:
+
+* A leading ``endbr64`` at the function's entry is skipped, as the int3 path emulates it
+  away: the region starts after it, so a caller's ``call`` (direct or indirect, IBT or not)
+  still lands on the endbr64 and falls into the ``jmp``.
+* Whole instructions covering at least 5 bytes from the region start, inside the function.
+* Each one runs unchanged from the trampoline: a boostable instruction (classify.py), with a
+  RIP-relative operand re-targeted. Control flow is refused for now: a short branch would
+  need widening, and a ``call``, ``syscall``, ``ret`` or ``jmp`` ends the straight line.
+* No branch of the function (jmp, jcc, call, loop, xbegin) targets the region past its first
+  byte, and no RIP-relative operand takes such an address: those bytes are now the ``jmp``'s
+  displacement. A branch to the first byte is fine: it takes the ``jmp``.
+* No ``endbr64`` inside the region past its first byte: it marks an indirect-branch target.
+* No indirect ``jmp`` in the function (conservative): a switch table might target the region.
+  The kernel applies the same rule in can_optimize().
+
+Not checked here, for the engine to add when it integrates this: branches from *other*
+symbols (gcc's ``NAME.cold`` parts jump back into NAME; they can only reach past an entry
+region's first byte by way of a branch inside the region, which is refused, but a mid-function
+probe needs them scanned), C++ landing pads (.gcc_except_table; none can be inside an entry
+region, as a pad follows a call), and threads or return addresses inside the region at
+patch time (issue 11, "Patching").
+
+The trampoline of the ``count`` action (count_trampoline)::
+
+    lea rsp,[rsp-128]          ; step over the red zone (lea leaves the flags alone)
+    pushfq
+    lock inc qword [rip+C]     ; the probe's counter
+    popfq
+    lea rsp,[rsp+128]
+    <the region's instructions, relocated>
+    jmp region.end
+
+The patch (jump_patch) is ``jmp rel32`` followed by ``int3`` up to region.end. The kernel
+writes only the 5 bytes of its jmp and leaves the tails of the displaced instructions
+behind it; we pad with int3 so that a stray jump into the region (one the rules above could
+not see) traps at a known address instead of running the tail of an instruction as code,
+and so that the patched bytes decode as ``jmp; int3...`` for anyone who reads them. Nops
+would be worse than either: a stray jump would slide silently over instructions that
+never ran.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from enum import Enum
+
+from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
+
+from .classify import NOP_CODES, Kind, classify
+from .decode import Insn, MidInstructionError, decode_function
+from .relocate import RelocationError, relocate
+
+__all__ = [
+    "JMP_REL32_LENGTH",
+    "RED_ZONE",
+    "Refusal",
+    "RefusalKind",
+    "Region",
+    "Trampoline",
+    "count_trampoline",
+    "find_region",
+    "jump_patch",
+]
+
+JMP_REL32_LENGTH = 5
+RED_ZONE = 128  # bytes below RSP that the System V ABI lets leaf code use without moving RSP
+ENDBR64_LENGTH = 4
+_INT3 = 0xCC
+_JMP_REL32 = 0xE9
+_MAX_INSTRUCTION = 15
+_LOCK_INC_RIP_LENGTH = 8  # f0 48 ff 05 disp32: a RIP-relative operand always has a disp32
+_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+_NEAR_BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
+
+
+class RefusalKind(str, Enum):
+    """Which rule refused a region: stable keys for statistics; the reason text is for people."""
+
+    NO_SIZE = "no-size"                  # the function's size is unknown
+    UNDECODABLE = "undecodable"          # invalid bytes: boundaries and branches unknown
+    TOO_SHORT = "too-short"              # fewer than 5 bytes before the function's end
+    CONTROL_FLOW = "control-flow"        # a call, ret, jmp, jcc, syscall... in the region
+    NOT_RELOCATABLE = "not-relocatable"  # classify() does not boost it
+    BRANCH_INTO = "branch-into"          # a direct branch targets the region past its first byte
+    ADDRESS_INTO = "address-into"        # a RIP-relative operand takes such an address
+    ENDBR_INSIDE = "endbr-inside"        # an endbr64 (indirect-branch target) in the region
+    INDIRECT_JUMP = "indirect-jump"      # the function has a jmp through a register or memory
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why no jump fits at a probe address; the probe stays a breakpoint."""
+
+    kind: RefusalKind
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class Region:
+    """The bytes [start, end) a ``jmp rel32`` replaces, and the whole instructions they hold.
+
+    ``skipped`` is the length of the ``endbr64`` left in place before ``start`` (0 or 4): the
+    probe address is ``start - skipped``.
+    """
+
+    start: int
+    end: int
+    instructions: tuple[Insn, ...]
+    skipped: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def probe_address(self) -> int:
+        return self.start - self.skipped
+
+
+@dataclass(frozen=True)
+class Trampoline:
+    """Code to place at ``address``: the action, the region's instructions relocated, a jmp back.
+
+    ``relocated`` pairs each relocated instruction's address in the trampoline with its
+    original address, in order; ``relocated_offset`` is where that part begins. A thread
+    found before it is inside the action and must run (be stepped) out of it; a thread on a
+    relocated instruction or on the final jmp is at an original address (original_address).
+    """
+
+    address: int
+    code: bytes
+    relocated_offset: int
+    relocated: tuple[tuple[int, int], ...]
+    return_jump: int     # the address of the final jmp, in the trampoline
+    resume_address: int  # where it jumps: region.end
+
+    @property
+    def end(self) -> int:
+        return self.address + len(self.code)
+
+    def original_address(self, rip: int) -> int | None:
+        """The original address equivalent to RIP in the trampoline, or None (in the action,
+        between instruction boundaries, or outside the trampoline)."""
+        if rip == self.return_jump:
+            return self.resume_address
+        for here, original in self.relocated:
+            if here == rip:
+                return original
+        return None
+
+
+class _Scan:
+    """What the region check needs from one pass over the whole function."""
+
+    __slots__ = ("boundaries", "branches", "addresses", "endbrs", "indirect", "invalid")
+
+    def __init__(self) -> None:
+        self.boundaries: list[int] = []
+        self.branches: list[tuple[int, int]] = []    # (instruction address, target)
+        self.addresses: list[tuple[int, int]] = []   # (instruction address, RIP-relative target)
+        self.endbrs: list[int] = []
+        self.indirect: tuple[int, str] | None = None  # the first indirect jmp: address, text
+        self.invalid: int | None = None
+
+
+def _scan(code: bytes, address: int) -> _Scan:
+    scan = _Scan()
+    decoder = Decoder(64, code, ip=address)
+    # One reused Instruction and no formatting: this runs over whole functions (tens of KB
+    # for an interpreter loop), and only the few region instructions need an Insn.
+    insn = Instruction()
+    boundaries = scan.boundaries
+    while decoder.can_decode:
+        decoder.decode_out(insn)
+        ip = insn.ip
+        boundaries.append(ip)
+        code_ = insn.code
+        if code_ == Code.INVALID:
+            if scan.invalid is None:
+                scan.invalid = ip
+            continue
+        if code_ == Code.ENDBR64:
+            scan.endbrs.append(ip)
+        if insn.op0_kind in _NEAR_BRANCH_KINDS:
+            scan.branches.append((ip, insn.near_branch_target))
+        elif insn.flow_control == FlowControl.INDIRECT_BRANCH and scan.indirect is None:
+            scan.indirect = (ip, _text_of(code, address, ip))
+        if insn.is_ip_rel_memory_operand:
+            scan.addresses.append((ip, insn.ip_rel_memory_address))
+    return scan
+
+
+def _text_of(code: bytes, function_address: int, address: int) -> str:
+    offset = address - function_address
+    return decode_function(code[offset:offset + _MAX_INSTRUCTION], address)[0].text
+
+
+def find_region(code: bytes, function_address: int, function_size: int,
+                probe_address: int) -> Region | Refusal:
+    """The region a ``jmp rel32`` may replace for a probe at PROBE_ADDRESS, or why none fits.
+
+    CODE holds the function's bytes from FUNCTION_ADDRESS (as loaded, breakpoints removed);
+    FUNCTION_SIZE bytes of it are decoded (the symbol size: the whole function must be seen to
+    find every branch into the region). Raises ValueError when PROBE_ADDRESS is outside the
+    function or CODE is shorter than FUNCTION_SIZE, MidInstructionError when PROBE_ADDRESS is
+    not an instruction boundary.
+    """
+    if function_size <= 0:
+        return Refusal(RefusalKind.NO_SIZE, "the function's size is unknown, so its branches "
+                       "into the patched bytes cannot all be found")
+    function_end = function_address + function_size
+    if not function_address <= probe_address < function_end:
+        raise ValueError(f"{probe_address:#x} is outside the function at "
+                         f"{function_address:#x}..{function_end:#x}")
+    if len(code) < function_size:
+        raise ValueError(f"{len(code)} bytes of code given for a {function_size}-byte function")
+    code = bytes(code[:function_size])
+    scan = _scan(code, function_address)
+    if scan.invalid is not None:
+        return Refusal(RefusalKind.UNDECODABLE, f"the bytes at {scan.invalid:#x} do not decode "
+                       "as an instruction, so the function's branches cannot all be found")
+
+    boundaries = scan.boundaries
+    index = _boundary_index(boundaries, probe_address)
+    skipped = 0
+    if probe_address == function_address and scan.endbrs[:1] == [function_address]:
+        skipped = ENDBR64_LENGTH
+        index += 1
+    start = probe_address + skipped
+    if function_end - start < JMP_REL32_LENGTH:
+        left = function_end - start
+        where = (f"the function is {left} bytes long" if start == function_address
+                 else f"only {left} bytes are left from {start:#x} to the function's end")
+        return Refusal(RefusalKind.TOO_SHORT, f"{where}, fewer than the {JMP_REL32_LENGTH} "
+                       "of a jmp")
+    end = start
+    while end < start + JMP_REL32_LENGTH:
+        index += 1
+        end = boundaries[index] if index < len(boundaries) else function_end
+
+    offset = start - function_address
+    instructions = tuple(decode_function(code[offset:end - function_address], start))
+    for insn in instructions:
+        refusal = _displaceable(insn)
+        if refusal is not None:
+            return refusal
+    refusal = _reached_inside(scan, start, end)
+    if refusal is not None:
+        return refusal
+    return Region(start, end, instructions, skipped)
+
+
+def _boundary_index(boundaries: list[int], address: int) -> int:
+    index = bisect_left(boundaries, address)
+    if index < len(boundaries) and boundaries[index] == address:
+        return index
+    before = boundaries[index - 1]
+    after = boundaries[index] if index < len(boundaries) else address + 1
+    raise MidInstructionError(address, before, after)
+
+
+_FLOW_REASONS = {
+    FlowControl.RETURN: "it leaves the function inside the patched bytes",
+    FlowControl.UNCONDITIONAL_BRANCH: "branches inside the patched bytes are not relocated yet",
+    FlowControl.CONDITIONAL_BRANCH: "branches inside the patched bytes are not relocated yet",
+    FlowControl.INDIRECT_BRANCH: "it leaves the function inside the patched bytes",
+}
+
+
+def _displaceable(insn: Insn) -> Refusal | None:
+    """None when INSN runs unchanged (or re-targeted) from a trampoline, else why not."""
+    instruction = insn.instruction
+    flow = instruction.flow_control
+    if flow != FlowControl.NEXT:
+        if instruction.is_call_near or instruction.is_call_near_indirect:
+            why = "a call would push a return address into the trampoline"
+        else:  # a syscall, int n, ud2... (iced calls syscall a CALL): classify() says why
+            why = _FLOW_REASONS.get(flow) or classify(insn).reason
+        return Refusal(RefusalKind.CONTROL_FLOW, f"'{insn.text}' at {insn.address:#x} is within "
+                       f"the {JMP_REL32_LENGTH} bytes a jmp needs: {why}")
+    if instruction.code in NOP_CODES:
+        return None
+    verdict = classify(insn)
+    if verdict.kind is not Kind.BOOST:
+        return Refusal(RefusalKind.NOT_RELOCATABLE, f"'{insn.text}' at {insn.address:#x} is "
+                       f"within the {JMP_REL32_LENGTH} bytes a jmp needs and cannot run from a "
+                       f"trampoline ({verdict.kind.value} as a breakpoint): {verdict.reason}")
+    return None
+
+
+def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
+    """Why something in the function could reach [start, end) past its first byte, or None."""
+    inside = range(start + 1, end)
+    span = f"the patched bytes {start:#x}..{end:#x}"
+    for source, target in scan.branches:
+        if target in inside:
+            return Refusal(RefusalKind.BRANCH_INTO, f"a branch at {source:#x} jumps into {span} "
+                           f"(to {target:#x})")
+    for endbr in scan.endbrs:
+        if endbr in inside:
+            return Refusal(RefusalKind.ENDBR_INSIDE, f"the endbr64 at {endbr:#x} marks an "
+                           f"indirect-branch target inside {span}")
+    for source, target in scan.addresses:
+        if target in inside:
+            return Refusal(RefusalKind.ADDRESS_INTO, f"the instruction at {source:#x} takes the "
+                           f"address {target:#x}, inside {span}")
+    if scan.indirect is not None:
+        source, text = scan.indirect
+        return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump ('{text}' "
+                       f"at {source:#x}): a jump table could target {span}")
+    return None
+
+
+# --- the trampoline and the patch ---------------------------------------------------------
+
+def _rel32(source_next: int, target: int) -> int | None:
+    delta = target - source_next
+    return delta if _INT32_MIN <= delta <= _INT32_MAX else None
+
+
+def _encode(instruction: Instruction, address: int) -> bytes:
+    encoder = Encoder(64)
+    encoder.encode(instruction, address)
+    return encoder.take_buffer()
+
+
+def _count_action(address: int, counter_address: int) -> bytes:
+    """Save the flags, ``lock inc`` the counter, restore: the count action placed at ADDRESS."""
+    rsp_down = Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
+                                          MemoryOperand(Register.RSP, displ=-RED_ZONE))
+    rsp_up = Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
+                                        MemoryOperand(Register.RSP, displ=RED_ZONE))
+    increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter_address))
+    increment.has_lock_prefix = True
+
+    code = _encode(rsp_down, address)
+    code += _encode(Instruction.create(Code.PUSHFQ), address + len(code))
+    here = address + len(code)
+    # Checked here rather than left to the encoder: its error would not say what to do.
+    if _rel32(here + _LOCK_INC_RIP_LENGTH, counter_address) is None:
+        raise RelocationError(f"counter {counter_address:#x} is beyond ±2 GiB of trampoline "
+                              f"{address:#x}: place the counter near the trampoline")
+    code += _encode(increment, here)
+    code += _encode(Instruction.create(Code.POPFQ), address + len(code))
+    return code + _encode(rsp_up, address + len(code))
+
+
+def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
+    code = action
+    relocated = []
+    for insn in region.instructions:
+        here = address + len(code)
+        relocated.append((here, insn.address))
+        code += relocate(insn, here, boosted=False).code
+    return_jump = address + len(code)
+    back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
+    if back is None:
+        raise RelocationError(f"trampoline {address:#x} is beyond ±2 GiB of {region.end:#x}: "
+                              "the jmp back cannot reach it")
+    code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
+    return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end)
+
+
+def count_trampoline(region: Region, address: int, counter_address: int) -> Trampoline:
+    """The ``count`` trampoline for REGION, to be placed at ADDRESS, counting in the 8-byte
+    counter at COUNTER_ADDRESS. Raises RelocationError when the counter, a RIP-relative
+    operand or region.end is beyond ±2 GiB of the trampoline."""
+    return _assemble(region, address, _count_action(address, counter_address))
+
+
+def jump_patch(region: Region, trampoline_address: int) -> bytes:
+    """The bytes to write over REGION: ``jmp rel32`` to the trampoline, then int3 up to
+    region.end (see the module docstring for why int3). Raises RelocationError when the
+    trampoline is beyond ±2 GiB of the region."""
+    rel = _rel32(region.start + JMP_REL32_LENGTH, trampoline_address)
+    if rel is None:
+        raise RelocationError(f"trampoline {trampoline_address:#x} is beyond ±2 GiB of "
+                              f"{region.start:#x}: map it near the module")
+    padding = region.length - JMP_REL32_LENGTH
+    return bytes((_JMP_REL32,)) + rel.to_bytes(4, "little", signed=True) + bytes((_INT3,)) * padding
