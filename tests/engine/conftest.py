@@ -56,7 +56,7 @@ def hold_in_boosted_slot(run, spec):
     held: dict[str, int] = {}
 
     def pre(tid, regs):
-        if p.mode == "boosted" and not held:
+        if p.point.boosted and not held:  # this hit runs boosted (the first one is stepped)
             proc.tracee.hold(tid)
             held["tid"] = tid
             held["rdi"] = regs.rdi

@@ -22,7 +22,7 @@ def _stop_in_the_slot_at_the_fault(proc, spec: str, faulting) -> object:
     state = {"armed": False}
 
     def pre(tid, regs):
-        if probe.mode == "boosted" and faulting(regs) and not state["armed"]:
+        if probe.point.boosted and faulting(regs) and not state["armed"]:  # this hit runs boosted
             state["armed"] = True
             state["tid"] = tid
             proc.stop()

@@ -29,8 +29,24 @@ def placed_line(spec: str, probe: Probe | ReturnProbe) -> str:
     """What -v says about one placed probe."""
     entry = probe.entry_probe if isinstance(probe, ReturnProbe) else probe
     how = entry.classification + (f" ({entry.reason})" if entry.reason else "")
+    if probe.target.ifunc is not None:
+        how += f"; {probe.target.ifunc.name} is an IFUNC: this is the implementation the loader selected"
+    elif probe.target.is_ifunc_resolver:
+        how += "; an IFUNC not resolved yet: this is its resolver"
     return (f"{spec} -> {probe.name} at {probe.address:#x} in {probe.target.module.path}: "
             f"{entry.instruction}, {how}")
+
+
+def resolver_note(spec: str, probes: list[Probe | ReturnProbe]) -> str | None:
+    """A line for the IFUNCs among PROBES that were placed on their resolvers (which run once,
+    when the loader binds them), or None."""
+    names = [p.name for p in probes if p.target.is_ifunc_resolver]
+    if not names:
+        return None
+    if len(names) == 1 and len(probes) == 1:
+        return f"{spec} is an IFUNC and is not resolved yet: probing its resolver"
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{spec}: {len(names)} IFUNCs are not resolved yet ({shown}): probing their resolvers"
 
 
 def signal_name(sig: int) -> str:
@@ -166,6 +182,8 @@ class Session:
                     note(placed_line(spec, probe))
                 if len(pp.probes) > 1:
                     note(f"{spec}: {len(pp.probes)} probes placed")
+            if (line := resolver_note(spec, pp.probes)) is not None:
+                note(line)
             self._note_skipped(pp)
         return self.pendings
 
@@ -190,9 +208,12 @@ class Session:
                 note(f"{pp.spec}: not placed in the new program: {detail}")
         elif what == "failed":
             note(f"{pp.spec}: {detail}" if pp is not None else detail)
-        elif what == "armed" and self.verbose:
+        elif what == "armed":
             probe = next((p for p in reversed(pp.history) if p.name == detail), None)
-            note(placed_line(pp.spec, probe) if probe is not None else f"{pp.spec} -> {detail}")
+            if self.verbose:
+                note(placed_line(pp.spec, probe) if probe is not None else f"{pp.spec} -> {detail}")
+            if probe is not None and (line := resolver_note(f"{pp.spec} ({probe.name})", [probe])) is not None:
+                note(line)
         elif what == "skipped":
             note(f"{pp.spec}: {detail}" + ("" if self.verbose else " (-v lists them)"))
             if self.verbose:

@@ -20,11 +20,12 @@ import sys
 from typing import Callable, Iterable
 
 from ..slots import SlotCache
-from ..symbols import SymbolError, Target, resolve
+from ..symbols import Module, Spec, SymbolError, Target, modules, resolve
 from ..tracee import Event, EventKind, Regs, Tracee, is_fault
 from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, RelocationError, classify,
                    compile_emulation, instruction_at, instruction_pointer, prepare_slot,
                    set_instruction_pointer)
+from .ifunc import follow_ifuncs
 from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError, ProbePoint
 from .retprobe import ReturnProbes
@@ -63,11 +64,16 @@ class Engine:
         self.exec_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ placing
-    def targets(self, spec: str | int) -> list[Target]:
+    def targets(self, spec: str | int | Spec, mods: list[Module] | None = None) -> list[Target]:
+        """Where a probe at SPEC goes: resolve()'s targets, an IFUNC at the implementation the
+        loader selected for it (ifunc.py). MODS reuses a snapshot of the process's modules."""
         try:
-            return resolve(self.tracee.pid, spec)
+            if mods is None:
+                mods = modules(self.tracee.pid)
+            found = resolve(self.tracee.pid, spec, mods)
         except SymbolError as e:
             raise ProbeError(str(e)) from None
+        return follow_ifuncs(found, mods, self.memory.read_u64)
 
     def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
                   boost: bool = True) -> Probe:

@@ -22,7 +22,7 @@ import os
 from typing import Callable, Protocol
 
 from ..errors import PyprobesError
-from ..symbols import Module, SymbolError, Target, find_module, modules, parse_spec, resolve
+from ..symbols import Module, SymbolError, Target, find_module, modules, parse_spec
 from ..tracee import Tracee
 from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError
@@ -258,7 +258,7 @@ class PendingProbes:
                 if not any(mod.elf.lookup(spec.symbol) for mod in search):
                     where = search[0].name if within else f"process {self.pid}"
                     raise SymbolError(f"no function {spec.symbol!r} in {where}")
-            targets = resolve(self.pid, spec, mods)
+            targets = self.engine.targets(spec, mods)
             if pp.kind == "return" and not pp.many and len(targets) != 1:
                 raise ProbeError(f"{pp.spec!r} matches {len(targets)} functions: a return probe needs "
                                  "exactly one")

@@ -67,9 +67,12 @@ class ProbePoint:
 
     @property
     def mode(self) -> str:
+        """What a hit here does: "emulated", "boosted" or "stepped". A point that may be boosted
+        says "boosted" from the start, though (as in the seed) it is stepped until a clean step
+        shows the copy runs straight through; `boosted` says whether that has happened."""
         if self.emulation is not None:
             return "emulated"
-        return "boosted" if self.boosted else "stepped"
+        return "boosted" if self.may_boost else "stepped"
 
     def refresh(self) -> None:
         """Recompute the hoisted handler lists after a probe was added, removed, enabled or disabled."""
@@ -78,6 +81,8 @@ class ProbePoint:
         self.pre = tuple(p for p in enabled if p.pre is not None)
         self.tally = tuple(p for p in enabled if p.pre is None)
         self.post = tuple(p for p in enabled if p.post is not None)
+        if not self.probes:
+            return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
         if not self.may_boost:
             self.boosted = False
@@ -116,7 +121,7 @@ class Probe:
     @property
     def classification(self) -> str:
         """What the probed instruction was classified as: "emulated", "stepped" or "boosted"
-        (a boostable probe runs stepped until its first clean step, as in the seed)."""
+        (whatever the probes on it ask: `mode` says what a hit does)."""
         return self.point.kind.value
 
     @property

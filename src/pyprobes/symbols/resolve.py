@@ -54,14 +54,24 @@ class Target:
     offset: int  # address - symbol_address
     spec: str
     is_return: bool = False
+    ifunc: Symbol | None = None  # the IFUNC whose selected implementation this is (engine/ifunc.py)
 
     @property
     def name(self) -> str:
-        """Human name: "libc.so.6:puts+0x4", or "prog:0x1139" with no enclosing function."""
+        """Human name: "libc.so.6:puts+0x4", "prog:0x1139" with no enclosing function, or
+        "libc.so.6:strlen -> __strlen_avx2" for the implementation the loader chose for an IFUNC."""
         if self.symbol is None:
             return f"{self.module.name}:0x{self.module.to_link(self.address):x}"
+        if self.ifunc is not None:
+            return f"{self.module.name}:{self.ifunc.name} -> {self.symbol.name}"
         suffix = f"+0x{self.offset:x}" if self.offset else ""
         return f"{self.module.name}:{self.symbol.name}{suffix}"
+
+    @property
+    def is_ifunc_resolver(self) -> bool:
+        """At the entry of an IFUNC's resolver: the resolver runs once, when the loader binds the
+        symbol, so a probe here counts that and not the calls to the function."""
+        return self.symbol is not None and self.symbol.kind == "ifunc" and not self.offset
 
 
 _NUMBER = re.compile(r"(?:0[xX][0-9a-fA-F]+|[0-9]+)\Z")
