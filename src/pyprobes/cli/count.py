@@ -38,7 +38,9 @@ def add_parser(sub) -> None:
                    help="print one JSON object (one per interval with -i) instead of a table")
     p.add_argument("--latency", "--hist", dest="latency", action="store_true",
                    help="a log2 histogram of the latency of each %%return probe, call to return (ns)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stderr")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
+                        "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")

@@ -36,7 +36,9 @@ def add_parser(sub) -> None:
                    help="show the first N arguments, 0 to 6 (default 3)")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("--json", action="store_true", help="write JSON Lines instead of text")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stderr")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
+                        "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
