@@ -120,9 +120,11 @@ def _record(data: bytes, pos: int) -> tuple[int, int, int] | None:
         (length,) = _U64.unpack_from(data, pos + 4)
         body = pos + 12
     end = body + length
-    if length < 4 or end > n:
+    if end > n:
         raise ElfError(f"corrupt .eh_frame: record at offset 0x{pos:x} has length 0x{length:x}, "
                        f"past the section's 0x{n:x} bytes")
+    if length < 4:
+        raise ElfError(f"corrupt .eh_frame: record at offset 0x{pos:x} has length {length}, too short for its id")
     return body, end, length
 
 

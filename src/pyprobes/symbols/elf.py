@@ -160,7 +160,7 @@ class ElfFile:
         self._functions: list[Symbol] | None = None
         self._debug_base: tuple[ElfFile, ElfFile] | None = None  # (binary, debug file)
         self._frames: list[Symbol] | None = None
-        self.frame_error: str | None = None
+        self._frame_error: str | None = None
         try:
             with open(path, "rb") as f:
                 self._parse(f)
@@ -202,6 +202,12 @@ class ElfFile:
             self._frame_starts = [s[1] for s in self._frames]
         return self._frames
 
+    @property
+    def frame_error(self) -> str | None:
+        """What is wrong with .eh_frame, if ``frame_functions`` stopped at a corrupt record."""
+        self.frame_functions  # noqa: B018 - reads .eh_frame on first use
+        return self._frame_error
+
     def _read_frames(self) -> list[Symbol]:
         from .ehframe import fde_ranges  # ehframe imports this module (ElfError)
 
@@ -215,7 +221,7 @@ class ElfFile:
         try:
             ranges.extend(fde_ranges(data, vaddr, self._got))
         except ElfError as e:
-            self.frame_error = f"{self.path}: {e}"
+            self._frame_error = f"{self.path}: {e}"
         code = [(seg.vaddr, seg.vaddr + seg.memsz) for seg in self.segments if seg.flags & PF_X]
         ranges = sorted(r for r in ranges if any(lo <= r[0] and r[0] + r[1] <= hi for lo, hi in code)
                         and not any(lo <= r[0] < hi for lo, hi in self._plt))
