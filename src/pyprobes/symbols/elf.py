@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
+import stat
 import struct
 import zlib
 from collections import Counter, OrderedDict
@@ -38,6 +39,7 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")  # name type flags addr offset size link in
 _ET_DYN = 3
 _PT_LOAD = 1
 _PT_NOTE = 4
+_PT_GNU_EH_FRAME = 0x6474E550
 _SHT_SYMTAB = 2
 _SHT_NOTE = 7
 _SHT_NOBITS = 8
@@ -60,6 +62,8 @@ _INFO_TABLE = {
 _NT_GNU_BUILD_ID = 3
 _VERSYM_HIDDEN = 0x8000
 PF_X = 1
+# x86-64 user space ends at 2**47 (2**56 with 5-level paging): a segment beyond it cannot be loaded.
+_ADDRESS_SPACE_END = 1 << 57
 
 
 class ElfError(PyprobesError, ValueError):
@@ -115,8 +119,9 @@ _debug_cache: OrderedDict[tuple, ElfFile] = OrderedDict()
 
 
 def _stat_key(path: str) -> tuple:
+    """(path, device, inode, size, mtime, mode): the cache key, and the mode to check it by."""
     st = os.stat(path)
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
 
 def _cache_put(cache: OrderedDict, key: tuple, value) -> None:
@@ -154,6 +159,8 @@ class ElfFile:
         self.debug_file = None
         self._functions: list[Symbol] | None = None
         self._debug_base: tuple[ElfFile, ElfFile] | None = None  # (binary, debug file)
+        self._frames: list[Symbol] | None = None
+        self._frame_error: str | None = None
         try:
             with open(path, "rb") as f:
                 self._parse(f)
@@ -176,8 +183,55 @@ class ElfFile:
                 funcs = own + debug._read_symbols()
             else:
                 funcs = self._read_symbols()
+            if not funcs:
+                funcs = list(self.frame_functions)  # stripped: .eh_frame still bounds every function
             self._set_functions(funcs)
         return self._functions
+
+    @property
+    def frame_functions(self) -> list[Symbol]:
+        """Every function .eh_frame describes, named "0xSTART" (binding "local"), sorted by address.
+
+        What a stripped file still says about its functions: ``functions`` when the file has no
+        function symbols at all, and the bounds ``function_containing`` falls back on for code no
+        symbol covers. Never raises for a corrupt .eh_frame: the FDEs before the corrupt record
+        are kept and ``frame_error`` says what was wrong.
+        """
+        if self._frames is None:
+            self._frames = self._read_frames()
+            self._frame_starts = [s[1] for s in self._frames]
+        return self._frames
+
+    @property
+    def frame_error(self) -> str | None:
+        """What is wrong with .eh_frame, if ``frame_functions`` stopped at a corrupt record."""
+        self.frame_functions  # noqa: B018 - reads .eh_frame on first use
+        return self._frame_error
+
+    def _read_frames(self) -> list[Symbol]:
+        from .ehframe import fde_ranges  # ehframe imports this module (ElfError)
+
+        if self._eh_frame is None or not self.segments:
+            return []  # a relocatable file's FDEs hold unrelocated addresses
+        vaddr, offset, size = self._eh_frame
+        with open(self.path, "rb") as f:
+            self._check_identity(f)
+            data = self._reader(f.fileno())(".eh_frame", size, offset)
+        ranges = []
+        try:
+            ranges.extend(fde_ranges(data, vaddr, self._got))
+        except ElfError as e:
+            self._frame_error = f"{self.path}: {e}"
+        code = [(seg.vaddr, seg.vaddr + seg.memsz) for seg in self.segments if seg.flags & PF_X]
+        ranges = sorted(r for r in ranges if any(lo <= r[0] and r[0] + r[1] <= hi for lo, hi in code)
+                        and not any(lo <= r[0] < hi for lo, hi in self._plt))
+        frames = []
+        end = 0
+        for start, length in ranges:
+            if start >= end:  # overlapping FDEs: a corrupt table; the first one wins
+                frames.append(Symbol(f"0x{start:x}", start, length, "local"))
+                end = start + length
+        return frames
 
     # ----------------------------------------------------------------- loading
 
@@ -186,6 +240,10 @@ class ElfFile:
         """The ElfFile for PATH, parsed once per file identity."""
         path = os.fspath(path)
         key = _stat_key(path)
+        if not stat.S_ISREG(key[-1]):
+            # Opening a FIFO would block, and a device has no size to bound reads by.
+            raise ElfError(f"{path}: not a regular file")
+        key = key[:-1]
         hit = _cache.get(key)
         if hit is None:
             try:
@@ -236,6 +294,7 @@ class ElfFile:
 
     def _parse(self, f) -> None:
         fd = f.fileno()
+        read = self._reader(fd)
         ident = os.pread(fd, 64, 0)
         if len(ident) < 64 or ident[:4] != b"\x7fELF":
             raise ElfError(f"{self.path}: not an ELF file")
@@ -247,7 +306,9 @@ class ElfFile:
 
         sections: list[tuple] = []
         if shoff:
-            first = _SHDR.unpack(_pread_exact(fd, _SHDR.size, shoff))
+            if shentsize < _SHDR.size:
+                raise ElfError(f"{self.path}: corrupt ELF header: section header size {shentsize} < {_SHDR.size}")
+            first = _SHDR.unpack_from(read("the section header table", _SHDR.size, shoff))
             # Extended numbering: counts too large for the header live in section 0.
             if shnum == 0:
                 shnum = first[5]
@@ -255,11 +316,13 @@ class ElfFile:
                 shstrndx = first[6]
             if phnum == 0xFFFF:
                 phnum = first[7]
-            table = _pread_exact(fd, shentsize * shnum, shoff)
+            table = read(f"the section header table ({shnum} entries)", shentsize * shnum, shoff)
             sections = [_SHDR.unpack_from(table, i * shentsize) for i in range(shnum)]
         programs = []
         if phoff and phnum:
-            table = _pread_exact(fd, phentsize * phnum, phoff)
+            if phentsize < _PHDR.size:
+                raise ElfError(f"{self.path}: corrupt ELF header: program header size {phentsize} < {_PHDR.size}")
+            table = read(f"the program header table ({phnum} entries)", phentsize * phnum, phoff)
             programs = [_PHDR.unpack_from(table, i * phentsize) for i in range(phnum)]
 
         self.segments = tuple(
@@ -267,16 +330,21 @@ class ElfFile:
             for (p_type, flags, offset, vaddr, _paddr, filesz, memsz, _align) in programs
             if p_type == _PT_LOAD
         )
+        self._check_segments()
 
-        def data(sh: tuple) -> bytes:
-            if sh[1] == _SHT_NOBITS:
-                return b""
-            return _pread_exact(fd, sh[5], sh[4])
+        shstrtab = b""
+        if 0 < shstrndx < len(sections):
+            shstrtab = self._section_data(read, sections[shstrndx], "the section name table")
 
-        shstrtab = data(sections[shstrndx]) if 0 < shstrndx < len(sections) else b""
+        def name_of(sh: tuple) -> bytes:
+            return shstrtab[sh[0] : shstrtab.find(b"\0", sh[0])] if sh[0] < len(shstrtab) else b""
+
         self.build_id = None
         self.debuglink = None
         self.has_symtab = False
+        self._eh_frame: tuple[int, int, int] | None = None  # (vaddr, offset, size)
+        self._got = 0
+        self._plt: list[tuple[int, int]] = []  # .plt, .plt.got, .plt.sec: stubs, not functions
         symtabs = []
         versym = verdef = None
         notes_seen = False
@@ -292,14 +360,24 @@ class ElfFile:
             elif sh_type == _SHT_NOTE:
                 notes_seen = True
                 if self.build_id is None:
-                    self.build_id = _build_id(data(sh))
-            elif shstrtab[sh[0] : shstrtab.find(b"\0", sh[0])] == b".gnu_debuglink":
-                self.debuglink = _debuglink(data(sh))
+                    self.build_id = _build_id(self._section_data(read, sh, "a note section"))
+            else:
+                name = name_of(sh)
+                if name == b".gnu_debuglink":
+                    self.debuglink = _debuglink(self._section_data(read, sh, name.decode()))
+                elif name == b".eh_frame" and sh_type != _SHT_NOBITS and self._eh_frame is None:
+                    self._eh_frame = (sh[3], sh[4], sh[5])
+                elif name == b".got":
+                    self._got = sh[3]
+                elif name.startswith(b".plt"):
+                    self._plt.append((sh[3], sh[3] + sh[5]))
         if not notes_seen:
             # Section headers can be stripped (sstrip); the notes are still in PT_NOTE.
             for (p_type, _f, offset, _v, _p, filesz, _m, _a) in programs:
                 if p_type == _PT_NOTE and self.build_id is None:
-                    self.build_id = _build_id(_pread_exact(fd, filesz, offset))
+                    self.build_id = _build_id(read("a PT_NOTE segment", filesz, offset))
+        if self._eh_frame is None:
+            self._eh_frame = self._eh_frame_from_segments(read, programs)
 
         # Only where the symbols are is noted now; see ``functions``.
         self._symtabs = []
@@ -311,26 +389,75 @@ class ElfFile:
                 versions = (versym, verdef, sections[verdef[6]])
             self._symtabs.append((sh, sections[sh[6]], versions))
 
+    def _reader(self, fd: int):
+        """read(what, size, offset): SIZE bytes of the file at OFFSET, or an ElfError naming WHAT
+        if they are not all in the file. Every size read from the file is checked against the
+        file's size first: a corrupt size must not become a huge allocation."""
+        file_size = self._key[3]
+        path = self.path
+
+        def read(what: str, size: int, offset: int) -> bytes:
+            if offset > file_size or size > file_size - offset:
+                raise ElfError(f"{path}: {what} (0x{size:x} bytes at offset 0x{offset:x}) "
+                               f"lies past the end of the file (0x{file_size:x} bytes)")
+            return _pread_exact(fd, size, offset)
+
+        return read
+
+    @staticmethod
+    def _section_data(read, sh: tuple, what: str) -> bytes:
+        return b"" if sh[1] == _SHT_NOBITS else read(what, sh[5], sh[4])
+
+    def _check_segments(self) -> None:
+        file_size = self._key[3]
+        end = 0
+        for seg in self.segments:
+            where = f"{self.path}: corrupt PT_LOAD segment at 0x{seg.vaddr:x}"
+            if seg.offset > file_size or seg.filesz > file_size - seg.offset:
+                raise ElfError(f"{where}: its 0x{seg.filesz:x} bytes at offset 0x{seg.offset:x} "
+                               f"lie past the end of the file (0x{file_size:x} bytes)")
+            if seg.filesz > seg.memsz:
+                raise ElfError(f"{where}: 0x{seg.filesz:x} bytes in the file, more than its 0x{seg.memsz:x} in memory")
+            if seg.vaddr + seg.memsz > _ADDRESS_SPACE_END:
+                raise ElfError(f"{where}: 0x{seg.memsz:x} bytes do not fit in an address space")
+            # The ELF spec orders PT_LOADs by address; overlapping ones cannot all be mapped.
+            if seg.vaddr < end:
+                raise ElfError(f"{where}: it overlaps or precedes the segment before it")
+            end = seg.vaddr + seg.memsz
+
+    def _eh_frame_from_segments(self, read, programs: list[tuple]) -> tuple[int, int, int] | None:
+        # No section headers (sstrip): PT_GNU_EH_FRAME is .eh_frame_hdr, which points at
+        # .eh_frame; the parser stops at its zero terminator or the end of its segment.
+        from .ehframe import eh_frame_from_hdr
+
+        for (p_type, _f, offset, vaddr, _p, filesz, _m, _a) in programs:
+            if p_type != _PT_GNU_EH_FRAME:
+                continue
+            start = eh_frame_from_hdr(read("PT_GNU_EH_FRAME", min(filesz, 16), offset), vaddr)
+            seg = None if start is None else self.segment_for(start)
+            if seg is None or start >= seg.vaddr + seg.filesz:
+                return None
+            return (start, seg.offset + (start - seg.vaddr), seg.vaddr + seg.filesz - start)
+        return None
+
     def _read_symbols(self) -> list[Symbol]:
         functions: list[Symbol] = []
         if not self._symtabs:
             return functions
         with open(self.path, "rb") as f:
             self._check_identity(f)
-            fd = f.fileno()
-
-            def data(sh: tuple) -> bytes:
-                return b"" if sh[1] == _SHT_NOBITS else _pread_exact(fd, sh[5], sh[4])
-
+            read = self._reader(f.fileno())
+            data = self._section_data
             for sh, strsh, versions in self._symtabs:
                 is_dynsym = sh[1] == _SHT_DYNSYM
                 hidden = None
                 if versions is not None:
                     versym, verdef, verstr = versions
-                    hidden = _hidden_versions(data(versym), data(verdef), verdef[7], data(verstr))
-                table = data(sh)
+                    hidden = _hidden_versions(data(read, versym, ".gnu.version"), data(read, verdef, ".gnu.version_d"),
+                                              verdef[7], data(read, verstr, "the version string table"))
+                table = data(read, sh, "a symbol table")
                 table = table[: len(table) - len(table) % _SYM64.size]
-                functions.extend(_read_functions(table, data(strsh), hidden, is_dynsym))
+                functions.extend(_read_functions(table, data(read, strsh, "a string table"), hidden, is_dynsym))
         return functions
 
     def object_address(self, name: str) -> int | None:
@@ -343,12 +470,12 @@ class ElfFile:
         ordered = sorted(self._symtabs, key=lambda entry: entry[0][1] != _SHT_DYNSYM)
         with open(self.path, "rb") as f:
             self._check_identity(f)
-            fd = f.fileno()
+            read = self._reader(f.fileno())
             for sh, strsh, _versions in ordered:
                 if sh[1] == _SHT_NOBITS or strsh[1] == _SHT_NOBITS:
                     continue
-                strtab = _pread_exact(fd, strsh[5], strsh[4])
-                table = _pread_exact(fd, sh[5], sh[4])
+                strtab = read("a string table", strsh[5], strsh[4])
+                table = read("a symbol table", sh[5], sh[4])
                 for st_name, info, _other, shndx, value, _size in _SYM64.iter_unpack(
                         table[: len(table) - len(table) % _SYM64.size]):
                     if shndx and info & 0xF == _STT_OBJECT and strtab.startswith(wanted, st_name):
@@ -426,7 +553,17 @@ class ElfFile:
                 ]
                 return min(here, key=lambda s: (s.size == 0, preference(s)))
             i -= 1
-        return None
+        return self._frame_containing(vaddr)
+
+    def _frame_containing(self, vaddr: int) -> Symbol | None:
+        frames = self.frame_functions
+        i = bisect.bisect_right(self._frame_starts, vaddr) - 1
+        if i < 0 or vaddr >= frames[i].address + frames[i].size:
+            return None
+        frame = frames[i]
+        # A symbol without a size (assembly without .size) names the range its FDE gives it.
+        named = self.aliases(frame.address)
+        return min(named, key=preference)._replace(size=frame.size) if named else frame
 
     def aliases(self, vaddr: int) -> list[Symbol]:
         """Every function symbol starting exactly at VADDR."""
@@ -529,7 +666,7 @@ def _hidden_versions(versym: bytes, data: bytes, count: int, strtab: bytes) -> d
         if off + 20 > len(data):
             break
         _ver, _flags, ndx, cnt, _hash, aux, nxt = struct.unpack_from("<HHHHIII", data, off)
-        if cnt:
+        if cnt and off + aux + 4 <= len(data):
             (name_off,) = struct.unpack_from("<I", data, off + aux)
             names[ndx] = strtab[name_off : strtab.find(b"\0", name_off)].decode("utf-8", "replace")
         if not nxt:
