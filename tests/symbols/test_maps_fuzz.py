@@ -14,13 +14,6 @@ from hypothesis import strategies as st
 
 from pyprobes.symbols import Mapping, parse_maps, read_maps
 
-# parse_maps and read_maps live in symbols/maps.py, which the tracee restructuring owns: the
-# tests of what they get wrong today are strict xfails, so the fix there turns them into passes
-# (and its author deletes the marker). The fix: skip a line whose numbers int() rejects, and
-# decode the file as os.fsdecode does (surrogateescape), not as strict UTF-8.
-MAPS_PARSER_FIX = pytest.mark.xfail(strict=True, reason="issue 14 item 11: maps.parse_maps raises ValueError "
-                                    "on a malformed line; read_maps raises UnicodeDecodeError on a non-UTF-8 path")
-
 GOOD = "55d0c8a00000-55d0c8a02000 r-xp 00001000 fd:01 1234567                    /usr/bin/prog"
 GOOD_MAPPING = Mapping(0x55D0C8A00000, 0x55D0C8A02000, "r-xp", 0x1000, "fd:01", 1234567, "/usr/bin/prog")
 
@@ -47,11 +40,11 @@ def test_odd_but_valid_lines(line, expected):
     "   ",
     "garbage",
     "7f00-7f01 r-xp",                                 # cut short
-    pytest.param("7f00 r-xp 00000000 fd:01 42 /no/dash", marks=MAPS_PARSER_FIX),
-    pytest.param("7f00-zzzz r-xp 00000000 fd:01 42 /bad/hex", marks=MAPS_PARSER_FIX),
-    pytest.param("-7f01 r-xp 00000000 fd:01 42 /no/start", marks=MAPS_PARSER_FIX),
-    pytest.param("7f00-7f01 r-xp 0000000g fd:01 42 /bad/offset", marks=MAPS_PARSER_FIX),
-    pytest.param("7f00-7f01 r-xp 00000000 fd:01 4x2 /bad/inode", marks=MAPS_PARSER_FIX),
+    "7f00 r-xp 00000000 fd:01 42 /no/dash",
+    "7f00-zzzz r-xp 00000000 fd:01 42 /bad/hex",
+    "-7f01 r-xp 00000000 fd:01 42 /no/start",
+    "7f00-7f01 r-xp 0000000g fd:01 42 /bad/offset",
+    "7f00-7f01 r-xp 00000000 fd:01 4x2 /bad/inode",
     "\x00\x00\x00",
 ])
 def test_a_malformed_line_is_skipped_and_the_rest_parses(line):
@@ -65,7 +58,6 @@ def test_any_text_parses_or_skips_without_an_exception(lines):
     parse_maps("\n".join([GOOD, *lines, GOOD]))
 
 
-@MAPS_PARSER_FIX
 def test_a_mutated_real_maps_file_parses_or_skips():
     rng = random.Random(11)
     with open("/proc/self/maps") as f:
@@ -78,7 +70,6 @@ def test_a_mutated_real_maps_file_parses_or_skips():
 
 
 @pytest.mark.skipif(shutil.which("sleep") is None, reason="no sleep(1)")
-@MAPS_PARSER_FIX
 def test_a_mapped_file_whose_name_is_not_utf8(tmp_path):
     """A file name is bytes: one that is not UTF-8 (a library a user built, an old archive) is
     still a line of maps, and the others must still be read."""

@@ -52,7 +52,8 @@ def rows_for_binary(path: str, pattern: str | None) -> list[FunctionPlan]:
     try:
         return functions_of_binary(path, pattern)
     except ElfError as e:
-        raise CliError(f"{path}: not an ELF file we can read ({e})", 2) from None
+        # ElfError names the file and what is wrong with it: one line as it is.
+        raise CliError(str(e), 2) from None
     except SymbolError as e:
         raise CliError(str(e), 2) from None
     except OSError as e:

@@ -44,7 +44,9 @@ class _Code:
             raise ValueError("not in a loadable segment")
         data = self.segments.get(seg.vaddr)
         if data is None:
-            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.memsz)
+            # The file-backed bytes only: code is never in the zero-filled tail (.bss), which a
+            # corrupt or huge segment could make any size.
+            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.filesz)
         start = vaddr - seg.vaddr
         return data[start:start + size]
 

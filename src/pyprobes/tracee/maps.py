@@ -5,6 +5,7 @@ regions, the engine for free gaps to put slot pages in, symbols/ for loaded ELF 
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 __all__ = ["DELETED_SUFFIX", "Mapping", "executable_regions", "parse_maps", "read_maps"]
@@ -42,16 +43,19 @@ def parse_maps(text: str) -> list[Mapping]:
             continue
         start, _, end = parts[0].partition("-")
         path = parts[5].lstrip(" ") if len(parts) == 6 else ""
-        out.append(
-            Mapping(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path)
-        )
+        try:
+            numbers = int(start, 16), int(end, 16), int(parts[2], 16), int(parts[4])
+        except ValueError:
+            continue  # a line this parser does not understand describes no mapping it can use
+        out.append(Mapping(numbers[0], numbers[1], parts[1], numbers[2], parts[3], numbers[3], path))
     return out
 
 
 def read_maps(pid: int) -> list[Mapping]:
     """The mappings of process PID; ProcessLookupError if it is gone."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
+        # A mapped file's name is bytes, not necessarily UTF-8: keep them, as os.fsdecode does.
+        with open(f"/proc/{pid}/maps", encoding=sys.getfilesystemencoding(), errors="surrogateescape") as f:
             return parse_maps(f.read())
     except FileNotFoundError:
         raise ProcessLookupError(f"no process {pid}") from None
