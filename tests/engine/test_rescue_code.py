@@ -55,7 +55,7 @@ def test_a_stepped_copy_carries_a_jmp_back(code):
     address, slot = 0x401000, 0x402000
     (insn,) = decode_function(code, address)
     assert classify(insn).kind.value == "stepped"
-    copy = prepare_slot(insn, slot, boosted=False)
+    copy = prepare_slot(insn, slot, boosted=False, jmp_back=True)
     tail = copy.bytes[copy.code.copy_length:]
     assert tail[0] == 0xE9
     end = slot + copy.code.copy_length + 5

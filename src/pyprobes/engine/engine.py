@@ -112,7 +112,7 @@ class Engine:
     def _give_slot(self, point: ProbePoint) -> None:
         slot = self.slots.get(point.address)
         try:
-            copy = prepare_slot(point.insn, slot.address, boosted=not point.step_only)
+            copy = prepare_slot(point.insn, slot.address, boosted=not point.step_only, jmp_back=True)
         except RelocationError as e:
             self.slots.free(slot, dirty=False)
             raise ProbeError(f"cannot probe {point.name}: {e}") from None

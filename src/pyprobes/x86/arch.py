@@ -125,14 +125,14 @@ class SlotCopy:
         return f"<SlotCopy {self.insn.text!r} at slot {self.slot_address:#x}>"
 
 
-def prepare_slot(insn: Insn, slot_address: int, boosted: bool) -> SlotCopy:
+def prepare_slot(insn: Insn, slot_address: int, boosted: bool, jmp_back: bool = False) -> SlotCopy:
     """The copy of INSN for the slot at SLOT_ADDRESS; RelocationError if it cannot run there.
 
     A boostable copy carries its jmp back from the start: stepping stops before it, and
-    boosting it later then needs no rewrite of a slot a thread may be in. A copy that must
-    always be stepped carries one too, which only a dead tracer's threads ever run (rescue.py)."""
+    boosting it later then needs no rewrite of a slot a thread may be in. JMP_BACK: a copy that
+    must always be stepped carries one too, which only a dead tracer's threads ever run (rescue.py)."""
     code = relocate(insn, slot_address, boosted=boosted)
-    if not boosted:
+    if jmp_back and not boosted:
         try:
             code = with_jmp_back(insn, slot_address, code)
         except RelocationError:
