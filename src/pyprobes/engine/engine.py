@@ -28,6 +28,7 @@ from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, Relocation
 from .ifunc import follow_ifuncs
 from .loader import LoaderEvents
 from .probe import Handler, Probe, ProbeError, ProbePoint
+from .rescue import Rescue
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
 
@@ -42,6 +43,7 @@ class Engine:
         self.probes: list[Probe] = []
         self.host = TraceeSlotHost(tracee, self)
         self.slots = SlotCache(self.host)
+        self.rescue = Rescue(tracee, self.host)  # the program survives our death (engine/rescue.py)
         self.stats = {"threads_migrated": 0, "signals_held": 0, "faults_in_slots": 0}
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
@@ -116,7 +118,7 @@ class Engine:
     def _give_slot(self, point: ProbePoint) -> None:
         slot = self.slots.get(point.address)
         try:
-            copy = prepare_slot(point.insn, slot.address, boosted=not point.step_only)
+            copy = prepare_slot(point.insn, slot.address, boosted=not point.step_only, jmp_back=True)
         except RelocationError as e:
             self.slots.free(slot, dirty=False)
             raise ProbeError(f"cannot probe {point.name}: {e}") from None
@@ -129,11 +131,13 @@ class Engine:
         point.refresh()
         want = bool(point.counting or point.pre or point.post) and not point.removed
         if want and not point.armed:
+            self.rescue.arm(point)
             self.tracee.breakpoints.insert(point.address)
             point.armed = True
         elif not want and point.armed:
             self.tracee.breakpoints.remove(point.address)
             point.armed = False
+            self.rescue.disarm(point)
 
     def remove_probe(self, probe: Probe) -> None:
         probe.removed = True
@@ -159,6 +163,7 @@ class Engine:
             if point.armed:
                 self.tracee.breakpoints.abandon(point.address)
                 point.armed = False
+                self.rescue.disarm(point)
             point.removed = True  # never armed again while its probes go, one by one
             for probe in list(point.probes):
                 probe.remove()
@@ -403,6 +408,7 @@ class Engine:
         self.slots = SlotCache(self.host)
         self.loader.forget()
         self.returns.forget()
+        self.rescue.forget()
         for hook in self.exec_hooks:
             hook()
 
@@ -430,6 +436,7 @@ class Engine:
                 self.returns.restore_all()
                 self.slots.release_all()
                 self.returns.release()
+                self.rescue.release()
             except Exception as e:  # the process died under us: nothing left to restore
                 if tracee.alive:
                     print(f"pyprobes: while detaching: {e}", file=sys.stderr)

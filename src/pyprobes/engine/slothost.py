@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import errno
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, TypeVar
 
 from ..slots import PAGE_SIZE, REACH, SlotMapError
 from ..tracee import ProcessExited, ThreadState, Tracee
@@ -16,6 +16,7 @@ from ..x86 import instruction_pointer
 HEAP_MARGIN = 1 << 30
 STACK_MARGIN = 64 << 20
 MAX_TRIES = 16
+T = TypeVar("T")
 
 
 def _gaps(pid: int) -> list[tuple[int, int]]:
@@ -107,6 +108,11 @@ class TraceeSlotHost:
             yield tid
         finally:
             self.tracee.thaw()
+
+    def inject(self, call: Callable[[int], T]) -> T:
+        """CALL(tid) with a stopped thread to inject system calls into (the rescue handler's)."""
+        with self._stopped_thread() as tid:
+            return call(tid)
 
     def map_page(self, near: int) -> int:
         with self._stopped_thread() as tid:

@@ -74,7 +74,9 @@ class Lifecycle:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
             raise SpawnError(f"could not start {argv[0]}: child ended before exec")
-        ptrace.seize(pid, ptrace.TRACE_OPTIONS | ptrace.PTRACE_O_TRACEVFORKDONE | ptrace.PTRACE_O_EXITKILL)
+        # No PTRACE_O_EXITKILL: a spawned program outlives a killed tracer as an attached one does
+        # (the engine's rescue handler takes the int3 bytes left behind: engine/rescue.py).
+        ptrace.seize(pid, ptrace.TRACE_OPTIONS | ptrace.PTRACE_O_TRACEVFORKDONE)
         os.kill(pid, _signal.SIGCONT)
         self = cls(pid, spawned=True)
         self.threads[pid] = Thread(pid, ThreadState.STOPPED)

@@ -1,4 +1,5 @@
-"""What /proc says of a process and its threads: its tracer, whether a thread is dead, its pending signals."""
+"""What /proc says of a process and its threads: its tracer, whether a thread is dead, its pending
+signals, the signals it handles itself, seccomp."""
 from __future__ import annotations
 
 import os
@@ -67,3 +68,18 @@ def pending_signals(pid: int) -> int:
         except OSError:
             continue
     return mask
+
+
+def status_fields(pid: int, *names: str) -> dict[str, str]:
+    """The fields NAMES of /proc/PID/status ("SigCgt", "Seccomp"...), as text; missing ones are left out."""
+    wanted = {name + ":" for name in names}
+    found: dict[str, str] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition("\t")
+                if key in wanted:
+                    found[key[:-1]] = value.strip()
+    except OSError:
+        pass
+    return found

@@ -15,6 +15,7 @@ from .process import Tracee
 SYS_MMAP = 9
 SYS_MPROTECT = 10
 SYS_MUNMAP = 11
+SYS_RT_SIGACTION = 13
 SYS_FTRUNCATE = 77
 SYS_GETPID = 39
 SYS_MEMFD_CREATE = 319
@@ -87,6 +88,12 @@ def mprotect(tracee: Tracee, tid: int, address: int, length: int, prot: int) -> 
     _check(inject_syscall(tracee, tid, SYS_MPROTECT, address, length, prot), "mprotect")
 
 
+def rt_sigaction(tracee: Tracee, tid: int, signal: int, action: int, old_action: int) -> None:
+    """Set SIGNAL's disposition to the struct sigaction at ACTION (0: leave it), the old one
+    written at OLD_ACTION (0: not wanted). Both live in tracee memory: nothing is put on its stack."""
+    _check(inject_syscall(tracee, tid, SYS_RT_SIGACTION, signal, action, old_action, 8), "rt_sigaction")
+
+
 def ftruncate(tracee: Tracee, tid: int, fd: int, length: int) -> None:
     _check(inject_syscall(tracee, tid, SYS_FTRUNCATE, fd, length), "ftruncate")
 
@@ -105,5 +112,6 @@ def memfd_create(tracee: Tracee, tid: int, name: str, flags: int = MFD_CLOEXEC) 
 
 
 __all__ = ["inject_syscall", "mmap", "mmap_near", "munmap", "mprotect", "ftruncate", "memfd_create",
+           "rt_sigaction",
            "PROT_READ", "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_ANONYMOUS",
            "MAP_FIXED_NOREPLACE"]

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .decode import Insn
-from .relocate import SlotCode, pushed_flags_fixup, relocate, return_address_fixup
+from .relocate import RelocationError, SlotCode, pushed_flags_fixup, relocate, return_address_fixup
+from .rescue import with_jmp_back
 
 __all__ = [
     "BREAKPOINT",
@@ -124,12 +125,19 @@ class SlotCopy:
         return f"<SlotCopy {self.insn.text!r} at slot {self.slot_address:#x}>"
 
 
-def prepare_slot(insn: Insn, slot_address: int, boosted: bool) -> SlotCopy:
+def prepare_slot(insn: Insn, slot_address: int, boosted: bool, jmp_back: bool = False) -> SlotCopy:
     """The copy of INSN for the slot at SLOT_ADDRESS; RelocationError if it cannot run there.
 
     A boostable copy carries its jmp back from the start: stepping stops before it, and
-    boosting it later then needs no rewrite of a slot a thread may be in."""
-    return SlotCopy(insn, slot_address, relocate(insn, slot_address, boosted=boosted))
+    boosting it later then needs no rewrite of a slot a thread may be in. JMP_BACK: a copy that
+    must always be stepped carries one too, which only a dead tracer's threads ever run (rescue.py)."""
+    code = relocate(insn, slot_address, boosted=boosted)
+    if jmp_back and not boosted:
+        try:
+            code = with_jmp_back(insn, slot_address, code)
+        except RelocationError:
+            pass  # stepped as ever; only the rescue after the tracer's death loses this point
+    return SlotCopy(insn, slot_address, code)
 
 
 def instruction_pointer(regs: Any) -> int:
