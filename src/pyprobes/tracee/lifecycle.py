@@ -22,6 +22,21 @@ if TYPE_CHECKING:
     from .process import Tracee
 
 
+# Python ignores these at startup (and an ignored disposition survives exec), as CPython's
+# _Py_RestoreSignals, which subprocess runs with restore_signals=True, knows: the program expects
+# the defaults its shell gave it. Other ignored signals (nohup's SIGHUP) were the user's: kept.
+PYTHON_IGNORED = tuple(getattr(_signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(_signal, name))
+
+
+def _restore_signals() -> None:
+    """In the spawned child before exec: undo what the Python process did to signals."""
+    for sig in PYTHON_IGNORED:
+        _signal.signal(sig, _signal.SIG_DFL)
+    # The mask is inherited through fork and exec: whatever the forking thread blocked
+    # (an embedding program, a library's worker thread) would stay blocked in the program.
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+
+
 class Lifecycle:
     """Tracee's spawn(), attach(), detach(), kill() and close(), and its fork and exec stops."""
 
@@ -64,8 +79,7 @@ class Lifecycle:
             try:
                 if cwd is not None:
                     os.chdir(cwd)
-                # Python ignores SIGPIPE; an exec'd program expects the default.
-                _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+                _restore_signals()
                 os.kill(os.getpid(), _signal.SIGSTOP)
                 os.execve(exe, list(argv), environ)
             except BaseException:
