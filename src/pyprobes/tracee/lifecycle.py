@@ -14,7 +14,7 @@ from .breakpoints import Breakpoints
 from .errors import AlreadyTraced, NoSuchProcess, PermissionDenied, ProcessExited, SpawnError, TraceeError
 from .events import Event, EventKind
 from .memory import Memory
-from .procfs import is_zombie, tracer_of
+from .procfs import has_exited, is_zombie, parent_of, tracer_of
 from .stops import exit_code_of
 from .threads import StopKind, Thread, ThreadState
 
@@ -125,6 +125,9 @@ class Lifecycle:
                 tracer, name = tracer_of(pid)
                 if tracer:
                     raise AlreadyTraced(pid, tracer, name) from None
+                if os.path.exists(f"/proc/{pid}") and has_exited(pid):
+                    raise TraceeError(f"process {pid} has exited (a zombie, not yet reaped by its "
+                                      f"parent PID {parent_of(pid)})") from None
                 if is_zombie(pid, pid) and os.path.exists(f"/proc/{pid}"):
                     # The kernel refuses to attach to an exited task, and the leader's tid is
                     # the one every process-wide event (exit, exec) is reported on.

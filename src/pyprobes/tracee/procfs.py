@@ -1,6 +1,8 @@
 """What /proc says of a process and its threads: its tracer, whether a thread is dead, its pending signals."""
 from __future__ import annotations
 
+import os
+
 
 def tracer_of(pid: int, tid: int | None = None) -> tuple[int, str]:
     """The pid and command name of the process tracing PID (or its thread TID); (0, "") if none."""
@@ -31,6 +33,27 @@ def is_zombie(pid: int, tid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def has_exited(pid: int) -> bool:
+    """Every thread of PID has exited: a zombie process its parent has not reaped yet (or gone)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return True
+    return all(is_zombie(pid, tid) for tid in tids)
+
+
+def parent_of(pid: int) -> int:
+    """PID's parent process (PPid in /proc/PID/status); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def pending_unblocked(pid: int, tid: int) -> int:
