@@ -6,10 +6,11 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Protocol, TypeVar
 
 from ..slots import PAGE_SIZE, REACH, SlotMapError
-from ..tracee import ProcessExited, ThreadState, Tracee
+from ..tracee import ProcessExited, SyscallRefused, ThreadState, Tracee
 from ..tracee import syscalls
 from ..tracee.maps import read_maps
 from ..x86 import instruction_pointer
+from .probe import ProbeError
 
 # Room left free after the heap and below the stack, so slot pages never stop brk or the
 # main stack from growing where the program expects them to.
@@ -56,6 +57,12 @@ def page_candidates(gaps: list[tuple[int, int]], near: int) -> list[int]:
         candidates.append(page)
     candidates.sort(key=lambda p: abs(p - near))
     return candidates
+
+
+class SlotPagesRefused(SlotMapError, ProbeError):
+    """The tracee's seccomp state forbids the mmap a slot page takes: every probe that needs a
+    slot (or a return probe's trampoline) is refused, and only emulated probes can be placed.
+    A ProbeError too, so whoever refuses an unplaceable probe refuses this one the same way."""
 
 
 class SlotMigrator(Protocol):
@@ -120,6 +127,10 @@ class TraceeSlotHost:
                 try:
                     return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE,
                                               syscalls.PROT_READ | syscalls.PROT_EXEC)
+                except SyscallRefused as e:
+                    # Seccomp would not let the mmap run: no page can come, at any address.
+                    raise SlotPagesRefused(f"{e.reason}: pyprobes cannot map instruction slots in it; "
+                                       "only emulated probes can be placed") from None
                 except OSError as e:
                     if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
                         raise
@@ -127,7 +138,10 @@ class TraceeSlotHost:
 
     def unmap_page(self, address: int) -> None:
         with self._stopped_thread() as tid:
-            syscalls.munmap(self.tracee, tid, address, PAGE_SIZE)
+            try:
+                syscalls.munmap(self.tracee, tid, address, PAGE_SIZE)
+            except SyscallRefused:
+                pass  # a filter that lets mmap through but not munmap: the idle page stays, harmless
 
     def freeze_and_migrate(self, inside: Callable[[int], bool]) -> int:
         snapshot = self.tracee.freeze()

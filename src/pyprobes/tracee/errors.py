@@ -50,3 +50,16 @@ class ProcessExited(TraceeError):
 
 class SpawnError(TraceeError):
     """The command could not be started."""
+
+
+class SyscallRefused(TraceeError):
+    """A system call to inject that the thread's seccomp state would not let run as it is (it
+    would kill the process, raise SIGSYS or fail): it was not injected, and nothing was touched.
+    reason says why in the process's terms ("PID 42 runs in seccomp strict mode")."""
+
+    def __init__(self, pid: int, tid: int, syscall: str, reason: str) -> None:
+        super().__init__(f"{reason}: pyprobes does not inject {syscall} into it")
+        self.pid = pid
+        self.tid = tid
+        self.syscall = syscall
+        self.reason = reason

@@ -14,12 +14,27 @@ from .breakpoints import Breakpoints
 from .errors import AlreadyTraced, NoSuchProcess, PermissionDenied, ProcessExited, SpawnError, TraceeError
 from .events import Event, EventKind
 from .memory import Memory
-from .procfs import is_zombie, tracer_of
+from .procfs import has_exited, is_zombie, parent_of, tracer_of
 from .stops import exit_code_of
 from .threads import StopKind, Thread, ThreadState
 
 if TYPE_CHECKING:
     from .process import Tracee
+
+
+# Python ignores these at startup (and an ignored disposition survives exec), as CPython's
+# _Py_RestoreSignals, which subprocess runs with restore_signals=True, knows: the program expects
+# the defaults its shell gave it. Other ignored signals (nohup's SIGHUP) were the user's: kept.
+PYTHON_IGNORED = tuple(getattr(_signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(_signal, name))
+
+
+def _restore_signals() -> None:
+    """In the spawned child before exec: undo what the Python process did to signals."""
+    for sig in PYTHON_IGNORED:
+        _signal.signal(sig, _signal.SIG_DFL)
+    # The mask is inherited through fork and exec: whatever the forking thread blocked
+    # (an embedding program, a library's worker thread) would stay blocked in the program.
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
 
 
 class Lifecycle:
@@ -64,8 +79,7 @@ class Lifecycle:
             try:
                 if cwd is not None:
                     os.chdir(cwd)
-                # Python ignores SIGPIPE; an exec'd program expects the default.
-                _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
+                _restore_signals()
                 os.kill(os.getpid(), _signal.SIGSTOP)
                 os.execve(exe, list(argv), environ)
             except BaseException:
@@ -113,6 +127,9 @@ class Lifecycle:
                 tracer, name = tracer_of(pid)
                 if tracer:
                     raise AlreadyTraced(pid, tracer, name) from None
+                if os.path.exists(f"/proc/{pid}") and has_exited(pid):
+                    raise TraceeError(f"process {pid} has exited (a zombie, not yet reaped by its "
+                                      f"parent PID {parent_of(pid)})") from None
                 if is_zombie(pid, pid) and os.path.exists(f"/proc/{pid}"):
                     # The kernel refuses to attach to an exited task, and the leader's tid is
                     # the one every process-wide event (exit, exec) is reported on.

@@ -26,6 +26,9 @@ _WAIT_ANY = ptrace.WALL | ptrace.WNOTHREAD
 _WAIT_ANY_NOHANG = _WAIT_ANY | os.WNOHANG
 
 
+_INTERRUPTIBLE = (ThreadState.RUNNING, ThreadState.LISTENING)
+
+
 class EventLoop:
     """Tracee's wait(): the next event for the owner, from the queue or the next stop."""
 
@@ -128,8 +131,11 @@ class EventLoop:
     def wake(self) -> None:
         """Make a blocked wait() return a WAKE event; safe to call from a signal handler."""
         self._wake_requested = True
+        # A listening thread (in a job-control stop) reports a fresh group stop when
+        # interrupted: with every thread of a stopped process listening, that is the only stop
+        # that can come.
         for t in list(self.threads.values()):
-            if t.state is ThreadState.RUNNING and not t.exiting:
+            if t.state in _INTERRUPTIBLE and not t.exiting:
                 try:
                     ptrace.interrupt(t.tid)
                     return

@@ -36,6 +36,27 @@ def is_zombie(pid: int, tid: int) -> bool:
         return True
 
 
+def has_exited(pid: int) -> bool:
+    """Every thread of PID has exited: a zombie process its parent has not reaped yet (or gone)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return True
+    return all(is_zombie(pid, tid) for tid in tids)
+
+
+def parent_of(pid: int) -> int:
+    """PID's parent process (PPid in /proc/PID/status); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def pending_unblocked(pid: int, tid: int) -> int:
     """The mask of signals pending for thread TID alone (SigPnd) that it does not block."""
     pending = blocked = 0

@@ -44,6 +44,7 @@ PTRACE_SETSIGINFO = 0x4203
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_SECCOMP_GET_FILTER = 0x420C
 
 # Options and the events they report in (status >> 16).
 PTRACE_O_TRACECLONE = 0x08
@@ -158,6 +159,15 @@ def singlestep(tid: int, signal: int = 0) -> None:
 
 def detach(tid: int, signal: int = 0) -> None:
     _call(PTRACE_DETACH, tid, None, signal)
+
+
+def seccomp_get_filter(tid: int, index: int) -> bytes:
+    """The classic-BPF program (struct sock_filter[]) of stopped thread TID's seccomp filter
+    INDEX, 0 being the one installed last. ENOENT past the oldest; EACCES without CAP_SYS_ADMIN."""
+    length = _call(PTRACE_SECCOMP_GET_FILTER, tid, index, None)
+    buf = ctypes.create_string_buffer(8 * length)
+    length = _call(PTRACE_SECCOMP_GET_FILTER, tid, index, buf)
+    return buf.raw[:8 * length]
 
 
 def getregs(tid: int, regs: Regs | None = None) -> Regs:

@@ -38,6 +38,15 @@ def requeue(tgid: int, tid: int, sig: int, info: ptrace.SigInfo | None) -> None:
         pass  # the thread is gone: so is anything it was owed
 
 
+def _back_to_group_stop(t: Thread) -> int:
+    """The signal that puts T back into the job-control stop its process is in, T having left
+    it (a single-step from the group stop, for an injected system call, ends in a trap stop,
+    which PTRACE_LISTEN refuses with EIO). SIGSTOP, whatever stopped the process: a SIGTSTP
+    would run the program's handler for it instead. It comes back as a GROUP_STOP event."""
+    t.group_stopped = False
+    return _signal.SIGSTOP
+
+
 class HeldSignals:
     """Tracee's resume(), the layer's own resume of a thread, and the signals they deliver."""
 
@@ -63,9 +72,12 @@ class HeldSignals:
             if step:
                 ptrace.singlestep(tid, signal)
             elif t.group_stopped and not signal:
-                ptrace.listen(tid)
-                t.state = ThreadState.LISTENING
-                return
+                if t.stop_kind is StopKind.EVENT:
+                    ptrace.listen(tid)
+                    t.state = ThreadState.LISTENING
+                    return
+                signal = _back_to_group_stop(t)
+                ptrace.cont(tid, signal)
             else:
                 ptrace.cont(tid, signal)
         except OSError as e:
@@ -79,9 +91,13 @@ class HeldSignals:
         if t.held:
             return
         try:
-            if t.group_stopped:
+            if t.group_stopped and t.stop_kind is StopKind.EVENT:
                 ptrace.listen(t.tid)
                 t.state = ThreadState.LISTENING
+            elif t.group_stopped:
+                ptrace.cont(t.tid, _back_to_group_stop(t))
+                t.state = ThreadState.RUNNING
+                self._resumed = True
             elif t.stepping and not t.exiting:
                 # Stopped (by a freeze's interrupt, say) before its single-step reported: resume
                 # it stepping, or PTRACE_CONT clears the trap flag and it runs on past the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from .process import Tracee
+from .seccomp import check_syscall
 
 SYS_MMAP = 9
 SYS_MPROTECT = 10
@@ -26,20 +27,26 @@ MAP_FIXED_NOREPLACE = 0x100000
 MFD_CLOEXEC = 1
 
 RED_ZONE = 128
+SYSCALL_INSN_LENGTH = 2  # 0f 05: seccomp sees the address after it
 _MASK = 0xFFFFFFFFFFFFFFFF
 
 
 def inject_syscall(tracee: Tracee, tid: int, number: int, *args: int) -> int:
-    """Run system call NUMBER with ARGS on stopped thread TID; return its raw result (negative errno on failure)."""
+    """Run system call NUMBER with ARGS on stopped thread TID; return its raw result (negative errno on failure).
+    Raises SyscallRefused, touching nothing, if the thread's seccomp state would not let it run."""
     if len(args) > 6:
         raise ValueError("a system call takes at most 6 arguments")
+    insn = tracee.syscall_instruction()
+    # Seccomp judges an injected call like the thread's own: one it would not let through is
+    # refused here (SyscallRefused), before anything of the thread changes.
+    check_syscall(tracee.pid, tid, number, args, insn + SYSCALL_INSN_LENGTH)
     saved = tracee.get_regs(tid)
     regs = saved.copy()
     regs.rax = number
     regs.orig_rax = _MASK  # -1: no system call to restart
     for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
         setattr(regs, name, value & _MASK)
-    regs.rip = insn = tracee.syscall_instruction()
+    regs.rip = insn
     # The thread's own stop (a breakpoint hit or a signal not yet handled) outlives the
     # injection: its registers come back below, and its event must not be consumed by our step.
     thread = tracee.threads[tid]
