@@ -16,6 +16,7 @@ import struct
 from collections import Counter, OrderedDict
 
 from .debuginfo import DEFAULT_DEBUG_ROOT, find_debug_file
+from .ehframe import eh_frame_from_hdr, fde_ranges
 from .headers import PF_X, ElfError, Reader, Segment, bounded_reader, load_segments, read_headers, section_data
 from .notes import gnu_build_id, parse_debuglink
 from .symtab import SYM64, Symbol, hidden_versions, lookup_order, object_value, preference, read_functions
@@ -133,8 +134,6 @@ class ElfFile:
         return self._frame_error
 
     def _read_frames(self) -> list[Symbol]:
-        from .ehframe import fde_ranges  # ehframe imports this module (ElfError)
-
         if self._eh_frame is None or not self.segments:
             return []  # a relocatable file's FDEs hold unrelocated addresses
         vaddr, offset, size = self._eh_frame
@@ -286,8 +285,6 @@ class ElfFile:
     def _eh_frame_from_segments(self, read, programs: list[tuple]) -> tuple[int, int, int] | None:
         # No section headers (sstrip): PT_GNU_EH_FRAME is .eh_frame_hdr, which points at
         # .eh_frame; the parser stops at its zero terminator or the end of its segment.
-        from .ehframe import eh_frame_from_hdr
-
         for (p_type, _f, offset, vaddr, _p, filesz, _m, _a) in programs:
             if p_type != _PT_GNU_EH_FRAME:
                 continue
