@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Iterator, NamedTuple
 
-from .elf import ElfError
+from .headers import ElfError
 
 __all__ = ["FrameRange", "fde_ranges", "eh_frame_from_hdr", "read_encoded"]
 

@@ -1,10 +1,10 @@
 """One ELF file on disk: its loadable segments, its function symbols, its ids.
 
 Everything pyprobes needs to turn a name into a link-time address (and back)
-and to read the file's own bytes at a link-time address. Symbol tables are
-read in bulk with ``struct.iter_unpack``: pyelftools' ``iter_symbols()``
-builds one object per symbol and costs 80 ms for libc (0.5 s for libpython),
-which a user pays on every attach.
+and to read the file's own bytes at a link-time address, with the caches that
+make a second load free. The raw headers are read by headers.py, the symbol
+tables by symtab.py, the notes by notes.py; debuginfo.py finds the separate
+debug file ``ElfFile.load_with_debug`` adds.
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import operator
 import os
 import stat
 import struct
-import zlib
 from collections import Counter, OrderedDict
-from pathlib import Path
-from typing import NamedTuple
 
-from ..errors import PyprobesError
+from .debuginfo import DEFAULT_DEBUG_ROOT, find_debug_file
+from .ehframe import eh_frame_from_hdr, fde_ranges
+from .headers import PF_X, ElfError, Reader, Segment, bounded_reader, load_segments, read_headers, section_data
+from .notes import gnu_build_id, parse_debuglink
+from .symtab import SYM64, Symbol, hidden_versions, lookup_order, object_value, preference, read_functions
 
 __all__ = [
     "ElfError",
@@ -28,16 +29,7 @@ __all__ = [
     "find_debug_file",
 ]
 
-DEFAULT_DEBUG_ROOT = "/usr/lib/debug"
-
-# The headers are few and fixed-layout, so they are unpacked here directly:
-# pyelftools builds an object per section (and parses the hash tables while
-# at it), 25 ms of libc's load for nothing this module uses.
-_EHDR = struct.Struct("<HHIQQQIHHHHHH")  # after the 16-byte e_ident
-_PHDR = struct.Struct("<IIQQQQQQ")
-_SHDR = struct.Struct("<IIQQQQIIQQ")  # name type flags addr offset size link info align entsize
 _ET_DYN = 3
-_PT_LOAD = 1
 _PT_NOTE = 4
 _PT_GNU_EH_FRAME = 0x6474E550
 _SHT_SYMTAB = 2
@@ -46,69 +38,6 @@ _SHT_NOBITS = 8
 _SHT_DYNSYM = 11
 _SHT_GNU_VERDEF = 0x6FFFFFFD
 _SHT_GNU_VERSYM = 0x6FFFFFFF
-# Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size.
-_SYM64 = struct.Struct("<IBBHQQ")
-_STT_OBJECT = 1
-_STT_FUNC = 2
-_STT_GNU_IFUNC = 10
-_SHN_UNDEF = 0
-_BINDINGS = {0: "local", 1: "global", 2: "weak", 10: "global"}  # 10 = STB_GNU_UNIQUE
-# st_info -> (binding, kind) for the entries kept: defined functions only.
-_INFO_TABLE = {
-    (bind << 4) | stype: (name, "ifunc" if stype == _STT_GNU_IFUNC else "func")
-    for bind, name in _BINDINGS.items()
-    for stype in (_STT_FUNC, _STT_GNU_IFUNC)
-}
-_NT_GNU_BUILD_ID = 3
-_VERSYM_HIDDEN = 0x8000
-PF_X = 1
-# x86-64 user space ends at 2**47 (2**56 with 5-level paging): a segment beyond it cannot be loaded.
-_ADDRESS_SPACE_END = 1 << 57
-
-
-class ElfError(PyprobesError, ValueError):
-    """The file is not an ELF file pyprobes can use (or is corrupt)."""
-
-
-class Symbol(NamedTuple):
-    """A function symbol. ``address`` is the link-time st_value, not a runtime address."""
-
-    name: str
-    address: int
-    size: int
-    binding: str  # "global", "weak" or "local"
-    kind: str = "func"  # "ifunc": the address is the resolver, not the implementation
-
-
-class Segment(NamedTuple):
-    """A PT_LOAD program header."""
-
-    vaddr: int
-    memsz: int
-    offset: int
-    filesz: int
-    flags: int  # PF_X=1, PF_W=2, PF_R=4
-
-
-_BINDING_RANK = {"global": 0, "weak": 1, "local": 2}
-
-
-def preference(sym: Symbol) -> tuple:
-    """Sort key choosing the best of several names for one address.
-
-    A user recognises the exported name (``puts``, weak in glibc) sooner than
-    an internal alias (``_IO_puts``, global), and an unversioned name sooner
-    than an old version: underscores count before binding.
-    """
-    name = sym.name
-    return (
-        "@" in name,
-        len(name) - len(name.lstrip("_")),
-        _BINDING_RANK.get(sym.binding, 3),
-        len(name),
-        name,
-    )
-
 
 # Keyed by (path, device, inode, size, mtime): a rebuilt binary at the same
 # path must not be served stale symbols. Bounded so a long-lived tracer that
@@ -132,10 +61,6 @@ def _cache_put(cache: OrderedDict, key: tuple, value) -> None:
 
 
 _by_address = operator.itemgetter(1)
-
-
-def _rank_address(s: Symbol) -> tuple:
-    return (_BINDING_RANK[s[3]], s[1])
 
 
 class ElfFile:
@@ -209,8 +134,6 @@ class ElfFile:
         return self._frame_error
 
     def _read_frames(self) -> list[Symbol]:
-        from .ehframe import fde_ranges  # ehframe imports this module (ElfError)
-
         if self._eh_frame is None or not self.segments:
             return []  # a relocatable file's FDEs hold unrelocated addresses
         vaddr, offset, size = self._eh_frame
@@ -295,46 +218,13 @@ class ElfFile:
     def _parse(self, f) -> None:
         fd = f.fileno()
         read = self._reader(fd)
-        ident = os.pread(fd, 64, 0)
-        if len(ident) < 64 or ident[:4] != b"\x7fELF":
-            raise ElfError(f"{self.path}: not an ELF file")
-        if ident[4] != 2 or ident[5] != 1:
-            raise ElfError(f"{self.path}: only 64-bit little-endian ELF files are supported")
-        (e_type, _machine, _version, _entry, phoff, shoff, _flags, _ehsize,
-         phentsize, phnum, shentsize, shnum, shstrndx) = _EHDR.unpack_from(ident, 16)
+        e_type, programs, sections, shstrndx = read_headers(fd, read, self.path)
         self.is_pie_or_shared = e_type == _ET_DYN
-
-        sections: list[tuple] = []
-        if shoff:
-            if shentsize < _SHDR.size:
-                raise ElfError(f"{self.path}: corrupt ELF header: section header size {shentsize} < {_SHDR.size}")
-            first = _SHDR.unpack_from(read("the section header table", _SHDR.size, shoff))
-            # Extended numbering: counts too large for the header live in section 0.
-            if shnum == 0:
-                shnum = first[5]
-            if shstrndx == 0xFFFF:
-                shstrndx = first[6]
-            if phnum == 0xFFFF:
-                phnum = first[7]
-            table = read(f"the section header table ({shnum} entries)", shentsize * shnum, shoff)
-            sections = [_SHDR.unpack_from(table, i * shentsize) for i in range(shnum)]
-        programs = []
-        if phoff and phnum:
-            if phentsize < _PHDR.size:
-                raise ElfError(f"{self.path}: corrupt ELF header: program header size {phentsize} < {_PHDR.size}")
-            table = read(f"the program header table ({phnum} entries)", phentsize * phnum, phoff)
-            programs = [_PHDR.unpack_from(table, i * phentsize) for i in range(phnum)]
-
-        self.segments = tuple(
-            Segment(vaddr, memsz, offset, filesz, flags)
-            for (p_type, flags, offset, vaddr, _paddr, filesz, memsz, _align) in programs
-            if p_type == _PT_LOAD
-        )
-        self._check_segments()
+        self.segments = load_segments(programs, self._key[3], self.path)
 
         shstrtab = b""
         if 0 < shstrndx < len(sections):
-            shstrtab = self._section_data(read, sections[shstrndx], "the section name table")
+            shstrtab = section_data(read, sections[shstrndx], "the section name table")
 
         def name_of(sh: tuple) -> bytes:
             return shstrtab[sh[0] : shstrtab.find(b"\0", sh[0])] if sh[0] < len(shstrtab) else b""
@@ -360,11 +250,11 @@ class ElfFile:
             elif sh_type == _SHT_NOTE:
                 notes_seen = True
                 if self.build_id is None:
-                    self.build_id = _build_id(self._section_data(read, sh, "a note section"))
+                    self.build_id = gnu_build_id(section_data(read, sh, "a note section"))
             else:
                 name = name_of(sh)
                 if name == b".gnu_debuglink":
-                    self.debuglink = _debuglink(self._section_data(read, sh, name.decode()))
+                    self.debuglink = parse_debuglink(section_data(read, sh, name.decode()))
                 elif name == b".eh_frame" and sh_type != _SHT_NOBITS and self._eh_frame is None:
                     self._eh_frame = (sh[3], sh[4], sh[5])
                 elif name == b".got":
@@ -375,61 +265,26 @@ class ElfFile:
             # Section headers can be stripped (sstrip); the notes are still in PT_NOTE.
             for (p_type, _f, offset, _v, _p, filesz, _m, _a) in programs:
                 if p_type == _PT_NOTE and self.build_id is None:
-                    self.build_id = _build_id(read("a PT_NOTE segment", filesz, offset))
+                    self.build_id = gnu_build_id(read("a PT_NOTE segment", filesz, offset))
         if self._eh_frame is None:
             self._eh_frame = self._eh_frame_from_segments(read, programs)
 
         # Only where the symbols are is noted now; see ``functions``.
         self._symtabs = []
         for sh in symtabs:
-            if not 0 < sh[6] < len(sections) or sh[9] not in (0, _SYM64.size):
+            if not 0 < sh[6] < len(sections) or sh[9] not in (0, SYM64.size):
                 continue
             versions = None
             if sh[1] == _SHT_DYNSYM and versym is not None and verdef is not None and 0 < verdef[6] < len(sections):
                 versions = (versym, verdef, sections[verdef[6]])
             self._symtabs.append((sh, sections[sh[6]], versions))
 
-    def _reader(self, fd: int):
-        """read(what, size, offset): SIZE bytes of the file at OFFSET, or an ElfError naming WHAT
-        if they are not all in the file. Every size read from the file is checked against the
-        file's size first: a corrupt size must not become a huge allocation."""
-        file_size = self._key[3]
-        path = self.path
-
-        def read(what: str, size: int, offset: int) -> bytes:
-            if offset > file_size or size > file_size - offset:
-                raise ElfError(f"{path}: {what} (0x{size:x} bytes at offset 0x{offset:x}) "
-                               f"lies past the end of the file (0x{file_size:x} bytes)")
-            return _pread_exact(fd, size, offset)
-
-        return read
-
-    @staticmethod
-    def _section_data(read, sh: tuple, what: str) -> bytes:
-        return b"" if sh[1] == _SHT_NOBITS else read(what, sh[5], sh[4])
-
-    def _check_segments(self) -> None:
-        file_size = self._key[3]
-        end = 0
-        for seg in self.segments:
-            where = f"{self.path}: corrupt PT_LOAD segment at 0x{seg.vaddr:x}"
-            if seg.offset > file_size or seg.filesz > file_size - seg.offset:
-                raise ElfError(f"{where}: its 0x{seg.filesz:x} bytes at offset 0x{seg.offset:x} "
-                               f"lie past the end of the file (0x{file_size:x} bytes)")
-            if seg.filesz > seg.memsz:
-                raise ElfError(f"{where}: 0x{seg.filesz:x} bytes in the file, more than its 0x{seg.memsz:x} in memory")
-            if seg.vaddr + seg.memsz > _ADDRESS_SPACE_END:
-                raise ElfError(f"{where}: 0x{seg.memsz:x} bytes do not fit in an address space")
-            # The ELF spec orders PT_LOADs by address; overlapping ones cannot all be mapped.
-            if seg.vaddr < end:
-                raise ElfError(f"{where}: it overlaps or precedes the segment before it")
-            end = seg.vaddr + seg.memsz
+    def _reader(self, fd: int) -> Reader:
+        return bounded_reader(fd, self._key[3], self.path)
 
     def _eh_frame_from_segments(self, read, programs: list[tuple]) -> tuple[int, int, int] | None:
         # No section headers (sstrip): PT_GNU_EH_FRAME is .eh_frame_hdr, which points at
         # .eh_frame; the parser stops at its zero terminator or the end of its segment.
-        from .ehframe import eh_frame_from_hdr
-
         for (p_type, _f, offset, vaddr, _p, filesz, _m, _a) in programs:
             if p_type != _PT_GNU_EH_FRAME:
                 continue
@@ -447,17 +302,17 @@ class ElfFile:
         with open(self.path, "rb") as f:
             self._check_identity(f)
             read = self._reader(f.fileno())
-            data = self._section_data
+            data = section_data
             for sh, strsh, versions in self._symtabs:
                 is_dynsym = sh[1] == _SHT_DYNSYM
                 hidden = None
                 if versions is not None:
                     versym, verdef, verstr = versions
-                    hidden = _hidden_versions(data(read, versym, ".gnu.version"), data(read, verdef, ".gnu.version_d"),
+                    hidden = hidden_versions(data(read, versym, ".gnu.version"), data(read, verdef, ".gnu.version_d"),
                                               verdef[7], data(read, verstr, "the version string table"))
                 table = data(read, sh, "a symbol table")
-                table = table[: len(table) - len(table) % _SYM64.size]
-                functions.extend(_read_functions(table, data(read, strsh, "a string table"), hidden, is_dynsym))
+                table = table[: len(table) - len(table) % SYM64.size]
+                functions.extend(read_functions(table, data(read, strsh, "a string table"), hidden, is_dynsym))
         return functions
 
     def object_address(self, name: str) -> int | None:
@@ -466,7 +321,6 @@ class ElfFile:
         Data objects are not kept like functions are: only the one asked for is searched, by
         its bytes in the string table, so a lookup costs a scan of the symbol tables, no parse.
         """
-        wanted = name.encode() + b"\0"
         ordered = sorted(self._symtabs, key=lambda entry: entry[0][1] != _SHT_DYNSYM)
         with open(self.path, "rb") as f:
             self._check_identity(f)
@@ -476,10 +330,9 @@ class ElfFile:
                     continue
                 strtab = read("a string table", strsh[5], strsh[4])
                 table = read("a symbol table", sh[5], sh[4])
-                for st_name, info, _other, shndx, value, _size in _SYM64.iter_unpack(
-                        table[: len(table) - len(table) % _SYM64.size]):
-                    if shndx and info & 0xF == _STT_OBJECT and strtab.startswith(wanted, st_name):
-                        return value
+                value = object_value(table, strtab, name)
+                if value is not None:
+                    return value
         return None
 
     def _check_identity(self, f) -> None:
@@ -514,7 +367,7 @@ class ElfFile:
                 if sym[0] in multi:
                     multi[sym[0]].append(sym)
             for syms in multi.values():
-                syms.sort(key=_rank_address)
+                syms.sort(key=lookup_order)
         self._multi_by_name = multi
 
     # ----------------------------------------------------------------- queries
@@ -616,155 +469,3 @@ class ElfFile:
 
     def __repr__(self) -> str:
         return f"ElfFile({self.path!r})"
-
-
-def _read_functions(
-    data: bytes, strtab: bytes, hidden: dict[int, str] | None, is_dynsym: bool
-) -> list[Symbol]:
-    # Per-entry Python work is the whole cost here (thousands of entries), so
-    # everything is a comprehension over precomputed tables, and names are
-    # sliced from one decoded string instead of decoded one by one.
-    rows = _SYM64.iter_unpack(data)
-    if is_dynsym and hidden:
-        rows = list(rows)
-        picked = [i for i, e in enumerate(rows) if e[3] != _SHN_UNDEF and e[1] in _INFO_TABLE]
-        entries = [rows[i] for i in picked]
-    else:
-        picked = None
-        entries = [e for e in rows if e[3] != _SHN_UNDEF and e[1] in _INFO_TABLE]
-    if strtab.isascii():
-        text = strtab.decode("ascii")
-        find = text.find
-        names = [text[e[0] : find("\0", e[0])] for e in entries]
-    else:
-        find = strtab.find
-        names = [strtab[e[0] : find(b"\0", e[0])].decode("utf-8", "replace") for e in entries]
-    if picked is not None:
-        # An old version of a symbol (memcpy@GLIBC_2.2.5) is what the dynamic
-        # linker never binds a new reference to; name it as .symtab does, so
-        # that "memcpy" means the default version.
-        names = [f"{n}@{hidden[i]}" if i in hidden else n for n, i in zip(names, picked)]
-    elif not is_dynsym:
-        names = [n[: n.index("@@")] if "@@" in n else n for n in names]  # default version: plain name
-    new = tuple.__new__
-    info = _INFO_TABLE
-    return [new(Symbol, (n, e[4], e[5]) + info[e[1]]) for n, e in zip(names, entries) if n]
-
-
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise ElfError(f"truncated ELF file: wanted {size} bytes at 0x{offset:x}")
-    return data
-
-
-def _hidden_versions(versym: bytes, data: bytes, count: int, strtab: bytes) -> dict[int, str]:
-    """dynsym index -> version name, for symbols whose version is not the default."""
-    names: dict[int, str] = {}
-    off = 0
-    for _ in range(count or 1 << 16):
-        if off + 20 > len(data):
-            break
-        _ver, _flags, ndx, cnt, _hash, aux, nxt = struct.unpack_from("<HHHHIII", data, off)
-        if cnt and off + aux + 4 <= len(data):
-            (name_off,) = struct.unpack_from("<I", data, off + aux)
-            names[ndx] = strtab[name_off : strtab.find(b"\0", name_off)].decode("utf-8", "replace")
-        if not nxt:
-            break
-        off += nxt
-    hidden = {}
-    for index, (v,) in enumerate(struct.iter_unpack("<H", versym)):
-        if v & _VERSYM_HIDDEN and (v & 0x7FFF) in names:
-            hidden[index] = names[v & 0x7FFF]
-    return hidden
-
-
-def _iter_notes(data: bytes):
-    off = 0
-    while off + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        off += 12
-        name = data[off : off + namesz]
-        off += (namesz + 3) & ~3
-        desc = data[off : off + descsz]
-        off += (descsz + 3) & ~3
-        yield name.rstrip(b"\0"), ntype, desc
-
-
-def _build_id(data: bytes) -> str | None:
-    # Note types are per owner: type 3 is also NT_STAPSDT (USDT probes,
-    # owner "stapsdt"), so the owner name must be checked too.
-    for name, ntype, desc in _iter_notes(data):
-        if name == b"GNU" and ntype == _NT_GNU_BUILD_ID and desc:
-            return desc.hex()
-    return None
-
-
-def _debuglink(data: bytes) -> tuple[str, int] | None:
-    end = data.find(b"\0")
-    if end <= 0:
-        return None
-    crc_at = (end + 4) & ~3  # name, NUL, padding to 4, then the CRC
-    if crc_at + 4 > len(data):
-        return None
-    (crc,) = struct.unpack_from("<I", data, crc_at)
-    return data[:end].decode("utf-8", "replace"), crc
-
-
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def find_debug_file(elf: ElfFile, debug_root: str = DEFAULT_DEBUG_ROOT) -> Path | None:
-    """The separate debug file of ELF, as gdb looks for it; None if there is none.
-
-    Order: DEBUG_ROOT/.build-id/xx/rest.debug, then the .gnu_debuglink name
-    next to the binary, in its .debug/ subdirectory, and under
-    DEBUG_ROOT/<binary's directory>. A candidate must carry the same build-id
-    (or, without one, match the debuglink CRC): a stale debug file would give
-    wrong addresses.
-    """
-    own = Path(elf.path)
-    try:
-        own_id = own.stat()
-    except OSError:
-        own_id = None
-
-    def is_self(p: Path) -> bool:
-        try:
-            st = p.stat()
-        except OSError:
-            return True
-        return own_id is not None and (st.st_dev, st.st_ino) == (own_id.st_dev, own_id.st_ino)
-
-    if elf.build_id and len(elf.build_id) > 2:
-        p = Path(debug_root, ".build-id", elf.build_id[:2], elf.build_id[2:] + ".debug")
-        if p.is_file() and not is_self(p) and _same_build_id(p, elf.build_id):
-            return p
-    if elf.debuglink:
-        name, crc = elf.debuglink
-        directory = Path(os.path.realpath(elf.path)).parent
-        for p in (
-            directory / name,
-            directory / ".debug" / name,
-            Path(debug_root + str(directory)) / name,
-        ):
-            if not p.is_file() or is_self(p):
-                continue
-            if elf.build_id:
-                if _same_build_id(p, elf.build_id):
-                    return p
-            elif _file_crc(p) == crc:
-                return p
-    return None
-
-
-def _same_build_id(path: Path, build_id: str) -> bool:
-    try:
-        return ElfFile.load(path).build_id == build_id
-    except (ElfError, OSError):
-        return False
