@@ -291,8 +291,13 @@ class Session:
         # A stop signal sent to pyprobes alone (SIGTERM, SIGHUP, `kill -INT`) is passed on to the
         # command; a terminal's Ctrl-C reaches the whole process group, the command included, and
         # is not sent twice. Asked before detach, while every signal the command got is seen.
-        forward = self.stop_signal is not None and self.spawned and proc.alive \
-            and not proc.was_sent(self.stop_signal)
+        forward = False
+        if self.stop_signal is not None and self.spawned and proc.alive:
+            try:
+                proc.pause()  # every stop collected: was_sent() is exact
+                forward = not proc.was_sent(self.stop_signal)
+            except PyprobesError:
+                pass  # it exited meanwhile: nothing to pass on
         try:
             proc.detach()
         except PyprobesError as e:

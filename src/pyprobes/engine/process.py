@@ -171,7 +171,9 @@ class Process:
 
     def was_sent(self, sig: int) -> bool:
         """Whether signal SIG reached the program while traced: it stopped for it (pyprobes then
-        delivers it, or holds it until the thread is out of a slot), or it is pending now."""
+        delivers it, or holds it until the thread is out of a slot), or it is pending now.
+        Exact while paused (pause()): a stop the kernel reported but pyprobes has not collected
+        yet is neither pending nor counted."""
         if self.tracee.signals_reported[sig]:
             return True
         return self.alive and bool(pending_signals(self.pid) & (1 << (sig - 1)))
