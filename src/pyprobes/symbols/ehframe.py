@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Iterator, NamedTuple
 
+from ..errors import PyprobesError
 from .headers import ElfError
 
 __all__ = ["FrameRange", "fde_ranges", "eh_frame_from_hdr", "read_encoded"]
@@ -57,7 +58,7 @@ class FrameRange(NamedTuple):
     size: int
 
 
-class _Unsupported(Exception):
+class _Unsupported(PyprobesError):
     """A well-formed encoding this reader does not compute (textrel, funcrel, aligned, indirect)."""
 
 

@@ -20,7 +20,7 @@ import struct
 from typing import Sequence
 
 from . import ptrace
-from .errors import SyscallRefused
+from .errors import SyscallRefused, TraceeError
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_DATA_SIZE = 64  # int nr; u32 arch; u64 instruction_pointer; u64 args[6]
@@ -51,7 +51,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
 
 
-class FilterError(ValueError):
+class FilterError(TraceeError, ValueError):
     """A program the kernel would never have accepted (seccomp_check_filter rejects it)."""
 
 
