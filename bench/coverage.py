@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from pyprobes.symbols import ElfFile  # noqa: E402
+from pyprobes.symbols import CodeReader, ElfFile  # noqa: E402
 from pyprobes.symbols.elf import ElfError, Symbol, preference  # noqa: E402
 from pyprobes.x86 import Kind, Refusal, RefusalKind, classify, find_region, instruction_at  # noqa: E402
 
@@ -71,29 +71,11 @@ def fold(refusal: Refusal) -> str:
     return f"{refusal.kind.value}: {text}"
 
 
-class Code:
-    """The file's executable segments, each read once."""
-
-    def __init__(self, elf: ElfFile) -> None:
-        self.elf = elf
-        self.segments: dict[int, bytes] = {}
-
-    def read(self, vaddr: int, size: int) -> bytes:
-        seg = self.elf.segment_for(vaddr)
-        if seg is None:
-            raise ValueError(f"{vaddr:#x} is in no loadable segment")
-        data = self.segments.get(seg.vaddr)
-        if data is None:
-            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.memsz)
-        start = vaddr - seg.vaddr
-        return data[start:start + size]
-
-
 def measure(path: str) -> tuple[int, int, int, int, Counter, float]:
     """(functions, int3-probeable, optimised, optimised but for indirect jmps, reasons, seconds)."""
     began = time.perf_counter()
     elf = ElfFile.load_with_debug(path)
-    code = Code(elf)
+    code = CodeReader(elf)
     total = int3 = optimised = indirect = 0
     reasons: Counter = Counter()
     for sym in entries(elf):

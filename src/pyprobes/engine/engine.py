@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 from ..slots import SlotCache
 from ..symbols import Module, Spec, SymbolError, Target, modules, resolve
 from ..tracee import Event, EventKind, Regs, Tracee, is_fault
+from ..tracee.procfs import has_memory
 from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, RelocationError, classify,
                    compile_emulation, instruction_at, instruction_pointer, prepare_slot,
                    set_instruction_pointer)
@@ -438,7 +439,7 @@ class Engine:
                 self.returns.release()
                 self.rescue.release()
             except Exception as e:  # the process died under us: nothing left to restore
-                if tracee.alive:
+                if tracee.alive and has_memory(tracee.pid):
                     print(f"pyprobes: while detaching: {e}", file=sys.stderr)
         for probe in self.probes:
             probe.removed = True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..errors import PyprobesError
-from ..symbols import ElfError, ElfFile, Symbol, SymbolError, main_module, modules, resolve
+from ..symbols import CodeReader, ElfError, ElfFile, Symbol, SymbolError, main_module, modules, resolve
 from ..symbols.elf import preference
 from ..x86 import Kind, MidInstructionError, classify, instruction_at
 
@@ -31,27 +31,7 @@ class FunctionPlan:
     instruction: str   # its first instruction, as disassembled ("" if unreadable)
 
 
-class _Code:
-    """The file's bytes of executable segments, read once per segment."""
-
-    def __init__(self, elf: ElfFile) -> None:
-        self.elf = elf
-        self.segments: dict[int, bytes] = {}
-
-    def read(self, vaddr: int, size: int) -> bytes:
-        seg = self.elf.segment_for(vaddr)
-        if seg is None:
-            raise ValueError("not in a loadable segment")
-        data = self.segments.get(seg.vaddr)
-        if data is None:
-            # The file-backed bytes only: code is never in the zero-filled tail (.bss), which a
-            # corrupt or huge segment could make any size.
-            data = self.segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.filesz)
-        start = vaddr - seg.vaddr
-        return data[start:start + size]
-
-
-def _verdict(code: _Code, sym: Symbol) -> tuple[str, str]:
+def _verdict(code: CodeReader, sym: Symbol) -> tuple[str, str]:
     """(what a probe at SYM's entry would be, its first instruction)."""
     extra = " (ifunc resolver)" if sym.kind == "ifunc" else ""
     try:
@@ -96,7 +76,7 @@ def functions_of_binary(path: str, pattern: str | None = None) -> list[FunctionP
         near = difflib.get_close_matches(stem, sorted({s.name for s in elf.functions}), n=5, cutoff=0.6)
         hint = f"; did you mean: {', '.join(near)}?" if near else ""
         raise SymbolError(f"no functions match {pattern!r} in {os.path.basename(path)}{hint}")
-    code = _Code(elf)
+    code = CodeReader(elf)
     name = os.path.basename(path)
     return [FunctionPlan(name, s.address, s.size, s.name, *_verdict(code, s)) for s in syms]
 
@@ -107,12 +87,12 @@ def functions_of_process(pid: int, pattern: str | None = None) -> list[FunctionP
     unmatched spec), ProcessLookupError, PermissionError, LookupError."""
     mods = modules(pid)
     spec = pattern if pattern else f"{main_module(pid, mods).path}:*"
-    codes: dict[int, _Code] = {}
+    codes: dict[int, CodeReader] = {}
     out = []
     for t in resolve(pid, spec, mods):
         if t.symbol is None:
             continue
-        code = codes.setdefault(id(t.module.elf), _Code(t.module.elf))
+        code = codes.setdefault(id(t.module.elf), CodeReader(t.module.elf))
         sym = t.symbol
         out.append(FunctionPlan(t.module.name, t.address, sym.size, sym.name + (f"+{t.offset:#x}" if t.offset else ""),
                                 *_verdict(code, sym)))

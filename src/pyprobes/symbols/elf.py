@@ -22,6 +22,7 @@ from .notes import gnu_build_id, parse_debuglink
 from .symtab import SYM64, Symbol, hidden_versions, lookup_order, object_value, preference, read_functions
 
 __all__ = [
+    "CodeReader",
     "ElfError",
     "ElfFile",
     "Segment",
@@ -469,3 +470,25 @@ class ElfFile:
 
     def __repr__(self) -> str:
         return f"ElfFile({self.path!r})"
+
+
+class CodeReader:
+    """An ElfFile's code read segment by segment, each segment once: for decoding the entries of
+    thousands of functions (`pyprobes list`) without a read per function. Only the file-backed
+    bytes are read: code is never in a segment's zero-filled tail, which a corrupt file could make
+    any size."""
+
+    def __init__(self, elf: ElfFile) -> None:
+        self.elf = elf
+        self._segments: dict[int, bytes] = {}
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """Up to SIZE bytes at link-time VADDR (fewer at the end of the segment's file bytes)."""
+        seg = self.elf.segment_for(vaddr)
+        if seg is None:
+            raise ValueError(f"{vaddr:#x} is in no loadable segment")
+        data = self._segments.get(seg.vaddr)
+        if data is None:
+            data = self._segments[seg.vaddr] = self.elf.read_vaddr(seg.vaddr, seg.filesz)
+        start = vaddr - seg.vaddr
+        return data[start:start + size]

@@ -14,7 +14,7 @@ from .breakpoints import Breakpoints
 from .errors import AlreadyTraced, NoSuchProcess, PermissionDenied, ProcessExited, SpawnError, TraceeError
 from .events import Event, EventKind
 from .memory import Memory
-from .procfs import has_exited, is_zombie, parent_of, tracer_of
+from .procfs import has_exited, has_memory, is_zombie, parent_of, tracer_of
 from .stops import exit_code_of
 from .threads import StopKind, Thread, ThreadState
 
@@ -239,7 +239,13 @@ class Lifecycle:
             self.attached = False
             self.memory.close()
             return
-        self.breakpoints.remove_all()
+        try:
+            self.breakpoints.remove_all()
+        except OSError:
+            if has_memory(self.pid):
+                raise
+            # Killed while we froze it (a Ctrl-C's default action, say): its memory is gone
+            # with its last thread's exit, and no code of it runs again: nothing to restore.
         pending = {}
         # Events never handled (queued by the freeze, or a handler interrupted by Ctrl-C):
         # a thread stopped on a breakpoint runs the original instruction instead, and a

@@ -104,3 +104,13 @@ def status_fields(pid: int, *names: str) -> dict[str, str]:
     except OSError:
         pass
     return found
+
+
+def has_memory(pid: int) -> bool:
+    """Whether process PID still has its memory: an exiting process releases it before it is a
+    zombie, and its /proc/PID/maps then reads empty."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
