@@ -108,12 +108,14 @@ class TraceeSlotHost:
         finally:
             self.tracee.thaw()
 
-    def map_page(self, near: int) -> int:
+    def map_page(self, near: int, writable: bool = False) -> int:
+        """An r-x page (a slot page) within REACH of NEAR; WRITABLE: an rw- page instead (the
+        counters of a trampoline page)."""
+        prot = syscalls.PROT_READ | (syscalls.PROT_WRITE if writable else syscalls.PROT_EXEC)
         with self._stopped_thread() as tid:
             for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
                 try:
-                    return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE,
-                                              syscalls.PROT_READ | syscalls.PROT_EXEC)
+                    return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE, prot)
                 except OSError as e:
                     if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
                         raise

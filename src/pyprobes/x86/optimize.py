@@ -51,16 +51,21 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
 
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
-from .relocate import RelocationError, relocate
+from .relocate import RelocationError, pushed_flags_fixup, relocate
+
+if TYPE_CHECKING:
+    from .arch import StackMemory, ThreadRegisters
 
 __all__ = [
     "JMP_REL32_LENGTH",
     "RED_ZONE",
+    "TRAMPOLINE_SLOT_SIZE",
     "Refusal",
     "RefusalKind",
     "Region",
@@ -68,6 +73,7 @@ __all__ = [
     "count_trampoline",
     "find_region",
     "jump_patch",
+    "points_into",
 ]
 
 JMP_REL32_LENGTH = 5
@@ -76,6 +82,11 @@ ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
+# A count trampoline is at most 23 (action) + 4 + 15 (a region: whole instructions covering 5
+# bytes; relocation keeps their lengths) + 5 (jmp back) = 47 bytes: one 64-byte slot.
+TRAMPOLINE_SLOT_SIZE = 64
+_TRAP_FLAG = 0x100  # RFLAGS.TF
+_STACK_WORD = 8
 _LOCK_INC_RIP_LENGTH = 8  # f0 48 ff 05 disp32: a RIP-relative operand always has a disp32
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
@@ -145,6 +156,8 @@ class Trampoline:
     relocated: tuple[tuple[int, int], ...]
     return_jump: int     # the address of the final jmp, in the trampoline
     resume_address: int  # where it jumps: region.end
+    # Instructions of the trampoline that push the flags: address -> width of the image.
+    flag_pushes: tuple[tuple[int, int], ...] = ()
 
     @property
     def end(self) -> int:
@@ -159,6 +172,20 @@ class Trampoline:
             if here == rip:
                 return original
         return None
+
+    def in_action(self, rip: int) -> bool:
+        """Whether RIP is in the action part (the hit is not counted or its frame not undone)."""
+        return self.address <= rip < self.address + self.relocated_offset
+
+    def after_step(self, thread: "ThreadRegisters", memory: "StackMemory", tid: int,
+                   stepped: int) -> None:
+        """After single-stepping the instruction at STEPPED here: a flags image it pushed holds
+        TF (the step's), which a popf would load: clear it (the kernel's resume_execution)."""
+        for here, width in self.flag_pushes:
+            if here == stepped:
+                rsp = thread.get_reg(tid, "rsp")
+                image = int.from_bytes(memory.read(rsp, width), "little") & ~_TRAP_FLAG
+                memory.write(rsp, image.to_bytes(width, "little"))
 
 
 class _Scan:
@@ -346,6 +373,7 @@ def _count_action(address: int, counter_address: int) -> bytes:
     increment.has_lock_prefix = True
 
     code = _encode(rsp_down, address)
+    # (_assemble finds this pushfq again by its byte, 0x9c, right after the lea)
     code += _encode(Instruction.create(Code.PUSHFQ), address + len(code))
     here = address + len(code)
     # Checked here rather than left to the encoder: its error would not say what to do.
@@ -360,9 +388,12 @@ def _count_action(address: int, counter_address: int) -> bytes:
 def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
     code = action
     relocated = []
+    flag_pushes = [(address + action.index(0x9C), 8)]  # the action's pushfq
     for insn in region.instructions:
         here = address + len(code)
         relocated.append((here, insn.address))
+        if pushed_flags_fixup(insn):
+            flag_pushes.append((here, pushed_flags_fixup(insn)))
         code += relocate(insn, here, boosted=False).code
     return_jump = address + len(code)
     back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
@@ -370,7 +401,8 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
         raise RelocationError(f"trampoline {address:#x} is beyond ±2 GiB of {region.end:#x}: "
                               "the jmp back cannot reach it")
     code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
-    return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end)
+    return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end,
+                      tuple(flag_pushes))
 
 
 def count_trampoline(region: Region, address: int, counter_address: int) -> Trampoline:
@@ -390,3 +422,10 @@ def jump_patch(region: Region, trampoline_address: int) -> bytes:
                               f"{region.start:#x}: map it near the module")
     padding = region.length - JMP_REL32_LENGTH
     return bytes((_JMP_REL32,)) + rel.to_bytes(4, "little", signed=True) + bytes((_INT3,)) * padding
+
+
+def points_into(stack: bytes, start: int, end: int) -> bool:
+    """Whether a stack word of STACK (read from an aligned stack pointer up) lies in (start, end):
+    a return address or a signal frame's saved RIP past a region's first byte."""
+    words = memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")
+    return any(start < word < end for word in words)
