@@ -6,9 +6,10 @@ queued point, as the kernel's delayed kprobe_optimizer batches its work. For eac
 
   find_region      whole instructions of at least 5 bytes from the probe, decoded from the
                    function's start (refused: the point stays a breakpoint, with the reason);
-  quiet?           no thread's RIP in (region.start, region.end), none in the point's
-                   instruction slot, no stack word (a return address, a signal frame's RIP)
-                   in that range; else the point waits for the next run();
+  quiet?           a thread in (region.start, region.end) is moved to the same point of the
+                   relocated copy, one in the point's instruction slot is migrated out, and
+                   no stack word (a return address, a signal frame's RIP) may point in that
+                   range; else the point waits for the next run();
   install          the count trampoline in a slot of the trampoline cache (the kernel's
                    kprobe_optinsn_slots: a second SlotCache, 64-byte slots), its counter in the
                    rw- page mapped beside that trampoline page, the int3 removed (a late trap on
@@ -137,8 +138,9 @@ class Optimizer:
         snapshot = self.tracee.freeze()
         try:
             for point, region, slot, trampoline, counter in ready:
-                if self._quiet(point, region, snapshot):
-                    self._install(point, region, slot, trampoline, counter)
+                moves = self._quiet(point, region, trampoline, snapshot)
+                if moves is not None:
+                    self._install(point, region, slot, trampoline, counter, moves)
                     done += 1
                 else:
                     self.stats["retries"] += 1
@@ -182,11 +184,17 @@ class Optimizer:
             return None
         return region, slot, trampoline, counter
 
-    def _quiet(self, point: ProbePoint, region: Region, snapshot: Snapshot) -> bool:
-        """Whether, every thread frozen, none is or may return inside the region past its start.
-        A thread in the point's instruction slot is migrated out first."""
+    def _quiet(self, point: ProbePoint, region: Region, trampoline: Trampoline,
+               snapshot: Snapshot) -> dict[int, int] | None:
+        """With every thread frozen: the threads inside the region past its start, each with
+        the same point of the relocated copy to move it to; None when a thread cannot be moved
+        there (it has a stop of its own to handle) or a stack word points into the region (a
+        return address, a signal frame's RIP): retry at the next run(). A thread in the point's
+        instruction slot is migrated out first."""
         engine, tracee = self.engine, self.tracee
         lo, hi = region.start, region.end
+        relocated = {original: here for here, original in trampoline.relocated}
+        moves: dict[int, int] = {}
         for tid, regs in snapshot.regs.items():
             thread = tracee.threads.get(tid)
             if thread is None or thread.exiting:
@@ -200,10 +208,12 @@ class Optimizer:
                 engine.migrate_out_of_slot(tid)
                 rip = tracee.get_rip(tid)
             if lo < rip < hi:
-                return False
+                if thread.event_pending is not None or rip not in relocated:
+                    return None
+                moves[tid] = relocated[rip]
             if points_into(self._stack(stack_pointer(regs)), lo, hi):
-                return False
-        return True
+                return None
+        return moves
 
     def _stack(self, sp: int) -> bytes:
         """Up to STACK_SCAN bytes from SP: as far as the mapping goes."""
@@ -220,10 +230,12 @@ class Optimizer:
         return data[:STACK_SCAN]
 
     def _install(self, point: ProbePoint, region: Region, slot: Slot, trampoline: Trampoline,
-                 counter: int) -> None:
+                 counter: int, moves: dict[int, int]) -> None:
         breakpoints = self.tracee.breakpoints
         self.memory.write(counter, bytes(COUNTER_SIZE))
         self.memory.write(slot.address, trampoline.code)
+        for tid, rip in moves.items():  # its hit was counted as it passed the probe
+            self.tracee.set_rip(tid, rip)
         if point.armed:
             breakpoints.remove(point.address)
             point.armed = False
@@ -273,13 +285,13 @@ class Optimizer:
         opt = point.optimized
         self.tracee.breakpoints.unpatch(opt.region.start)
         trampoline = opt.trampoline
+        self._live.pop(trampoline.address, None)  # the original bytes are back: map, not step
         for tid in self._stopped_tids():
             if trampoline.address <= self.tracee.get_rip(tid) < trampoline.end:
                 self.migrate(tid)
         self.sync_point(point)
         point.optimized = None
         self.optimized.pop(point.address, None)
-        self._live.pop(trampoline.address, None)
         self.stats["unoptimized"] += 1
 
     def _stopped_tids(self) -> list[int]:
@@ -326,6 +338,9 @@ class Optimizer:
             trampoline = self._trampolines.get(slot.address)
             live = self._live.get(slot.address) is not None
             new = None if trampoline is None else trampoline.original_address(pc)
+            if trampoline is not None and trampoline.finish_action(tracee, self.memory, tid, pc):
+                pc = tracee.get_rip(tid)
+                continue
             if trampoline is None or trampoline.in_action(pc) or live or new is None:
                 event = tracee.step(tid)
                 if trampoline is not None:

@@ -51,7 +51,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
 
@@ -88,6 +88,8 @@ TRAMPOLINE_SLOT_SIZE = 64
 _TRAP_FLAG = 0x100  # RFLAGS.TF
 _STACK_WORD = 8
 _LOCK_INC_RIP_LENGTH = 8  # f0 48 ff 05 disp32: a RIP-relative operand always has a disp32
+_ACTION_PUSHF = 5   # lea rsp,[rsp-128] (disp8) then pushfq
+_ACTION_POPF = _ACTION_PUSHF + 1 + _LOCK_INC_RIP_LENGTH
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
 _NEAR_BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
@@ -158,6 +160,7 @@ class Trampoline:
     resume_address: int  # where it jumps: region.end
     # Instructions of the trampoline that push the flags: address -> width of the image.
     flag_pushes: tuple[tuple[int, int], ...] = ()
+    counted_offset: int = 0  # the action's popfq: from here on the hit is counted
 
     @property
     def end(self) -> int:
@@ -176,6 +179,24 @@ class Trampoline:
     def in_action(self, rip: int) -> bool:
         """Whether RIP is in the action part (the hit is not counted or its frame not undone)."""
         return self.address <= rip < self.address + self.relocated_offset
+
+    def finish_action(self, thread: Any, memory: "StackMemory", tid: int, rip: int) -> bool:
+        """For a stopped thread at RIP in the action past its counter's increment: do what the
+        rest of the action would (flags from the pushed image, RSP back over it and the red zone)
+        and put it on the first relocated instruction. False when RIP is not there (the caller
+        single-steps on). The popfq is never single-stepped: the kernel treats a stepped popf as
+        setting TF itself and leaves TF set once the thread runs on."""
+        popf = self.address + self.counted_offset
+        if rip not in (popf, popf + 1):
+            return False
+        regs = thread.get_regs(tid)
+        if rip == popf:
+            regs.eflags = memory.read_u64(regs.rsp) & ~_TRAP_FLAG
+            regs.rsp += 8
+        regs.rsp += RED_ZONE
+        regs.rip = self.address + self.relocated_offset
+        thread.set_regs(tid, regs)
+        return True
 
     def after_step(self, thread: "ThreadRegisters", memory: "StackMemory", tid: int,
                    stepped: int) -> None:
@@ -373,7 +394,6 @@ def _count_action(address: int, counter_address: int) -> bytes:
     increment.has_lock_prefix = True
 
     code = _encode(rsp_down, address)
-    # (_assemble finds this pushfq again by its byte, 0x9c, right after the lea)
     code += _encode(Instruction.create(Code.PUSHFQ), address + len(code))
     here = address + len(code)
     # Checked here rather than left to the encoder: its error would not say what to do.
@@ -381,6 +401,7 @@ def _count_action(address: int, counter_address: int) -> bytes:
         raise RelocationError(f"counter {counter_address:#x} is beyond ±2 GiB of trampoline "
                               f"{address:#x}: place the counter near the trampoline")
     code += _encode(increment, here)
+    assert len(code) == _ACTION_POPF
     code += _encode(Instruction.create(Code.POPFQ), address + len(code))
     return code + _encode(rsp_up, address + len(code))
 
@@ -388,7 +409,7 @@ def _count_action(address: int, counter_address: int) -> bytes:
 def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
     code = action
     relocated = []
-    flag_pushes = [(address + action.index(0x9C), 8)]  # the action's pushfq
+    flag_pushes = [(address + _ACTION_PUSHF, 8)]  # the action's pushfq
     for insn in region.instructions:
         here = address + len(code)
         relocated.append((here, insn.address))
@@ -402,7 +423,7 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
                               "the jmp back cannot reach it")
     code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
     return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end,
-                      tuple(flag_pushes))
+                      tuple(flag_pushes), _ACTION_POPF)
 
 
 def count_trampoline(region: Region, address: int, counter_address: int) -> Trampoline:
