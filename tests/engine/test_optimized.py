@@ -89,3 +89,22 @@ def test_optimized_probes_leave_registers_and_flags_alone(procs, fixture, group)
         assert (label, p.mode) == (label, mode), p.not_optimized
         assert (label, p.hits, p.missed) == (label, ITERS, 0)
     assert len(BASE) == 15
+
+
+def test_signals_to_threads_in_trampolines(procs, fixture):
+    """SIGUSR1 to 4 threads that spend their time in trampolines: a thread found in one is
+    brought out before its signal is delivered (invariant 2), every handler runs, every
+    result is right and every call is counted."""
+    exe = fixture("opt_count")
+    run = procs.spawn(exe, 0, 4, "signals")
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="count")
+    push = proc.probe("opt_push", action="count")
+    assert run.finish() == 0, run.text
+    calls = run.results[("calls",)]
+    usr1 = run.results[("usr1",)]
+    assert calls["bad"] == 0 and run.results[()]["sigtrap"] == 0
+    assert usr1["sent"] == 8000 and 0 < usr1["got"] <= 8000  # pending SIGUSR1s coalesce
+    assert lea.mode == push.mode == "optimized"
+    assert (lea.hits, push.hits) == (calls["lea"], calls["push"])
+    assert proc.engine.stats["signals_held"] > 0

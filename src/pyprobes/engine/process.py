@@ -205,7 +205,10 @@ class Process:
             previous = _signal.signal(_signal.SIGALRM, lambda *_: tracee.wake())
             _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
         block = deadline is None or in_main
-        engine.optimizer.optimize_waiting()  # one freeze for every point waiting (optimizer.py)
+        try:
+            engine.optimizer.optimize_waiting()  # one freeze for every point waiting (optimizer.py)
+        except ProcessExited:
+            return self.exit_code
         tracee.thaw()
         try:
             while True:
