@@ -32,7 +32,7 @@ def test_remove_and_churn_while_threads_hammer(procs, fixture):
     proc.run(timeout=0.2)
     lea.remove()  # while the threads run: unpatched under a freeze, its trampoline garbage
     assert lea.hits > 0 and lea.mode != "optimized"
-    cache = proc.engine.optimizer.cache
+    cache = proc.trampolines
     assert cache.stats()["garbage"] == 1
     pushes = []
     pages = 0
@@ -125,3 +125,41 @@ def test_tracer_killed_with_only_optimized_probes(procs, fixture):
         if tracer.poll() is None:
             tracer.kill()
             tracer.wait()
+
+
+def test_exec_forgets_optimized_probes(procs, fixture):
+    """After an exec the new image holds none of our bytes: it runs unprobed and right; the
+    probe keeps the hits of the first image."""
+    exe = fixture("opt_count")
+    run = procs.spawn(exe, 20_000, 2, "exec")
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="count")
+    assert run.finish() == 0, run.text
+    first, second = run.lines("calls")
+    assert first == second == "calls lea 40000 push 40000 jmp 400 red 40000 bad 0"
+    assert run.lines("sigtrap") == ["sigtrap 0", "sigtrap 0"]
+    assert lea.hits == 40_000 and lea.removed
+    assert proc.trampolines.stats()["pages"] == 0
+
+
+def test_disable_and_enable(procs, fixture):
+    """Disabling unoptimises (its counts stop); enabling queues it again for the next run()."""
+    exe = fixture("opt_count")
+    run = procs.spawn(exe, 0, 2, stdin_pipe=True)
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="count")
+    run.run_until(r"^ready")
+    proc.run(timeout=0.05)
+    assert lea.mode == "optimized"
+    lea.disable()
+    assert lea.mode != "optimized"
+    before = lea.hits
+    proc.run(timeout=0.05)
+    assert lea.hits == before
+    lea.enable()
+    proc.run(timeout=0.05)
+    assert lea.mode == "optimized" and lea.hits > before
+    proc.detach()
+    run.close_stdin()
+    assert run.wait_exit() == 0, run.text
+    assert lea.hits < run.results[("calls",)]["lea"]

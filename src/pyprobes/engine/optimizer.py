@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
 from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
-                   Trampoline, count_trampoline, find_region, instruction_pointer, jump_patch,
+                   Trampoline, count_trampoline, find_region, jump_patch,
                    points_into, stack_pointer)
 from .probe import ProbePoint
 

@@ -55,6 +55,12 @@ class Process:
         return self.engine.slots
 
     @property
+    def trampolines(self) -> SlotCache:
+        """The jump-optimised probes' trampoline cache (64-byte slots): its stats() show pages,
+        garbage and collections."""
+        return self.engine.optimizer.cache
+
+    @property
     def probes(self) -> list[Probe]:
         return list(self.engine.probes)
 
