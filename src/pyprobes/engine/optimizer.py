@@ -250,18 +250,28 @@ class Optimizer:
     # ------------------------------------------------------------------ counting
     def sync_point(self, point: ProbePoint) -> None:
         """Add what POINT's counter grew by since the last sync to its enabled probes' hits."""
+        if point.optimized is not None:
+            self._credit(point, self.memory.read_u64(point.optimized.counter))
+
+    @staticmethod
+    def _credit(point: ProbePoint, value: int) -> None:
         opt = point.optimized
-        if opt is None:
-            return
-        value = self.memory.read_u64(opt.counter)
         delta, opt.synced = value - opt.synced, value
         if delta:
             for probe in point.counting:
                 probe.hits += delta
 
     def sync(self) -> None:
-        for point in list(self.optimized.values()):
-            self.sync_point(point)
+        """sync_point() for every optimised point: one read per counter page."""
+        pages: dict[int, list[ProbePoint]] = {}
+        for point in self.optimized.values():
+            pages.setdefault(point.optimized.counter & ~(PAGE_SIZE - 1), []).append(point)
+        for page, points in pages.items():
+            top = max(point.optimized.counter for point in points) + COUNTER_SIZE
+            counters = self.memory.read(page, top - page)
+            for point in points:
+                at = point.optimized.counter - page
+                self._credit(point, int.from_bytes(counters[at:at + COUNTER_SIZE], "little"))
 
     # ------------------------------------------------------------------ unoptimising
     def unoptimize(self, point: ProbePoint) -> None:
@@ -376,6 +386,8 @@ class Optimizer:
     # ------------------------------------------------------------------ exec and detach
     def forget(self) -> None:
         """After exec: nothing of ours is left in the new image."""
+        for point in self.optimized.values():
+            point.optimized = None
         self.host.counters.clear()
         self.cache = SlotCache(self.host, slot_size=TRAMPOLINE_SLOT_SIZE)
         self.waiting.clear()
