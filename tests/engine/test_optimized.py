@@ -108,3 +108,17 @@ def test_signals_to_threads_in_trampolines(procs, fixture):
     assert lea.mode == push.mode == "optimized"
     assert (lea.hits, push.hits) == (calls["lea"], calls["push"])
     assert proc.engine.stats["signals_held"] > 0
+
+
+def test_a_branch_from_another_function_into_the_region(procs, fixture):
+    """opt_pcopy ends in a jmp to opt_copy+3, as libc's mempcpy jumps into memcpy: opt_copy's
+    region would hold that target, so it stays a breakpoint (with the jmp the program would
+    run the patch's int3 padding and die)."""
+    exe = fixture("opt_count")
+    run = procs.spawn(exe, 2000, 2)
+    proc = run.proc
+    copy = proc.probe("opt_copy", action="count")
+    assert run.finish() == 0, run.text
+    assert run.results[("calls",)]["bad"] == 0 and run.results[()]["sigtrap"] == 0
+    assert copy.mode == "boosted" and "reaches into" in copy.not_optimized
+    assert copy.hits == 2 * 20  # opt_pcopy enters past the probe

@@ -113,7 +113,7 @@ class Engine:
         except MidInstructionError as e:
             raise ProbeError(f"cannot probe {target.name}: {e}") from None
         point = self._point_for(address, insn, target.name)
-        point.function = (target.symbol_address, target.symbol.size)
+        point.function, point.module = (target.symbol_address, target.symbol.size), target.module
         return point
 
     def _point_for(self, address: int, insn, name: str) -> ProbePoint:

@@ -22,6 +22,7 @@ dirty: it is garbage until a collection's freeze has moved every thread out of i
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +30,7 @@ from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
 from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
-                   points_into, stack_pointer)
+                   reached_addresses, stack_pointer, stack_words)
 from .probe import ProbePoint
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .slothost import TraceeSlotHost
 
 COUNTER_SIZE = 8
+_PF_X = 1  # an ELF segment's executable flag
 STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
 
 
@@ -100,6 +102,8 @@ class Optimizer:
         self._live: dict[int, ProbePoint] = {}      # trampoline address -> the point it serves
         self._trampolines: dict[int, Trampoline] = {}  # trampoline address -> code (garbage too)
         self.stats = {"optimized": 0, "unoptimized": 0, "retries": 0}
+        # module path -> (its ElfFile, every address a branch or RIP-relative operand reaches)
+        self._reached: dict[str, tuple[object, list[int]]] = {}
 
     # ------------------------------------------------------------------ queue
     @staticmethod
@@ -124,11 +128,12 @@ class Optimizer:
         if not self.waiting or not self.tracee.alive:
             return 0
         ready = []
+        addresses = sorted(self.engine.points)
         for point in list(self.waiting.values()):
             if not self.wants(point):
                 self.waiting.pop(point.address)
                 continue
-            prepared = self._prepare(point)
+            prepared = self._prepare(point, addresses)
             if prepared is not None:
                 ready.append((point, *prepared))
         if not ready:
@@ -137,8 +142,10 @@ class Optimizer:
         unused: list[Slot] = []
         snapshot = self.tracee.freeze()
         try:
+            stacks = {tid: stack_words(self._stack(stack_pointer(regs)))
+                      for tid, regs in snapshot.regs.items()}
             for point, region, slot, trampoline, counter in ready:
-                moves = self._quiet(point, region, trampoline, snapshot)
+                moves = self._quiet(point, region, trampoline, snapshot, stacks)
                 if moves is not None:
                     self._install(point, region, slot, trampoline, counter, moves)
                     done += 1
@@ -151,7 +158,8 @@ class Optimizer:
                 self.cache.free(slot, dirty=False)  # never ran: free at once
         return done
 
-    def _prepare(self, point: ProbePoint) -> tuple[Region, Slot, Trampoline, int] | None:
+    def _prepare(self, point: ProbePoint,
+                 addresses: list[int]) -> tuple[Region, Slot, Trampoline, int] | None:
         start, size = point.function
         try:
             code = self.engine.function_code(start, size) if size > 0 else b""
@@ -162,9 +170,14 @@ class Optimizer:
         if isinstance(region, Refusal):
             self._refuse(point, region.reason)
             return None
-        inside = [a for a in self.engine.points if region.probe_address < a < region.end]
-        if inside:
-            self._refuse(point, f"another probe at {inside[0]:#x} lies in the bytes "
+        source = self._branch_into(point, region)
+        if source is not None:
+            self._refuse(point, f"{source} reaches into the bytes {region.start:#x}..{region.end:#x} "
+                         "a jmp would replace")
+            return None
+        at = bisect_right(addresses, region.probe_address)
+        if at < len(addresses) and addresses[at] < region.end:
+            self._refuse(point, f"another probe at {addresses[at]:#x} lies in the bytes "
                          f"{region.start:#x}..{region.end:#x} a jmp would replace")
             return None
         try:
@@ -184,8 +197,30 @@ class Optimizer:
             return None
         return region, slot, trampoline, counter
 
+    def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
+        """What in the point's module (any function: hand-written code jumps into others, a
+        .cold part back into its function) branches to or takes an address in the region past
+        its first byte; None if nothing does. One sweep per module, cached."""
+        module = point.module
+        if module is None:
+            return "code of an unknown module"
+        elf = module.elf
+        reached = self._reached.get(module.path)
+        if reached is None or reached[0] is not elf:
+            code = [(seg.vaddr, elf.read_vaddr(seg.vaddr, seg.filesz))
+                    for seg in elf.segments if seg.flags & _PF_X]
+            reached = (elf, [a for vaddr, data in code for a in reached_addresses(data, vaddr)])
+            reached[1].sort()
+            self._reached[module.path] = reached
+        targets = reached[1]
+        lo, hi = module.to_link(region.start), module.to_link(region.end)
+        at = bisect_right(targets, lo)
+        if at < len(targets) and targets[at] < hi:
+            return f"a branch or address in {module.name} (to {module.to_runtime(targets[at]):#x})"
+        return None
+
     def _quiet(self, point: ProbePoint, region: Region, trampoline: Trampoline,
-               snapshot: Snapshot) -> dict[int, int] | None:
+               snapshot: Snapshot, stacks: dict[int, list[int]]) -> dict[int, int] | None:
         """With every thread frozen: the threads inside the region past its start, each with
         the same point of the relocated copy to move it to; None when a thread cannot be moved
         there (it has a stop of its own to handle) or a stack word points into the region (a
@@ -211,7 +246,9 @@ class Optimizer:
                 if thread.event_pending is not None or rip not in relocated:
                     return None
                 moves[tid] = relocated[rip]
-            if points_into(self._stack(stack_pointer(regs)), lo, hi):
+            words = stacks[tid]
+            at = bisect_right(words, lo)
+            if at < len(words) and words[at] < hi:
                 return None
         return moves
 
@@ -326,7 +363,7 @@ class Optimizer:
         opt = point.optimized
         if opt is None:
             return
-        self.tracee.breakpoints.patches.pop(opt.region.start, None)
+        self.tracee.breakpoints.abandon_patch(opt.region.start)
         self.sync_point(point)
         point.optimized = None
         self.optimized.pop(point.address, None)

@@ -42,7 +42,7 @@ class ProbePoint:
     __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "copy", "boosted",
                  "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
                  "name", "step_only", "tally", "may_boost", "function", "optimized",
-                 "may_optimize", "not_optimized")
+                 "may_optimize", "not_optimized", "module")
 
     def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
         self.address = address
@@ -66,6 +66,7 @@ class ProbePoint:
         self.steppers = 0                     # threads single-stepping in the slot right now
         self.removed = False
         self.function: tuple[int, int] = (address, 0)  # (start, size) of its symbol; size 0: unknown
+        self.module: Any = None                # the symbols.Module it is in
         # Jump optimisation (engine/optimizer.py): the patch and trampoline when optimised; whether
         # every probe here asks for it (count-only); why it is not, when it was refused.
         self.optimized: Any = None

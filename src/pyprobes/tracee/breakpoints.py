@@ -2,9 +2,12 @@
 and the original bytes they hide."""
 from __future__ import annotations
 
+from bisect import bisect_left, insort
+
 from .memory import Memory
 
 INT3 = b"\xcc"
+_LONGEST_PATCH = 64  # no patch is longer: restore_view looks this far back for one
 
 
 class Breakpoints:
@@ -26,6 +29,8 @@ class Breakpoints:
         self.original: dict[int, bytes] = {}
         self.retired: set[int] = set()
         self.patches: dict[int, bytes] = {}  # start address -> the original bytes a patch hides
+        self._patch_starts: list[int] = []    # sorted: thousands of patches, looked up per read
+        self._patched: set[int] = set()       # every byte under a patch
 
     def __contains__(self, address: int) -> bool:
         return address in self.original
@@ -38,7 +43,7 @@ class Breakpoints:
     def insert(self, address: int) -> None:
         if address in self.original:
             return
-        if any(a <= address < a + len(b) for a, b in self.patches.items()):
+        if address in self._patched:
             raise ValueError(f"{address:#x} is under a patch of ours: unpatch it first")
         byte = self.memory.read(address, 1)
         if byte == INT3:
@@ -60,17 +65,25 @@ class Breakpoints:
 
     def patch(self, address: int, data: bytes) -> None:
         """Write DATA at ADDRESS, keeping what it hides. No int3 of ours may lie under it."""
-        end = address + len(data)
-        if any(address <= a < end for a in self.original) or any(
-                a < end and address < a + len(b) for a, b in self.patches.items()):
-            raise ValueError(f"{address:#x}..{end:#x} overlaps a breakpoint or patch of ours")
+        covered = range(address, address + len(data))
+        if any(a in self.original or a in self._patched for a in covered):
+            raise ValueError(f"{address:#x}..{covered.stop:#x} overlaps a breakpoint or patch of ours")
         original = self.memory.read(address, len(data))
         self.memory.write(address, data)
         self.patches[address] = original
+        insort(self._patch_starts, address)
+        self._patched.update(covered)
 
     def unpatch(self, address: int) -> None:
         """Put back the bytes the patch at ADDRESS hides (every thread frozen: invariant 6)."""
-        self.memory.write(address, self.patches.pop(address))
+        self.memory.write(address, self.abandon_patch(address))
+
+    def abandon_patch(self, address: int) -> bytes:
+        """Forget the patch at ADDRESS without writing (its mapping is gone); its original bytes."""
+        original = self.patches.pop(address)
+        del self._patch_starts[bisect_left(self._patch_starts, address)]
+        self._patched.difference_update(range(address, address + len(original)))
+        return original
 
     def remove_all(self) -> None:
         for address in list(self.original):
@@ -92,7 +105,10 @@ class Breakpoints:
             return data
         out = bytearray(data)
         end = address + len(data)
-        for start, hidden in self.patches.items():
+        starts = self._patch_starts
+        for i in range(bisect_left(starts, address - _LONGEST_PATCH), bisect_left(starts, end)):
+            start = starts[i]
+            hidden = self.patches[start]
             lo, hi = max(start, address), min(start + len(hidden), end)
             if lo < hi:
                 out[lo - address:hi - address] = hidden[lo - start:hi - start]
@@ -112,3 +128,5 @@ class Breakpoints:
         self.original.clear()
         self.retired.clear()
         self.patches.clear()
+        self._patch_starts.clear()
+        self._patched.clear()

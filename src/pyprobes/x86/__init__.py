@@ -34,7 +34,8 @@ from .optimize import (
     count_trampoline,
     find_region,
     jump_patch,
-    points_into,
+    stack_words,
+    reached_addresses,
 )
 from .relocate import (
     SLOT_SIZE,
@@ -83,6 +84,7 @@ __all__ = [
     "count_trampoline",
     "find_region",
     "jump_patch",
-    "points_into",
+    "stack_words",
+    "reached_addresses",
     "TRAMPOLINE_SLOT_SIZE",
 ]

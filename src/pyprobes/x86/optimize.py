@@ -21,10 +21,9 @@ What may be replaced (find_region), and why each rule holds:
 * No indirect ``jmp`` in the function (conservative): a switch table might target the region.
   The kernel applies the same rule in can_optimize().
 
-Not checked here, for the engine to add when it integrates this: branches from *other*
-symbols (gcc's ``NAME.cold`` parts jump back into NAME; they can only reach past an entry
-region's first byte by way of a branch inside the region, which is refused, but a mid-function
-probe needs them scanned), C++ landing pads (.gcc_except_table; none can be inside an entry
+Not checked by find_region: branches from *other* symbols (gcc's ``NAME.cold`` parts jump
+back into NAME; hand-written libc jumps between functions: mempcpy ends in ``jmp memcpy+3``).
+reached_addresses() sweeps a whole module's code for the engine to check those; C++ landing pads (.gcc_except_table; none can be inside an entry
 region, as a pad follows a call), and threads or return addresses inside the region at
 patch time (issue 11, "Patching").
 
@@ -73,7 +72,8 @@ __all__ = [
     "count_trampoline",
     "find_region",
     "jump_patch",
-    "points_into",
+    "stack_words",
+    "reached_addresses",
 ]
 
 JMP_REL32_LENGTH = 5
@@ -445,8 +445,25 @@ def jump_patch(region: Region, trampoline_address: int) -> bytes:
     return bytes((_JMP_REL32,)) + rel.to_bytes(4, "little", signed=True) + bytes((_INT3,)) * padding
 
 
-def points_into(stack: bytes, start: int, end: int) -> bool:
-    """Whether a stack word of STACK (read from an aligned stack pointer up) lies in (start, end):
-    a return address or a signal frame's saved RIP past a region's first byte."""
-    words = memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")
-    return any(start < word < end for word in words)
+def stack_words(stack: bytes) -> list[int]:
+    """The words of STACK (read from a stack pointer up), sorted: a return address or a signal
+    frame's saved RIP among them must not point past a region's first byte."""
+    return sorted(set(memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")))
+
+
+def reached_addresses(code: bytes, address: int) -> list[int]:
+    """Every address a direct branch or a RIP-relative operand in CODE (a module's executable
+    bytes, loaded at ADDRESS, decoded in one linear sweep) takes, sorted: what a region must
+    not contain past its first byte. Bytes that are not code decode as something: the sweep
+    may see a branch that is not there, which only refuses a region, never allows one."""
+    found = set()
+    decoder = Decoder(64, code, ip=address)
+    insn = Instruction()
+    add = found.add
+    while decoder.can_decode:
+        decoder.decode_out(insn)
+        if insn.op0_kind in _NEAR_BRANCH_KINDS:
+            add(insn.near_branch_target)
+        elif insn.is_ip_rel_memory_operand:
+            add(insn.ip_rel_memory_address)
+    return sorted(found)
