@@ -61,7 +61,6 @@ class Engine:
         tracee.breakpoint_handler = self.on_breakpoint
         tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
-        tracee.exit_hooks.append(self._thread_exiting)
         # Called with no arguments at the end of on_exec, before the exec'ing thread resumes:
         # the new image's loader has not run a line yet (pending probes re-arm from there).
         self.exec_hooks: list[Callable[[], None]] = []
@@ -379,14 +378,7 @@ class Engine:
 
     def sync_counters(self) -> None:
         """Add what the jump-optimised points counted in the tracee to their probes' hits."""
-        if self.optimizer.optimized and self.tracee.alive:
-            self.optimizer.sync()
-
-    def _thread_exiting(self, tid: int) -> None:
-        try:  # its memory is still there at this stop (the last thread's may be gone at the next)
-            self.sync_counters()
-        except OSError:
-            pass
+        self.optimizer.sync()  # from our view of the counters: after an exit or exec too
 
     def migrate_out_of_slot(self, tid: int) -> None:
         """Step a stopped thread until its program counter is back in original code."""

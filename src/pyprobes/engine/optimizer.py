@@ -22,7 +22,9 @@ dirty: it is garbage until a collection's freeze has moved every thread out of i
 """
 from __future__ import annotations
 
+import struct
 from bisect import bisect_right
+from mmap import mmap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .slothost import TraceeSlotHost
 
 COUNTER_SIZE = 8
+_COUNTER = struct.Struct("<Q")
 _PF_X = 1  # an ELF segment's executable flag
 STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
 
@@ -56,16 +59,20 @@ class Optimized:
 class TrampolineHost:
     """The trampoline cache's SlotHost: the engine's slot host, plus a rw- counter page mapped
     next to each trampoline page (within ±2 GiB, so `lock inc [rip+X]` reaches it) and
-    unmapped with it. Trampoline slot i counts in counter i of its page's counter page."""
+    unmapped with it. Trampoline slot i counts in counter i of its page's counter page.
+
+    The counter page is shared memory the tracer maps too, so counts are read without a
+    system call, and the last ones still after an exec or the process's exit."""
 
     def __init__(self, host: "TraceeSlotHost") -> None:
         self.host = host
-        self.counters: dict[int, int] = {}  # trampoline page -> its counter page
+        self.counters: dict[int, int] = {}  # trampoline page -> its counter page (tracee address)
+        self.views: dict[int, mmap] = {}    # trampoline page -> the tracer's view of its counters
 
     def map_page(self, near: int) -> int:
         page = self.host.map_page(near)
         try:
-            self.counters[page] = self.host.map_page(page, writable=True)
+            self.counters[page], self.views[page] = self.host.map_shared_page(page, "pyprobes-counters")
         except BaseException:
             self.host.unmap_page(page)
             raise
@@ -76,6 +83,14 @@ class TrampolineHost:
         counters = self.counters.pop(address, None)
         if counters is not None:
             self.host.unmap_page(counters)
+        self.views.pop(address).close()
+
+    def forget(self) -> None:
+        """The tracee's pages are gone (exec): close our views."""
+        for view in self.views.values():
+            view.close()
+        self.views.clear()
+        self.counters.clear()
 
     def freeze_and_migrate(self, inside: Callable[[int], bool]) -> int:
         return self.host.freeze_and_migrate(inside)
@@ -85,6 +100,12 @@ class TrampolineHost:
 
     def counter(self, slot: Slot) -> int:
         return self.counters[slot.page] + slot.index * COUNTER_SIZE
+
+    def read(self, slot: Slot) -> int:
+        return _COUNTER.unpack_from(self.views[slot.page], slot.index * COUNTER_SIZE)[0]
+
+    def reset(self, slot: Slot) -> None:
+        _COUNTER.pack_into(self.views[slot.page], slot.index * COUNTER_SIZE, 0)
 
 
 class Optimizer:
@@ -269,7 +290,7 @@ class Optimizer:
     def _install(self, point: ProbePoint, region: Region, slot: Slot, trampoline: Trampoline,
                  counter: int, moves: dict[int, int]) -> None:
         breakpoints = self.tracee.breakpoints
-        self.memory.write(counter, bytes(COUNTER_SIZE))
+        self.host.reset(slot)
         self.memory.write(slot.address, trampoline.code)
         for tid, rip in moves.items():  # its hit was counted as it passed the probe
             self.tracee.set_rip(tid, rip)
@@ -287,28 +308,19 @@ class Optimizer:
     # ------------------------------------------------------------------ counting
     def sync_point(self, point: ProbePoint) -> None:
         """Add what POINT's counter grew by since the last sync to its enabled probes' hits."""
-        if point.optimized is not None:
-            self._credit(point, self.memory.read_u64(point.optimized.counter))
-
-    @staticmethod
-    def _credit(point: ProbePoint, value: int) -> None:
         opt = point.optimized
+        if opt is None:
+            return
+        value = self.host.read(opt.slot)
         delta, opt.synced = value - opt.synced, value
         if delta:
             for probe in point.counting:
                 probe.hits += delta
 
     def sync(self) -> None:
-        """sync_point() for every optimised point: one read per counter page."""
-        pages: dict[int, list[ProbePoint]] = {}
+        """sync_point() for every optimised point (from our view of the counters: no syscall)."""
         for point in self.optimized.values():
-            pages.setdefault(point.optimized.counter & ~(PAGE_SIZE - 1), []).append(point)
-        for page, points in pages.items():
-            top = max(point.optimized.counter for point in points) + COUNTER_SIZE
-            counters = self.memory.read(page, top - page)
-            for point in points:
-                at = point.optimized.counter - page
-                self._credit(point, int.from_bytes(counters[at:at + COUNTER_SIZE], "little"))
+            self.sync_point(point)
 
     # ------------------------------------------------------------------ unoptimising
     def unoptimize(self, point: ProbePoint) -> None:
@@ -422,10 +434,12 @@ class Optimizer:
 
     # ------------------------------------------------------------------ exec and detach
     def forget(self) -> None:
-        """After exec: nothing of ours is left in the new image."""
+        """After exec: nothing of ours is left in the new image. The old image's last counts are
+        in our view of its counters: they are synced first."""
+        self.sync()
         for point in self.optimized.values():
             point.optimized = None
-        self.host.counters.clear()
+        self.host.forget()
         self.cache = SlotCache(self.host, slot_size=TRAMPOLINE_SLOT_SIZE)
         self.waiting.clear()
         self.optimized.clear()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import mmap as _mmap
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Protocol
 
@@ -120,6 +122,33 @@ class TraceeSlotHost:
                     if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
                         raise
         raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for instruction slots")
+
+    def map_shared_page(self, near: int, name: str) -> tuple[int, _mmap.mmap]:
+        """A rw- page within REACH of NEAR that the tracer maps too (a memfd the tracee keeps no
+        descriptor of): the tracee's address, and the tracer's view, which outlives the
+        tracee's mapping (an exec, the process's exit)."""
+        with self._stopped_thread() as tid:
+            fd = syscalls.memfd_create(self.tracee, tid, name)
+            try:
+                syscalls.ftruncate(self.tracee, tid, fd, PAGE_SIZE)
+                ours = os.open(f"/proc/{self.tracee.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    view = _mmap.mmap(ours, PAGE_SIZE)
+                finally:
+                    os.close(ours)
+                prot = syscalls.PROT_READ | syscalls.PROT_WRITE
+                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE
+                for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
+                    try:
+                        return syscalls.mmap(self.tracee, tid, page, PAGE_SIZE, prot, flags, fd), view
+                    except OSError as e:
+                        if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
+                            view.close()
+                            raise
+                view.close()
+            finally:
+                syscalls.close(self.tracee, tid, fd)
+        raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for counters")
 
     def unmap_page(self, address: int) -> None:
         with self._stopped_thread() as tid:

@@ -78,9 +78,6 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         self._resumed = True  # some thread was resumed since the last reap (wait()'s hang guard)
         # Called as hook(child_memory, forking_tid) before a forked child is let go untraced.
         self.fork_hooks: list[Callable[[Memory, int], None]] = []
-        # Called as hook(tid) at a thread's exit stop, before it is let go: the last moment its
-        # process's memory is surely there (the owner's counters in it are read then).
-        self.exit_hooks: list[Callable[[int], None]] = []
         self._live_regs = ptrace.LiveRegs()
 
     # ------------------------------------------------------------------ registers

@@ -45,7 +45,6 @@ class StopDecoder:
     exit_code: int | None
     breakpoint_handler: Callable[[int, int], None] | None
     step_handler: Callable[[int], None] | None
-    exit_hooks: list[Callable[[int], None]]
     _queue: deque[Event]
     _queue_all: bool
     _early: dict[int, int]
@@ -194,8 +193,6 @@ class StopDecoder:
         # group leader is reported only once every other thread is reaped, so a freeze
         # waiting for that leader would wait forever).
         t.held = t.group_stopped = False
-        for hook in self.exit_hooks:
-            hook(t.tid)
         self._resume_quietly(t)
         return exiting
 

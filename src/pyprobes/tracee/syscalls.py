@@ -12,6 +12,7 @@ import os
 
 from .process import Tracee
 
+SYS_CLOSE = 3
 SYS_MMAP = 9
 SYS_MPROTECT = 10
 SYS_MUNMAP = 11
@@ -87,6 +88,10 @@ def mprotect(tracee: Tracee, tid: int, address: int, length: int, prot: int) -> 
     _check(inject_syscall(tracee, tid, SYS_MPROTECT, address, length, prot), "mprotect")
 
 
+def close(tracee: Tracee, tid: int, fd: int) -> None:
+    _check(inject_syscall(tracee, tid, SYS_CLOSE, fd), "close")
+
+
 def ftruncate(tracee: Tracee, tid: int, fd: int, length: int) -> None:
     _check(inject_syscall(tracee, tid, SYS_FTRUNCATE, fd, length), "ftruncate")
 
@@ -104,6 +109,6 @@ def memfd_create(tracee: Tracee, tid: int, name: str, flags: int = MFD_CLOEXEC) 
         tracee.memory.write(where, saved)
 
 
-__all__ = ["inject_syscall", "mmap", "mmap_near", "munmap", "mprotect", "ftruncate", "memfd_create",
+__all__ = ["inject_syscall", "close", "mmap", "mmap_near", "munmap", "mprotect", "ftruncate", "memfd_create",
            "PROT_READ", "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_ANONYMOUS",
            "MAP_FIXED_NOREPLACE"]
