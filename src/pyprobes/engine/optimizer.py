@@ -5,14 +5,16 @@ as any other, and queued. At the start of the next Process.run() one freeze serv
 queued point, as the kernel's delayed kprobe_optimizer batches its work. For each point:
 
   find_region      whole instructions of at least 5 bytes from the probe, decoded from the
-                   function's start (refused: the point stays a breakpoint, with the reason);
+                   function's start, and no branch or RIP-relative address anywhere in the
+                   module reaching past their first byte (refused: the point stays a
+                   breakpoint, and Probe.not_optimized says why);
   quiet?           a thread in (region.start, region.end) is moved to the same point of the
                    relocated copy, one in the point's instruction slot is migrated out, and
                    no stack word (a return address, a signal frame's RIP) may point in that
                    range; else the point waits for the next run();
   install          the count trampoline in a slot of the trampoline cache (the kernel's
                    kprobe_optinsn_slots: a second SlotCache, 64-byte slots), its counter in the
-                   rw- page mapped beside that trampoline page, the int3 removed (a late trap on
+                   rw- page mapped beside that trampoline page (a memfd we map too), the int3 removed (a late trap on
                    it is rewound as retired) and the jmp written (invariant 6: every thread frozen).
 
 Hits are counted in the tracee: sync() adds each counter's growth to the hits of the point's
