@@ -332,3 +332,25 @@ def test_contains_is_fast_with_many_pages(cache, host):
     for s in slots:
         assert cache.contains(s.address) and cache.slot_at(s.address + 5) == s
     assert not cache.contains(nears[-1] + 40 * GIB)
+
+
+def test_a_cache_of_bigger_slots(host):
+    """The trampoline cache (issue 11): 64-byte slots, 64 to a page, the same dirty-free and
+    collection rules with its own slots-per-page."""
+    cache = SlotCache(host, slot_size=64)
+    assert cache.slot_size == 64 and cache.slots_per_page == PAGE_SIZE // 64 == 64
+    slots = fill(cache, 65)
+    assert cache.stats()["pages"] == 2
+    first = slots[0]
+    assert [s.address - first.page for s in slots[:64]] == [64 * i for i in range(64)]
+    assert cache.slot_at(first.address + 63) == first
+    assert cache.slot_at(first.address + 64) == slots[1]
+    for s in slots[:64]:
+        cache.free(s, dirty=True)
+    assert host.freezes == 0  # exactly one page of garbage: not yet
+    cache.free(slots[64], dirty=True)
+    stats = cache.stats()
+    assert host.freezes == 1 and stats["collections"] == 1
+    assert stats["garbage"] == 0 and stats["slots_used"] == 0 and stats["pages"] == 1
+    with pytest.raises(ValueError):
+        SlotCache(host, slot_size=48)

@@ -19,6 +19,7 @@ examples:
   pyprobes count --json -o counts.json f -- ./prog  one JSON object in counts.json
   pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
+  pyprobes count --optimize 'libc:malloc' -- ./prog   counted in the process: no stop per hit
 
 PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*');
 SYMBOL%return counts returns. A PROBE in a library that is not loaded yet is pending (mode
@@ -28,7 +29,7 @@ The report goes to stderr (or -o FILE); the command's own output is untouched.
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--optimize] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -42,6 +43,10 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
+    p.add_argument("--optimize", action="store_true",
+                   help="count inside the process with jump-optimised probes where a function's "
+                        "entry allows it (mode 'optimized': no stop per hit); the others stay "
+                        "breakpoints. Opt-in for now: it will become the default")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")
     p.set_defaults(func=run)
@@ -141,7 +146,8 @@ def run(args, command: list[str], on_done=None) -> int:
     session.install_signals()
     try:
         session.open()
-        session.place(args.probes, ret_for=ret_for)
+        session.place(args.probes, ret_for=ret_for,
+                      action="count" if getattr(args, "optimize", False) else None)
         session.go()
         session.run(args.duration, args.interval,
                     tick=lambda: show(session, report, args, final=False, hists=hists))

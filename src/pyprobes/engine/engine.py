@@ -28,6 +28,7 @@ from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, Relocation
                    set_instruction_pointer)
 from .ifunc import follow_ifuncs
 from .loader import LoaderEvents
+from .optimizer import Optimizer
 from .probe import Handler, Probe, ProbeError, ProbePoint
 from .rescue import Rescue
 from .retprobe import ReturnProbes
@@ -45,6 +46,7 @@ class Engine:
         self.host = TraceeSlotHost(tracee, self)
         self.slots = SlotCache(self.host)
         self.rescue = Rescue(tracee, self.host)  # the program survives our death (engine/rescue.py)
+        self.optimizer = Optimizer(self, tracee, self.host)  # jump-optimised points (issue 11)
         self.stats = {"threads_migrated": 0, "signals_held": 0, "faults_in_slots": 0}
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
@@ -79,15 +81,25 @@ class Engine:
         return follow_ifuncs(found, mods, self.memory.read_u64)
 
     def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
-                  boost: bool = True) -> Probe:
-        point = self.points.get(target.address) or self._new_point(target)
-        probe = Probe(self, point, target, target.spec, pre, post, boost)
+                  boost: bool = True, action: str | None = None) -> Probe:
+        """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py)."""
+        if action not in (None, "count"):
+            raise ProbeError(f"unknown probe action {action!r}: only 'count'")
+        if action is not None and (pre is not None or post is not None):
+            raise ProbeError(f"a probe with action={action!r} has no handlers")
+        point = self.points.get(target.address)
+        if point is None:
+            if self.optimizer.optimized:
+                self.optimizer.clear_for(target.address)
+            point = self._new_point(target)
+        probe = Probe(self, point, target, target.spec, pre, post, boost, action)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)
         return probe
 
-    def _function_code(self, start: int, size: int) -> bytes:
+    def function_code(self, start: int, size: int) -> bytes:
+        """SIZE bytes of code at START as loaded: our int3 bytes and patches read as the originals."""
         data = self.memory.read(start, size)
         return self.tracee.breakpoints.restore_view(start, data)
 
@@ -97,12 +109,14 @@ class Engine:
             raise ProbeError(f"{address:#x} is in no known function, so its instruction boundaries "
                              "cannot be checked")
         size = target.symbol.size or UNSIZED_FUNCTION_BYTES
-        code = self._function_code(target.symbol_address, max(size, target.offset + MAX_INSTRUCTION_LENGTH + 1))
+        code = self.function_code(target.symbol_address, max(size, target.offset + MAX_INSTRUCTION_LENGTH + 1))
         try:
             insn = instruction_at(code, target.symbol_address, address)
         except MidInstructionError as e:
             raise ProbeError(f"cannot probe {target.name}: {e}") from None
-        return self._point_for(address, insn, target.name)
+        point = self._point_for(address, insn, target.name)
+        point.function, point.module = (target.symbol_address, target.symbol.size), target.module
+        return point
 
     def _point_for(self, address: int, insn, name: str) -> ProbePoint:
         verdict = classify(insn)
@@ -128,9 +142,19 @@ class Engine:
         self._slot_origin[slot.address] = point
 
     def update_point(self, point: ProbePoint) -> None:
-        """Arm or disarm after a change: the breakpoint is there exactly while an enabled probe wants it."""
+        """Arm or disarm after a change: the breakpoint is there exactly while an enabled probe wants
+        it and the point is not jump-optimised (then queued for the optimizer)."""
+        optimizer = self.optimizer
+        if point.optimized is not None:
+            optimizer.sync_point(point)  # what was counted so far goes to the probes enabled so far
         point.refresh()
         want = bool(point.counting or point.pre or point.post) and not point.removed
+        if point.optimized is not None:
+            if optimizer.wants(point):
+                return
+            optimizer.unoptimize(point)
+        elif want:
+            optimizer.queue(point)
         if want and not point.armed:
             self.rescue.arm(point)
             self.tracee.breakpoints.insert(point.address)
@@ -161,6 +185,7 @@ class Engine:
         Returns how many probes went."""
         dropped = 0
         for point in [p for p in self.points.values() if inside(p.address)]:
+            self.optimizer.abandon(point)
             if point.armed:
                 self.tracee.breakpoints.abandon(point.address)
                 point.armed = False
@@ -315,6 +340,9 @@ class Engine:
         pc = self._get_pc(tid)
         stepping = self._stepping.get(tid)
         if stepping is None and not self.slots.contains(pc):
+            if self.optimizer.contains(pc):
+                self.optimizer.on_signal(event, pc, self.stats)
+                return
             self.tracee.resume(tid, sig)
             return
         # The thread is inside a slot: no signal may be delivered there (invariant 2).
@@ -346,14 +374,23 @@ class Engine:
                 self.tracee.resume(tid)  # the migration's step held the signal: this delivers it
 
     def in_slot(self, address: int) -> bool:
-        """Whether ADDRESS lies in an instruction slot (SlotMigrator, for the slot host)."""
-        return self.slots.contains(address)
+        """Whether ADDRESS lies in an instruction slot or a trampoline (SlotMigrator, for the slot host)."""
+        return self.slots.contains(address) or self.optimizer.contains(address)
+
+    def in_slot_of(self, point: ProbePoint, address: int, tid: int) -> bool:
+        """Whether thread TID, at ADDRESS, is in POINT's instruction slot (or stepping it)."""
+        slot = self.slots.slot_at(address)
+        return self._stepping.get(tid) is point or (slot is not None and slot == point.slot)
+
+    def sync_counters(self) -> None:
+        """Add what the jump-optimised points counted in the tracee to their probes' hits."""
+        self.optimizer.sync()  # from our view of the counters: after an exit or exec too
 
     def migrate_out_of_slot(self, tid: int) -> None:
         """Step a stopped thread until its program counter is back in original code."""
         tracee = self.tracee
+        migrated = self.optimizer.migrate(tid)
         pc = self._get_pc(tid)
-        migrated = False
         while self.slots.contains(pc):
             slot = self.slots.slot_at(pc)
             point = self._slot_origin[slot.address]
@@ -407,6 +444,7 @@ class Engine:
         self._stepping.clear()
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
+        self.optimizer.forget()
         self.loader.forget()
         self.returns.forget()
         self.rescue.forget()
@@ -426,8 +464,9 @@ class Engine:
                         tracee.breakpoints.remove(point.address)
                         point.armed = False
                 snapshot = tracee.freeze()
+                self.optimizer.unoptimize_all()  # synced, bytes back, nobody in an action
                 for tid, regs in snapshot.regs.items():
-                    if self.slots.contains(instruction_pointer(regs)) or tid in self._stepping:
+                    if self.in_slot(instruction_pointer(regs)) or tid in self._stepping:
                         self.migrate_out_of_slot(tid)
                     pending = tracee.threads[tid].event_pending
                     if pending is not None and pending.kind is EventKind.BREAKPOINT \
@@ -436,6 +475,7 @@ class Engine:
                 self._stepping.clear()
                 self.returns.restore_all()
                 self.slots.release_all()
+                self.optimizer.release()
                 self.returns.release()
                 self.rescue.release()
             except Exception as e:  # the process died under us: nothing left to restore

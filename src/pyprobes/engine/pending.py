@@ -56,6 +56,7 @@ class PendingProbe:
         self.kind = kind  # "entry" or "return"
         self.many = many
         self.pre, self.post, self.boost = pre, post, boost
+        self.action: str | None = None  # "count": see Process.probe
         self.handler, self.entry, self.maxactive = handler, entry, maxactive
         self.pre_for, self.handler_for = pre_for, handler_for
         self.skip_refused = skip_refused
@@ -116,7 +117,7 @@ class PendingHost(Protocol):
     exec_hooks: list[Callable[[], None]]
 
     def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
-                  boost: bool = True) -> Probe: ...
+                  boost: bool = True, action: str | None = None) -> Probe: ...
 
     def drop_probes_in(self, inside: Callable[[int], bool]) -> int: ...
 
@@ -148,7 +149,7 @@ class PendingProbes:
             entry: EntryHandler | None = None, maxactive: int = DEFAULT_MAXACTIVE,
             pre_for: Callable[[Target], Handler | None] | None = None,
             handler_for: Callable[[Target], ReturnHandler | None] | None = None,
-            skip_refused: bool = False) -> PendingProbe:
+            skip_refused: bool = False, action: str | None = None) -> PendingProbe:
         """Place SPEC now if its module is loaded (errors raise, as for a plain probe), else
         keep it pending until the loader maps the module. A spec without a module must
         resolve now."""
@@ -159,6 +160,7 @@ class PendingProbes:
                               pre_for, handler_for, skip_refused)
         except SymbolError as e:
             raise ProbeError(str(e)) from None
+        pp.action = action
         mods = self._modules()
         self._watch(mods)
         if self.known is None:
@@ -334,7 +336,7 @@ class PendingProbes:
             handler = pp.handler_for(target) if pp.handler_for is not None else pp.handler
             return engine.returns.add(target, handler, entry=pp.entry, maxactive=pp.maxactive)
         pre = pp.pre_for(target) if pp.pre_for is not None else pp.pre
-        return engine.add_probe(target, pre=pre, post=pp.post, boost=pp.boost)
+        return engine.add_probe(target, pre=pre, post=pp.post, boost=pp.boost, action=pp.action)
 
     # ------------------------------------------------------------------ exec
     def _on_exec(self) -> None:

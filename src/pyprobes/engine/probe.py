@@ -29,7 +29,7 @@ class ProbePlacer(Protocol):
     """Placing a probe (the Engine does it): what return probes and the loader watch need."""
 
     def add_probe(self, target: "Target", pre: Handler | None = None, post: Handler | None = None,
-                  boost: bool = True) -> "Probe": ...
+                  boost: bool = True, action: str | None = None) -> "Probe": ...
 
 
 class ProbeError(PyprobesError):
@@ -41,7 +41,8 @@ class ProbePoint:
 
     __slots__ = ("address", "insn", "kind", "reason", "emulation", "slot", "copy", "boosted",
                  "dirty", "probes", "pre", "post", "counting", "armed", "steppers", "removed",
-                 "name", "step_only", "tally", "may_boost")
+                 "name", "step_only", "tally", "may_boost", "function", "optimized",
+                 "may_optimize", "not_optimized", "module")
 
     def __init__(self, address: int, insn: Insn, kind: Kind, reason: str, name: str) -> None:
         self.address = address
@@ -64,12 +65,22 @@ class ProbePoint:
         self.armed = False
         self.steppers = 0                     # threads single-stepping in the slot right now
         self.removed = False
+        self.function: tuple[int, int] = (address, 0)  # (start, size) of its symbol; size 0: unknown
+        self.module: Any = None                # the symbols.Module it is in
+        # Jump optimisation (engine/optimizer.py): the patch and trampoline when optimised; whether
+        # every probe here asks for it (count-only); why it is not, when it was refused.
+        self.optimized: Any = None
+        self.may_optimize = False
+        self.not_optimized = ""
 
     @property
     def mode(self) -> str:
-        """What a hit here does: "emulated", "boosted" or "stepped". A point that may be boosted
+        """What a hit here does: "optimized" (a jump to a trampoline counts it, no stop),
+        "emulated", "boosted" or "stepped". A point that may be boosted
         says "boosted" from the start, though (as in the seed) it is stepped until a clean step
         shows the copy runs straight through; `boosted` says whether that has happened."""
+        if self.optimized is not None:
+            return "optimized"
         if self.emulation is not None:
             return "emulated"
         return "boosted" if self.may_boost else "stepped"
@@ -84,6 +95,7 @@ class ProbePoint:
         if not self.probes:
             return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
+        self.may_optimize = all(p.action == "count" for p in self.probes)
         if not self.may_boost:
             self.boosted = False
 
@@ -92,7 +104,8 @@ class Probe:
     """A user's probe. `hits` counts every execution reported to it; `missed` those its handler failed on."""
 
     def __init__(self, owner: ProbeOwner, point: ProbePoint, target: "Target | None", spec: str | int,
-                 pre: Handler | None, post: Handler | None, boost: bool) -> None:
+                 pre: Handler | None, post: Handler | None, boost: bool,
+                 action: str | None = None) -> None:
         self._owner = owner
         self.point = point
         self.target = target
@@ -100,6 +113,9 @@ class Probe:
         self.pre = pre
         self.post = post
         self.boost = boost
+        # "count": the probe only counts, so its hits may be counted inside the process by a
+        # jump-optimised probe (issue 11) once every probe on its address asks the same.
+        self.action = action
         self.enabled = True
         self.removed = False
         self.hits = 0
@@ -128,6 +144,12 @@ class Probe:
     def reason(self) -> str:
         """Why it was classified so ("" when nothing stands in the way of boosting)."""
         return self.point.reason
+
+    @property
+    def not_optimized(self) -> str:
+        """Why a probe that asked for action="count" is not jump-optimised ("" when it is, or
+        while it waits for the next run())."""
+        return self.point.not_optimized
 
     @property
     def instruction(self) -> str:

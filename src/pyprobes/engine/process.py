@@ -55,6 +55,12 @@ class Process:
         return self.engine.slots
 
     @property
+    def trampolines(self) -> SlotCache:
+        """The jump-optimised probes' trampoline cache (64-byte slots): its stats() show pages,
+        garbage and collections."""
+        return self.engine.optimizer.cache
+
+    @property
     def probes(self) -> list[Probe]:
         return list(self.engine.probes)
 
@@ -66,27 +72,35 @@ class Process:
         return self._pending
 
     def probe(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
-              boost: bool = True, pending: bool = False) -> Probe | PendingProbe:
+              boost: bool = True, pending: bool = False, action: str | None = None) -> Probe | PendingProbe:
         """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address).
+
+        action="count": the probe only counts (no handlers). It goes in as a breakpoint; at the
+        next run() it is jump-optimised where it can be (mode "optimized": counted inside the
+        process, no stop per hit), and stays a breakpoint elsewhere (Probe.not_optimized says
+        why). Its hits are brought up to date when run() returns (sync_counters()).
 
         pending=True: a PendingProbe, placed at once if SPEC's module is loaded, else the moment
         the dynamic loader maps it (dlopen); dropped if the library is unloaded, placed again if
         it comes back, and placed in the new program after an exec."""
         if pending:
-            return self.pending_probes.add(spec, pre=pre, post=post, boost=boost)
+            return self.pending_probes.add(spec, pre=pre, post=post, boost=boost, action=action)
         targets = self.engine.targets(spec)
         if len(targets) != 1:
             names = ", ".join(t.name for t in targets[:5])
             raise ProbeError(f"{spec!r} matches {len(targets)} functions ({names}...): use probe_all()")
-        return self.engine.add_probe(targets[0], pre=pre, post=post, boost=boost)
+        return self.engine.add_probe(targets[0], pre=pre, post=post, boost=boost, action=action)
 
     def probe_all(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
-                  boost: bool = True, pending: bool = False) -> list[Probe] | PendingProbe:
+                  boost: bool = True, pending: bool = False,
+                  action: str | None = None) -> list[Probe] | PendingProbe:
         """A probe at every function SPEC matches (globs: 'libc:str*'); pending=True: one
         PendingProbe holding them, matched again in each module as it is loaded."""
         if pending:
-            return self.pending_probes.add(spec, many=True, pre=pre, post=post, boost=boost)
-        return [self.engine.add_probe(t, pre=pre, post=post, boost=boost) for t in self.engine.targets(spec)]
+            return self.pending_probes.add(spec, many=True, pre=pre, post=post, boost=boost,
+                                           action=action)
+        return [self.engine.add_probe(t, pre=pre, post=post, boost=boost, action=action)
+                for t in self.engine.targets(spec)]
 
     def return_probe(self, spec: str | int, handler: "ReturnHandler | None" = None,
                      entry: "EntryHandler | None" = None, maxactive: int = DEFAULT_MAXACTIVE,
@@ -199,6 +213,10 @@ class Process:
             previous = _signal.signal(_signal.SIGALRM, lambda *_: tracee.wake())
             _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
         block = deadline is None or in_main
+        try:
+            engine.optimizer.optimize_waiting()  # one freeze for every point waiting (optimizer.py)
+        except ProcessExited:
+            return self.exit_code
         tracee.thaw()
         try:
             while True:
@@ -230,6 +248,14 @@ class Process:
             if previous is not None:
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _signal.signal(_signal.SIGALRM, previous)
+            self.sync_counters()
+
+    def sync_counters(self) -> None:
+        """Bring the hits of jump-optimised probes up to date (they are counted in the process)."""
+        try:
+            self.engine.sync_counters()
+        except (OSError, ProcessExited):
+            pass  # the process is gone: its last counts were taken at its threads' exits
 
     @property
     def busy_wait_us(self) -> float:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import errno
+import mmap as _mmap
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Protocol, TypeVar
 
@@ -121,20 +123,53 @@ class TraceeSlotHost:
         with self._stopped_thread() as tid:
             return call(tid)
 
-    def map_page(self, near: int) -> int:
+    def map_page(self, near: int, writable: bool = False) -> int:
+        """An r-x page (a slot page) within REACH of NEAR; WRITABLE: an rw- page instead (the
+        counters of a trampoline page)."""
+        prot = syscalls.PROT_READ | (syscalls.PROT_WRITE if writable else syscalls.PROT_EXEC)
         with self._stopped_thread() as tid:
             for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
                 try:
-                    return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE,
-                                              syscalls.PROT_READ | syscalls.PROT_EXEC)
+                    return syscalls.mmap_near(self.tracee, tid, page, PAGE_SIZE, prot)
                 except SyscallRefused as e:
                     # Seccomp would not let the mmap run: no page can come, at any address.
                     raise SlotPagesRefused(f"{e.reason}: pyprobes cannot map instruction slots in it; "
-                                       "only emulated probes can be placed") from None
+                                           "only emulated probes can be placed") from None
                 except OSError as e:
                     if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
                         raise
         raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for instruction slots")
+
+    def map_shared_page(self, near: int, name: str) -> tuple[int, _mmap.mmap]:
+        """A rw- page within REACH of NEAR that the tracer maps too (a memfd the tracee keeps no
+        descriptor of): the tracee's address, and the tracer's view, which outlives the
+        tracee's mapping (an exec, the process's exit)."""
+        with self._stopped_thread() as tid:
+            try:
+                fd = syscalls.memfd_create(self.tracee, tid, name)
+            except SyscallRefused as e:
+                raise SlotPagesRefused(f"{e.reason}: pyprobes cannot map counter pages in it; "
+                                       "only emulated probes can be placed") from None
+            try:
+                syscalls.ftruncate(self.tracee, tid, fd, PAGE_SIZE)
+                ours = os.open(f"/proc/{self.tracee.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    view = _mmap.mmap(ours, PAGE_SIZE)
+                finally:
+                    os.close(ours)
+                prot = syscalls.PROT_READ | syscalls.PROT_WRITE
+                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE
+                for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
+                    try:
+                        return syscalls.mmap(self.tracee, tid, page, PAGE_SIZE, prot, flags, fd), view
+                    except OSError as e:
+                        if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
+                            view.close()
+                            raise
+                view.close()
+            finally:
+                syscalls.close(self.tracee, tid, fd)
+        raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for counters")
 
     def unmap_page(self, address: int) -> None:
         with self._stopped_thread() as tid:

@@ -43,7 +43,6 @@ SLOTS_PER_PAGE = PAGE_SIZE // SLOT_SIZE
 REACH = 2**31 - PAGE_SIZE
 
 _PAGE_MASK = ~(PAGE_SIZE - 1)
-_FULL = (1 << SLOTS_PER_PAGE) - 1
 
 
 class SlotMapError(PyprobesError, RuntimeError):
@@ -95,18 +94,19 @@ def in_reach(page: int, near: int) -> bool:
 
 
 class _Page:
-    __slots__ = ("address", "used", "garbage", "generations")
+    __slots__ = ("address", "used", "garbage", "generations", "full")
 
-    def __init__(self, address: int) -> None:
+    def __init__(self, address: int, slots: int) -> None:
         self.address = address
+        self.full = (1 << slots) - 1
         # Bit i set: slot i is handed out (used) / freed dirty, not yet collected
         # (garbage).  A slot in neither mask is free.
         self.used = 0
         self.garbage = 0
-        self.generations = [0] * SLOTS_PER_PAGE
+        self.generations = [0] * slots
 
     def free_mask(self) -> int:
-        return _FULL & ~(self.used | self.garbage)
+        return self.full & ~(self.used | self.garbage)
 
     def empty(self) -> bool:
         return not (self.used or self.garbage)
@@ -134,8 +134,13 @@ class SlotCache:
     next trigger retries it.
     """
 
-    def __init__(self, host: SlotHost) -> None:
+    def __init__(self, host: SlotHost, slot_size: int = SLOT_SIZE) -> None:
+        if slot_size <= 0 or PAGE_SIZE % slot_size:
+            raise ValueError(f"slot size {slot_size} does not divide the {PAGE_SIZE}-byte page")
         self._host = host
+        self.slot_size = slot_size
+        # The seed's bounds below say SLOTS_PER_PAGE: for this cache, slots_per_page.
+        self.slots_per_page = PAGE_SIZE // slot_size
         self._pages: dict[int, _Page] = {}
         self._addrs: list[int] = []  # sorted addresses of every mapped page
         self._open: list[int] = []  # sorted addresses of pages with a free slot
@@ -191,7 +196,7 @@ class SlotCache:
             raise SlotMapError(
                 f"host mapped {address:#x}, beyond ±{REACH:#x} of {near:#x}"
             )
-        page = _Page(address)
+        page = _Page(address, self.slots_per_page)
         self._pages[address] = page
         bisect.insort(self._addrs, address)
         bisect.insort(self._open, address)
@@ -206,7 +211,7 @@ class SlotCache:
         self._generation += 1
         page.generations[index] = self._generation
         self._used += 1
-        return Slot(page.address + index * SLOT_SIZE, page.address, index, self._generation)
+        return Slot(page.address + index * self.slot_size, page.address, index, self._generation)
 
     # --------------------------------------------------------------- free
 
@@ -221,8 +226,8 @@ class SlotCache:
         page = self._pages.get(slot.page)
         if (
             page is None
-            or not 0 <= slot.index < SLOTS_PER_PAGE
-            or slot.address != slot.page + slot.index * SLOT_SIZE
+            or not 0 <= slot.index < self.slots_per_page
+            or slot.address != slot.page + slot.index * self.slot_size
             or page.generations[slot.index] != slot.generation
         ):
             raise ValueError(f"{slot!r} was not handed out by this cache")
@@ -234,7 +239,7 @@ class SlotCache:
         if dirty:
             page.garbage |= bit
             self._garbage += 1
-            if self._garbage > SLOTS_PER_PAGE:
+            if self._garbage > self.slots_per_page:
                 self._collect(keep_near=None)
             return
         if page.free_mask() == bit:  # it had been full
@@ -284,7 +289,7 @@ class SlotCache:
         page = self._pages.get(rip & _PAGE_MASK)
         if page is None:
             return False
-        return bool(page.garbage >> ((rip - page.address) // SLOT_SIZE) & 1)
+        return bool(page.garbage >> ((rip - page.address) // self.slot_size) & 1)
 
     def _retire_empty(self, candidates: list[int], keep_near: int | None) -> None:
         """Unmap empty pages, keeping one per ±2 GiB neighbourhood.
@@ -341,9 +346,9 @@ class SlotCache:
         page = self._pages.get(address & _PAGE_MASK)
         if page is None:
             return None
-        index = (address - page.address) // SLOT_SIZE
+        index = (address - page.address) // self.slot_size
         return Slot(
-            page.address + index * SLOT_SIZE, page.address, index, page.generations[index]
+            page.address + index * self.slot_size, page.address, index, page.generations[index]
         )
 
     def stats(self) -> dict[str, int]:

@@ -13,6 +13,7 @@ import os
 from .process import Tracee
 from .seccomp import check_syscall
 
+SYS_CLOSE = 3
 SYS_MMAP = 9
 SYS_MPROTECT = 10
 SYS_MUNMAP = 11
@@ -101,6 +102,10 @@ def rt_sigaction(tracee: Tracee, tid: int, signal: int, action: int, old_action:
     _check(inject_syscall(tracee, tid, SYS_RT_SIGACTION, signal, action, old_action, 8), "rt_sigaction")
 
 
+def close(tracee: Tracee, tid: int, fd: int) -> None:
+    _check(inject_syscall(tracee, tid, SYS_CLOSE, fd), "close")
+
+
 def ftruncate(tracee: Tracee, tid: int, fd: int, length: int) -> None:
     _check(inject_syscall(tracee, tid, SYS_FTRUNCATE, fd, length), "ftruncate")
 
@@ -118,7 +123,7 @@ def memfd_create(tracee: Tracee, tid: int, name: str, flags: int = MFD_CLOEXEC) 
         tracee.memory.write(where, saved)
 
 
-__all__ = ["inject_syscall", "mmap", "mmap_near", "munmap", "mprotect", "ftruncate", "memfd_create",
+__all__ = ["inject_syscall", "close", "mmap", "mmap_near", "munmap", "mprotect", "ftruncate", "memfd_create",
            "rt_sigaction",
            "PROT_READ", "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_ANONYMOUS",
            "MAP_FIXED_NOREPLACE"]

@@ -26,6 +26,7 @@ from .emulate import Emulation, compile_emulation
 from .optimize import (
     JMP_REL32_LENGTH,
     RED_ZONE,
+    TRAMPOLINE_SLOT_SIZE,
     Refusal,
     RefusalKind,
     Region,
@@ -33,6 +34,8 @@ from .optimize import (
     count_trampoline,
     find_region,
     jump_patch,
+    stack_words,
+    reached_addresses,
 )
 from .relocate import (
     SLOT_SIZE,
@@ -81,4 +84,7 @@ __all__ = [
     "count_trampoline",
     "find_region",
     "jump_patch",
+    "stack_words",
+    "reached_addresses",
+    "TRAMPOLINE_SLOT_SIZE",
 ]

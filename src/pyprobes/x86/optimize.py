@@ -21,10 +21,9 @@ What may be replaced (find_region), and why each rule holds:
 * No indirect ``jmp`` in the function (conservative): a switch table might target the region.
   The kernel applies the same rule in can_optimize().
 
-Not checked here, for the engine to add when it integrates this: branches from *other*
-symbols (gcc's ``NAME.cold`` parts jump back into NAME; they can only reach past an entry
-region's first byte by way of a branch inside the region, which is refused, but a mid-function
-probe needs them scanned), C++ landing pads (.gcc_except_table; none can be inside an entry
+Not checked by find_region: branches from *other* symbols (gcc's ``NAME.cold`` parts jump
+back into NAME; hand-written libc jumps between functions: mempcpy ends in ``jmp memcpy+3``).
+reached_addresses() sweeps a whole module's code for the engine to check those; C++ landing pads (.gcc_except_table; none can be inside an entry
 region, as a pad follows a call), and threads or return addresses inside the region at
 patch time (issue 11, "Patching").
 
@@ -51,16 +50,21 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
 from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
 
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
-from .relocate import RelocationError, relocate
+from .relocate import RelocationError, pushed_flags_fixup, relocate
+
+if TYPE_CHECKING:
+    from .arch import StackMemory, ThreadRegisters
 
 __all__ = [
     "JMP_REL32_LENGTH",
     "RED_ZONE",
+    "TRAMPOLINE_SLOT_SIZE",
     "Refusal",
     "RefusalKind",
     "Region",
@@ -68,6 +72,8 @@ __all__ = [
     "count_trampoline",
     "find_region",
     "jump_patch",
+    "stack_words",
+    "reached_addresses",
 ]
 
 JMP_REL32_LENGTH = 5
@@ -76,7 +82,14 @@ ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
+# A count trampoline is at most 23 (action) + 4 + 15 (a region: whole instructions covering 5
+# bytes; relocation keeps their lengths) + 5 (jmp back) = 47 bytes: one 64-byte slot.
+TRAMPOLINE_SLOT_SIZE = 64
+_TRAP_FLAG = 0x100  # RFLAGS.TF
+_STACK_WORD = 8
 _LOCK_INC_RIP_LENGTH = 8  # f0 48 ff 05 disp32: a RIP-relative operand always has a disp32
+_ACTION_PUSHF = 5   # lea rsp,[rsp-128] (disp8) then pushfq
+_ACTION_POPF = _ACTION_PUSHF + 1 + _LOCK_INC_RIP_LENGTH
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
 _NEAR_BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
@@ -145,6 +158,9 @@ class Trampoline:
     relocated: tuple[tuple[int, int], ...]
     return_jump: int     # the address of the final jmp, in the trampoline
     resume_address: int  # where it jumps: region.end
+    # Instructions of the trampoline that push the flags: address -> width of the image.
+    flag_pushes: tuple[tuple[int, int], ...] = ()
+    counted_offset: int = 0  # the action's popfq: from here on the hit is counted
 
     @property
     def end(self) -> int:
@@ -159,6 +175,38 @@ class Trampoline:
             if here == rip:
                 return original
         return None
+
+    def in_action(self, rip: int) -> bool:
+        """Whether RIP is in the action part (the hit is not counted or its frame not undone)."""
+        return self.address <= rip < self.address + self.relocated_offset
+
+    def finish_action(self, thread: Any, memory: "StackMemory", tid: int, rip: int) -> bool:
+        """For a stopped thread at RIP in the action past its counter's increment: do what the
+        rest of the action would (flags from the pushed image, RSP back over it and the red zone)
+        and put it on the first relocated instruction. False when RIP is not there (the caller
+        single-steps on). The popfq is never single-stepped: the kernel treats a stepped popf as
+        setting TF itself and leaves TF set once the thread runs on."""
+        popf = self.address + self.counted_offset
+        if rip not in (popf, popf + 1):
+            return False
+        regs = thread.get_regs(tid)
+        if rip == popf:
+            regs.eflags = memory.read_u64(regs.rsp) & ~_TRAP_FLAG
+            regs.rsp += 8
+        regs.rsp += RED_ZONE
+        regs.rip = self.address + self.relocated_offset
+        thread.set_regs(tid, regs)
+        return True
+
+    def after_step(self, thread: "ThreadRegisters", memory: "StackMemory", tid: int,
+                   stepped: int) -> None:
+        """After single-stepping the instruction at STEPPED here: a flags image it pushed holds
+        TF (the step's), which a popf would load: clear it (the kernel's resume_execution)."""
+        for here, width in self.flag_pushes:
+            if here == stepped:
+                rsp = thread.get_reg(tid, "rsp")
+                image = int.from_bytes(memory.read(rsp, width), "little") & ~_TRAP_FLAG
+                memory.write(rsp, image.to_bytes(width, "little"))
 
 
 class _Scan:
@@ -353,6 +401,7 @@ def _count_action(address: int, counter_address: int) -> bytes:
         raise RelocationError(f"counter {counter_address:#x} is beyond ±2 GiB of trampoline "
                               f"{address:#x}: place the counter near the trampoline")
     code += _encode(increment, here)
+    assert len(code) == _ACTION_POPF
     code += _encode(Instruction.create(Code.POPFQ), address + len(code))
     return code + _encode(rsp_up, address + len(code))
 
@@ -360,9 +409,12 @@ def _count_action(address: int, counter_address: int) -> bytes:
 def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
     code = action
     relocated = []
+    flag_pushes = [(address + _ACTION_PUSHF, 8)]  # the action's pushfq
     for insn in region.instructions:
         here = address + len(code)
         relocated.append((here, insn.address))
+        if pushed_flags_fixup(insn):
+            flag_pushes.append((here, pushed_flags_fixup(insn)))
         code += relocate(insn, here, boosted=False).code
     return_jump = address + len(code)
     back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
@@ -370,7 +422,8 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
         raise RelocationError(f"trampoline {address:#x} is beyond ±2 GiB of {region.end:#x}: "
                               "the jmp back cannot reach it")
     code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
-    return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end)
+    return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end,
+                      tuple(flag_pushes), _ACTION_POPF)
 
 
 def count_trampoline(region: Region, address: int, counter_address: int) -> Trampoline:
@@ -390,3 +443,27 @@ def jump_patch(region: Region, trampoline_address: int) -> bytes:
                               f"{region.start:#x}: map it near the module")
     padding = region.length - JMP_REL32_LENGTH
     return bytes((_JMP_REL32,)) + rel.to_bytes(4, "little", signed=True) + bytes((_INT3,)) * padding
+
+
+def stack_words(stack: bytes) -> list[int]:
+    """The words of STACK (read from a stack pointer up), sorted: a return address or a signal
+    frame's saved RIP among them must not point past a region's first byte."""
+    return sorted(set(memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")))
+
+
+def reached_addresses(code: bytes, address: int) -> list[int]:
+    """Every address a direct branch or a RIP-relative operand in CODE (a module's executable
+    bytes, loaded at ADDRESS, decoded in one linear sweep) takes, sorted: what a region must
+    not contain past its first byte. Bytes that are not code decode as something: the sweep
+    may see a branch that is not there, which only refuses a region, never allows one."""
+    found = set()
+    decoder = Decoder(64, code, ip=address)
+    insn = Instruction()
+    add = found.add
+    while decoder.can_decode:
+        decoder.decode_out(insn)
+        if insn.op0_kind in _NEAR_BRANCH_KINDS:
+            add(insn.near_branch_target)
+        elif insn.is_ip_rel_memory_operand:
+            add(insn.ip_rel_memory_address)
+    return sorted(found)

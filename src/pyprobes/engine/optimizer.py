@@ -1,0 +1,454 @@
+"""Jump-optimised probes (issue 11): the kernel's optprobes optimizer, generic (x86 in x86/optimize.py).
+
+A probe point every probe of which only counts (action="count") is placed as an int3 first,
+as any other, and queued. At the start of the next Process.run() one freeze serves every
+queued point, as the kernel's delayed kprobe_optimizer batches its work. For each point:
+
+  find_region      whole instructions of at least 5 bytes from the probe, decoded from the
+                   function's start, and no branch or RIP-relative address anywhere in the
+                   module reaching past their first byte (refused: the point stays a
+                   breakpoint, and Probe.not_optimized says why);
+  quiet?           a thread in (region.start, region.end) is moved to the same point of the
+                   relocated copy, one in the point's instruction slot is migrated out, and
+                   no stack word (a return address, a signal frame's RIP) may point in that
+                   range; else the point waits for the next run();
+  install          the count trampoline in a slot of the trampoline cache (the kernel's
+                   kprobe_optinsn_slots: a second SlotCache, 64-byte slots), its counter in the
+                   rw- page mapped beside that trampoline page (a memfd we map too), the int3 removed (a late trap on
+                   it is rewound as retired) and the jmp written (invariant 6: every thread frozen).
+
+Hits are counted in the tracee: sync() adds each counter's growth to the hits of the point's
+enabled probes. Unoptimising restores the bytes with every thread frozen, steps a thread out of
+the trampoline's action (so its hit is counted before the last sync) and frees the trampoline
+dirty: it is garbage until a collection's freeze has moved every thread out of it (invariant 1).
+"""
+from __future__ import annotations
+
+import struct
+from bisect import bisect_right
+from mmap import mmap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
+from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
+from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
+                   Trampoline, count_trampoline, find_region, jump_patch,
+                   reached_addresses, stack_pointer, stack_words)
+from .probe import ProbePoint
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .slothost import TraceeSlotHost
+
+COUNTER_SIZE = 8
+_COUNTER = struct.Struct("<Q")
+_PF_X = 1  # an ELF segment's executable flag
+STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
+
+
+@dataclass
+class Optimized:
+    """An optimised point's patch: its region, trampoline (in SLOT), counter and what sync() saw."""
+
+    region: Region
+    trampoline: Trampoline
+    slot: Slot
+    counter: int
+    synced: int = 0
+
+
+class TrampolineHost:
+    """The trampoline cache's SlotHost: the engine's slot host, plus a rw- counter page mapped
+    next to each trampoline page (within ±2 GiB, so `lock inc [rip+X]` reaches it) and
+    unmapped with it. Trampoline slot i counts in counter i of its page's counter page.
+
+    The counter page is shared memory the tracer maps too, so counts are read without a
+    system call, and the last ones still after an exec or the process's exit."""
+
+    def __init__(self, host: "TraceeSlotHost") -> None:
+        self.host = host
+        self.counters: dict[int, int] = {}  # trampoline page -> its counter page (tracee address)
+        self.views: dict[int, mmap] = {}    # trampoline page -> the tracer's view of its counters
+
+    def map_page(self, near: int) -> int:
+        page = self.host.map_page(near)
+        try:
+            self.counters[page], self.views[page] = self.host.map_shared_page(page, "pyprobes-counters")
+        except BaseException:
+            self.host.unmap_page(page)
+            raise
+        return page
+
+    def unmap_page(self, address: int) -> None:
+        self.host.unmap_page(address)
+        counters = self.counters.pop(address, None)
+        if counters is not None:
+            self.host.unmap_page(counters)
+        self.views.pop(address).close()
+
+    def forget(self) -> None:
+        """The tracee's pages are gone (exec): close our views."""
+        for view in self.views.values():
+            view.close()
+        self.views.clear()
+        self.counters.clear()
+
+    def freeze_and_migrate(self, inside: Callable[[int], bool]) -> int:
+        return self.host.freeze_and_migrate(inside)
+
+    def thaw(self) -> None:
+        self.host.thaw()
+
+    def counter(self, slot: Slot) -> int:
+        return self.counters[slot.page] + slot.index * COUNTER_SIZE
+
+    def read(self, slot: Slot) -> int:
+        return _COUNTER.unpack_from(self.views[slot.page], slot.index * COUNTER_SIZE)[0]
+
+    def reset(self, slot: Slot) -> None:
+        _COUNTER.pack_into(self.views[slot.page], slot.index * COUNTER_SIZE, 0)
+
+
+class Optimizer:
+    """Queues, optimises, counts and unoptimises the jump-optimised points of one engine."""
+
+    def __init__(self, engine: "Engine", tracee: Tracee, host: "TraceeSlotHost") -> None:
+        self.engine = engine
+        self.tracee = tracee
+        self.memory = tracee.memory
+        self._host = host
+        self.host = TrampolineHost(host)
+        self.cache = SlotCache(self.host, slot_size=TRAMPOLINE_SLOT_SIZE)
+        self.waiting: dict[int, ProbePoint] = {}    # address -> point queued for the next run()
+        self.optimized: dict[int, ProbePoint] = {}  # address -> optimised point
+        self._live: dict[int, ProbePoint] = {}      # trampoline address -> the point it serves
+        self._trampolines: dict[int, Trampoline] = {}  # trampoline address -> code (garbage too)
+        self.stats = {"optimized": 0, "unoptimized": 0, "retries": 0}
+        # module path -> (its ElfFile, every address a branch or RIP-relative operand reaches)
+        self._reached: dict[str, tuple[object, list[int]]] = {}
+
+    # ------------------------------------------------------------------ queue
+    @staticmethod
+    def wants(point: ProbePoint) -> bool:
+        return point.may_optimize and bool(point.counting) and not point.removed
+
+    def queue(self, point: ProbePoint) -> None:
+        if point.optimized is None and not point.not_optimized and self.wants(point):
+            self.waiting[point.address] = point
+
+    def contains(self, address: int) -> bool:
+        """Whether ADDRESS is in a trampoline page."""
+        return self.cache.contains(address)
+
+    def _refuse(self, point: ProbePoint, reason: str) -> None:
+        point.not_optimized = reason
+        self.waiting.pop(point.address, None)
+
+    # ------------------------------------------------------------------ optimising
+    def optimize_waiting(self) -> int:
+        """Optimise every queued point that can be, under one freeze; return how many were."""
+        if not self.waiting or not self.tracee.alive:
+            return 0
+        ready = []
+        addresses = sorted(self.engine.points)
+        for point in list(self.waiting.values()):
+            if not self.wants(point):
+                self.waiting.pop(point.address)
+                continue
+            prepared = self._prepare(point, addresses)
+            if prepared is not None:
+                ready.append((point, *prepared))
+        if not ready:
+            return 0
+        done = 0
+        unused: list[Slot] = []
+        snapshot = self.tracee.freeze()
+        try:
+            stacks = {tid: stack_words(self._stack(stack_pointer(regs)))
+                      for tid, regs in snapshot.regs.items()}
+            for point, region, slot, trampoline, counter in ready:
+                moves = self._quiet(point, region, trampoline, snapshot, stacks)
+                if moves is not None:
+                    self._install(point, region, slot, trampoline, counter, moves)
+                    done += 1
+                else:
+                    self.stats["retries"] += 1
+                    unused.append(slot)
+        finally:
+            self.tracee.thaw()
+            for slot in unused:
+                self.cache.free(slot, dirty=False)  # never ran: free at once
+        return done
+
+    def _prepare(self, point: ProbePoint,
+                 addresses: list[int]) -> tuple[Region, Slot, Trampoline, int] | None:
+        start, size = point.function
+        try:
+            code = self.engine.function_code(start, size) if size > 0 else b""
+            region = find_region(code, start, size, point.address)
+        except (MidInstructionError, ValueError, OSError) as e:
+            self._refuse(point, str(e))
+            return None
+        if isinstance(region, Refusal):
+            self._refuse(point, region.reason)
+            return None
+        source = self._branch_into(point, region)
+        if source is not None:
+            self._refuse(point, f"{source} reaches into the bytes {region.start:#x}..{region.end:#x} "
+                         "a jmp would replace")
+            return None
+        at = bisect_right(addresses, region.probe_address)
+        if at < len(addresses) and addresses[at] < region.end:
+            self._refuse(point, f"another probe at {addresses[at]:#x} lies in the bytes "
+                         f"{region.start:#x}..{region.end:#x} a jmp would replace")
+            return None
+        try:
+            slot = self.cache.get(region.start)
+        except SlotMapError as e:
+            self._refuse(point, str(e))
+            return None
+        counter = self.host.counter(slot)
+        try:
+            trampoline = count_trampoline(region, slot.address, counter)
+            if len(trampoline.code) > self.cache.slot_size:
+                raise RelocationError(f"its trampoline takes {len(trampoline.code)} bytes, more "
+                                      f"than a {self.cache.slot_size}-byte slot")
+        except RelocationError as e:
+            self.cache.free(slot, dirty=False)
+            self._refuse(point, str(e))
+            return None
+        return region, slot, trampoline, counter
+
+    def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
+        """What in the point's module (any function: hand-written code jumps into others, a
+        .cold part back into its function) branches to or takes an address in the region past
+        its first byte; None if nothing does. One sweep per module, cached."""
+        module = point.module
+        if module is None:
+            return "code of an unknown module"
+        elf = module.elf
+        reached = self._reached.get(module.path)
+        if reached is None or reached[0] is not elf:
+            code = [(seg.vaddr, elf.read_vaddr(seg.vaddr, seg.filesz))
+                    for seg in elf.segments if seg.flags & _PF_X]
+            reached = (elf, [a for vaddr, data in code for a in reached_addresses(data, vaddr)])
+            reached[1].sort()
+            self._reached[module.path] = reached
+        targets = reached[1]
+        lo, hi = module.to_link(region.start), module.to_link(region.end)
+        at = bisect_right(targets, lo)
+        if at < len(targets) and targets[at] < hi:
+            return f"a branch or address in {module.name} (to {module.to_runtime(targets[at]):#x})"
+        return None
+
+    def _quiet(self, point: ProbePoint, region: Region, trampoline: Trampoline,
+               snapshot: Snapshot, stacks: dict[int, list[int]]) -> dict[int, int] | None:
+        """With every thread frozen: the threads inside the region past its start, each with
+        the same point of the relocated copy to move it to; None when a thread cannot be moved
+        there (it has a stop of its own to handle) or a stack word points into the region (a
+        return address, a signal frame's RIP): retry at the next run(). A thread in the point's
+        instruction slot is migrated out first."""
+        engine, tracee = self.engine, self.tracee
+        lo, hi = region.start, region.end
+        relocated = {original: here for here, original in trampoline.relocated}
+        moves: dict[int, int] = {}
+        for tid, regs in snapshot.regs.items():
+            thread = tracee.threads.get(tid)
+            if thread is None or thread.exiting:
+                continue
+            rip = tracee.get_rip(tid)
+            pending = thread.event_pending
+            if pending is not None and pending.kind is EventKind.BREAKPOINT \
+                    and pending.address == point.address:
+                rip = point.address  # trapped on the int3: rewound to the jmp once it is retired
+            elif engine.in_slot_of(point, rip, tid):
+                engine.migrate_out_of_slot(tid)
+                rip = tracee.get_rip(tid)
+            if lo < rip < hi:
+                if thread.event_pending is not None or rip not in relocated:
+                    return None
+                moves[tid] = relocated[rip]
+            words = stacks[tid]
+            at = bisect_right(words, lo)
+            if at < len(words) and words[at] < hi:
+                return None
+        return moves
+
+    def _stack(self, sp: int) -> bytes:
+        """Up to STACK_SCAN bytes from SP: as far as the mapping goes."""
+        first = PAGE_SIZE - sp % PAGE_SIZE
+        try:
+            data = self.memory.read(sp, first)
+        except OSError:
+            return b""
+        while len(data) < STACK_SCAN:
+            try:
+                data += self.memory.read(sp + len(data), PAGE_SIZE)
+            except OSError:
+                break
+        return data[:STACK_SCAN]
+
+    def _install(self, point: ProbePoint, region: Region, slot: Slot, trampoline: Trampoline,
+                 counter: int, moves: dict[int, int]) -> None:
+        breakpoints = self.tracee.breakpoints
+        self.host.reset(slot)
+        self.memory.write(slot.address, trampoline.code)
+        for tid, rip in moves.items():  # its hit was counted as it passed the probe
+            self.tracee.set_rip(tid, rip)
+        if point.armed:
+            breakpoints.remove(point.address)
+            point.armed = False
+            self.engine.rescue.disarm(point)  # no int3 left here for a dead tracer's rescue to undo
+        breakpoints.patch(region.start, jump_patch(region, slot.address))
+        point.optimized = Optimized(region, trampoline, slot, counter)
+        self.optimized[point.address] = point
+        self._live[slot.address] = point
+        self._trampolines[slot.address] = trampoline
+        self.waiting.pop(point.address, None)
+        self.stats["optimized"] += 1
+
+    # ------------------------------------------------------------------ counting
+    def sync_point(self, point: ProbePoint) -> None:
+        """Add what POINT's counter grew by since the last sync to its enabled probes' hits."""
+        opt = point.optimized
+        if opt is None:
+            return
+        value = self.host.read(opt.slot)
+        delta, opt.synced = value - opt.synced, value
+        if delta:
+            for probe in point.counting:
+                probe.hits += delta
+
+    def sync(self) -> None:
+        """sync_point() for every optimised point (from our view of the counters: no syscall)."""
+        for point in self.optimized.values():
+            self.sync_point(point)
+
+    # ------------------------------------------------------------------ unoptimising
+    def unoptimize(self, point: ProbePoint) -> None:
+        """Put the original bytes back (every thread frozen), count the hits of threads inside
+        the trampoline's action, and free the trampoline dirty. The caller re-arms the int3."""
+        opt = point.optimized
+        if opt is None:
+            return
+        own_freeze = not self.tracee.frozen
+        if own_freeze:
+            self.tracee.freeze()
+        try:
+            self._restore(point)
+        finally:
+            if own_freeze:
+                self.tracee.thaw()
+        if own_freeze:  # a collection it may trigger freezes on its own
+            self.cache.free(opt.slot, dirty=True)
+
+    def _restore(self, point: ProbePoint) -> None:
+        opt = point.optimized
+        self.tracee.breakpoints.unpatch(opt.region.start)
+        trampoline = opt.trampoline
+        self._live.pop(trampoline.address, None)  # the original bytes are back: map, not step
+        for tid in self._stopped_tids():
+            if trampoline.address <= self.tracee.get_rip(tid) < trampoline.end:
+                self.migrate(tid)
+        self.sync_point(point)
+        point.optimized = None
+        self.optimized.pop(point.address, None)
+        self.stats["unoptimized"] += 1
+
+    def _stopped_tids(self) -> list[int]:
+        return [t.tid for t in self.tracee.threads.values()
+                if t.state is ThreadState.STOPPED and not t.exiting]
+
+    def unoptimize_all(self) -> None:
+        """Detach: every patch restored, with the caller's freeze; pages go with release()."""
+        for point in list(self.optimized.values()):
+            self._restore(point)
+
+    def clear_for(self, address: int) -> None:
+        """A new probe point at ADDRESS: unoptimise a point whose patched bytes hold it."""
+        for point in list(self.optimized.values()):
+            opt = point.optimized
+            if point.address < address < opt.region.end:
+                self.unoptimize(point)
+                self.engine.update_point(point)
+
+    def abandon(self, point: ProbePoint) -> None:
+        """POINT's library is unmapped: forget its patch without writing; its trampoline is garbage."""
+        opt = point.optimized
+        if opt is None:
+            return
+        self.tracee.breakpoints.abandon_patch(opt.region.start)
+        self.sync_point(point)
+        point.optimized = None
+        self.optimized.pop(point.address, None)
+        self._live.pop(opt.slot.address, None)
+        self.cache.free(opt.slot, dirty=True)
+
+    # ------------------------------------------------------------------ migration
+    def migrate(self, tid: int) -> bool:
+        """Move a stopped thread out of the trampolines. The action is single-stepped out (the
+        hit counted, the red zone and flags given back); in the relocated part, a trampoline whose
+        patch is gone maps RIP to the original instruction, a live one is stepped out through
+        its jmp back (the original bytes past region.start are the jmp's)."""
+        tracee = self.tracee
+        pc = tracee.get_rip(tid)
+        moved = False
+        while self.cache.contains(pc):
+            moved = True
+            slot = self.cache.slot_at(pc)
+            trampoline = self._trampolines.get(slot.address)
+            live = self._live.get(slot.address) is not None
+            new = None if trampoline is None else trampoline.original_address(pc)
+            if trampoline is not None and trampoline.finish_action(tracee, self.memory, tid, pc):
+                pc = tracee.get_rip(tid)
+                continue
+            if trampoline is None or trampoline.in_action(pc) or live or new is None:
+                event = tracee.step(tid)
+                if trampoline is not None:
+                    trampoline.after_step(tracee, self.memory, tid, pc)
+                if is_fault(event) and new is not None:
+                    tracee.set_rip(tid, new)  # a relocated instruction faulted: report it in place
+                    return True
+                pc = tracee.get_rip(tid)
+                continue
+            tracee.set_rip(tid, new)
+            pc = new
+        return moved
+
+    def on_signal(self, event: Event, pc: int, stats: dict[str, int]) -> None:
+        """A signal for a thread at PC in a trampoline, as in a slot (invariant 2): a fault of a
+        relocated instruction is reported at its original address; any other signal waits
+        until the thread is out of the trampoline."""
+        tracee, tid, sig = self.tracee, event.tid, event.signal
+        slot = self.cache.slot_at(pc)
+        trampoline = self._trampolines.get(slot.address) if slot is not None else None
+        original = None if trampoline is None else trampoline.original_address(pc)
+        if original is not None and is_fault(event):
+            stats["faults_in_slots"] += 1
+            tracee.set_rip(tid, original)
+            tracee.resume(tid, sig)
+            return
+        stats["signals_held"] += 1
+        if event.siginfo is None:
+            event.siginfo = tracee.get_siginfo(tid)
+        self.migrate(tid)  # a step holds the signal for the resume below; none: it is still ours
+        tracee.resume(tid, sig if tracee.threads[tid].event_pending is event else 0)
+
+    # ------------------------------------------------------------------ exec and detach
+    def forget(self) -> None:
+        """After exec: nothing of ours is left in the new image. The old image's last counts are
+        in our view of its counters: they are synced first."""
+        self.sync()
+        for point in self.optimized.values():
+            point.optimized = None
+        self.host.forget()
+        self.cache = SlotCache(self.host, slot_size=TRAMPOLINE_SLOT_SIZE)
+        self.waiting.clear()
+        self.optimized.clear()
+        self._live.clear()
+        self._trampolines.clear()
+
+    def release(self) -> None:
+        """Detach, after unoptimize_all and migration: unmap every trampoline and counter page."""
+        self.cache.release_all()
