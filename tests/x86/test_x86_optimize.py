@@ -6,7 +6,7 @@ to absolute addressing, which would hide a wrong re-targeting.
 from __future__ import annotations
 
 import pytest
-from iced_x86 import Code, Decoder, Mnemonic, Register
+from iced_x86 import Code, Decoder, Mnemonic, OpKind, Register
 
 from pyprobes.symbols import ElfFile
 from pyprobes.x86 import (
@@ -16,6 +16,7 @@ from pyprobes.x86 import (
     Refusal,
     RefusalKind,
     Region,
+    TRAMPOLINE_SLOT_SIZE,
     RelocationError,
     count_trampoline,
     find_region,
@@ -29,6 +30,8 @@ COUNTER = TRAMPOLINE + 0xF00
 GIB = 1 << 30
 
 ENDBR64 = "f30f1efa"
+JCC_REL32 = tuple(getattr(Code, f"{cc}_REL32_64") for cc in (
+    "JO", "JNO", "JB", "JAE", "JE", "JNE", "JBE", "JA", "JS", "JNS", "JP", "JNP", "JL", "JGE", "JLE", "JG"))
 
 
 def region_of(hexcode: str, probe_offset: int = 0, size: int | None = None) -> Region | Refusal:
@@ -130,14 +133,50 @@ def test_an_indirect_jmp_anywhere_in_the_function_is_refused():
 @pytest.mark.parametrize("hexcode, what", [
     ("53 e800000000 5b c3", "call"),        # push rbx; call; ...
     ("4883ec08 ffd0 c3", "call"),           # sub rsp,8; call rax
-    ("31c0 c3 90909090", "leaves the function"),  # xor eax,eax; ret
-    ("4885ff 7403 31c0 c3 b801000000 c3", "not relocated yet"),  # test; je
+    ("31c0 c3 90909090", "does not fall through"),  # xor eax,eax; ret; nops inside the region
+    ("31c0 eb03 31c9 90 c3", "does not fall through"),  # xor; jmp over a dead xor in the region
     ("31c0 0f05 c3 9090", "syscall"),
     ("cc 4889f8 c3", "another breakpoint"),  # a debugger's int3
+    ("cd80 4889f8 c3", "int"),               # int 0x80
+    ("4889f8 ffe0 90 c3", "indirect jump"),  # mov; jmp rax
+    ("4889f8 e203 90 c3 90 c3", "short-only"),  # mov; loop
+    ("4889f8 e303 90 c3 90 c3", "short-only"),  # mov; jrcxz
+    ("c7f800000000 c3", "transactional"),    # xbegin
+    ("4889f8 cb 9090 c3", "far jmp/ret"),     # mov; retf
 ])
 def test_control_flow_in_the_region_is_refused(hexcode, what):
     reason = refused(region_of(hexcode), RefusalKind.CONTROL_FLOW)
     assert "within the 5 bytes a jmp needs" in reason and what in reason
+
+
+def test_jcc_rel8_in_the_region():
+    # test edi,edi; je L; lea rax,[rdi+1]; ret; L: mov eax,100; ret
+    r = region_of("85ff 7405 488d4701 c3 b864000000 c3")
+    assert isinstance(r, Region), r
+    assert (r.start, r.end) == (FUNC, FUNC + 8)
+    assert texts(r) == ["test edi,edi", f"je {FUNC + 9:#x}", "lea rax,[rdi+1]"]
+
+
+def test_a_region_ending_in_jmp_or_ret():
+    # lea rax,[rdi+4]; jmp L (rel8, over a ud2); L: add rax,1; ret
+    r = region_of("488d4704 eb02 0f0b 4883c001 c3")
+    assert isinstance(r, Region), r
+    assert r.end == FUNC + 6 and texts(r)[-1] == f"jmp {FUNC + 8:#x}"
+    # test edi,edi; jne L; ret; L: mov [rsi],rdi; ret: the jne targets region.end
+    r = region_of("85ff 7501 c3 48893e c3")
+    assert isinstance(r, Region), r
+    assert r.end == FUNC + 5 and texts(r) == ["test edi,edi", f"jne {FUNC + 5:#x}", "ret"]
+    r = region_of("e9 00100000")  # a tail call: jmp rel32, the whole function
+    assert isinstance(r, Region) and texts(r) == [f"jmp {FUNC + 5 + 0x1000:#x}"]
+
+
+def test_a_branch_in_the_region_to_its_first_byte_is_fine_past_it_is_not():
+    # L: test edi,edi; jne L (a spin on the probe address: each round is a hit)
+    r = region_of("85ff 75fc 90 c3")
+    assert isinstance(r, Region), r
+    # xor eax,eax; L: dec edi; jne L: the jne targets byte 2 of its own region
+    reason = refused(region_of("31c0 ffcf 75fc c3"), RefusalKind.BRANCH_INTO)
+    assert f"a branch at {FUNC + 4:#x} jumps into" in reason
 
 
 @pytest.mark.parametrize("hexcode, why", [
@@ -210,10 +249,16 @@ def check_count_trampoline(region: Region, address: int, counter: int) -> None:
     for copy, original in zip(copies, region.instructions):
         # Formatted at their own addresses, a RIP-relative operand shows its absolute target.
         assert _FORMATTER.format(copy) == original.text
+        assert copy.flow_control == original.instruction.flow_control
+        if copy.op0_kind == OpKind.NEAR_BRANCH64:  # the same target, in the rel32 form
+            assert copy.near_branch_target == original.instruction.near_branch_target
+            assert copy.code in (Code.JMP_REL32_64, *JCC_REL32), copy.code
+            assert copy.mnemonic == original.instruction.mnemonic
         assert copy.is_ip_rel_memory_operand == original.instruction.is_ip_rel_memory_operand
         if copy.is_ip_rel_memory_operand:
             assert copy.ip_rel_memory_address == original.instruction.ip_rel_memory_address
     assert back.code == Code.JMP_REL32_64 and back.near_branch_target == region.end
+    assert len(t.code) <= TRAMPOLINE_SLOT_SIZE
     assert back.ip == t.return_jump and back.next_ip == t.end
 
     for here, original in t.relocated:
@@ -235,6 +280,13 @@ def check_patch(region: Region, trampoline: int) -> None:
     ENDBR64 + "55 4889e5 4883ec10 c9 c3",
     "488b0500100000 c3",
     "4889f8 48030500e0ffff 48890500100000 c3",  # mov; add rax,[rip-0x2000]; mov [rip+0x1000],rax
+    "85ff 7405 488d4701 c3 b864000000 c3",      # test; je rel8 (-> rel32); lea
+    "85ff 74f0 eb10 c3",                        # test; je rel8 backwards; jmp rel8 (both widened)
+    "85ff 7501 c3 48893e c3",                   # test; jne; ret
+    "488d4704 eb02 0f0b 4883c001 c3",           # lea; jmp rel8 over a ud2
+    "4885ff 0f8400100000 c3",                   # test; je rel32 (kept)
+    "7e10 7c0e 488b0500100000 c3",              # jle; jl; mov rax,[rip+0x1000]: the longest mix
+    "e9 00100000",                              # jmp rel32: a tail call
 ])
 @pytest.mark.parametrize("trampoline", [TRAMPOLINE, FUNC - 3 * GIB // 2, FUNC + 3 * GIB // 2])
 def test_count_trampoline_and_patch(hexcode, trampoline):
@@ -293,3 +345,22 @@ def test_real_mid_function_probe_where_a_branch_lands_on_the_first_byte(fixture)
     assert isinstance(region, Region), region
     assert region.start == target and region.skipped == 0
     check_count_trampoline(region, TRAMPOLINE, COUNTER)
+
+
+# --- through the engine: branches run from the trampoline ------------------------------------
+
+def test_optimized_probes_on_branches_count_exactly(procs, fixture):
+    """opt_branch.c: functions starting with test; je rel8 / jne rel8; ret / lea; jmp rel8 /
+    test; je rel32, each called with both directions of its branch by 2 threads: every probe
+    is optimised, counts every call and every result is right."""
+    calls, threads = 20_000, 2
+    run = procs.spawn(fixture("opt_branch"), calls, threads)
+    proc = run.proc
+    probes = {name: proc.probe(f"opt_{name}", action="count") for name in ("br", "ret", "tail", "near")}
+    assert run.finish() == 0, run.text
+    counted = run.results[("calls",)]
+    assert counted.pop("bad") == 0 and run.results[()]["sigtrap"] == 0, run.text
+    assert counted == {name: calls * threads for name in probes}
+    for name, probe in probes.items():
+        assert (name, probe.mode, probe.not_optimized) == (name, "optimized", "")
+        assert (name, probe.hits, probe.missed) == (name, calls * threads, 0)

@@ -12,8 +12,13 @@ What may be replaced (find_region), and why each rule holds:
   still lands on the endbr64 and falls into the ``jmp``.
 * Whole instructions covering at least 5 bytes from the region start, inside the function.
 * Each one runs unchanged from the trampoline: a boostable instruction (classify.py), with a
-  RIP-relative operand re-targeted. Control flow is refused for now: a short branch would
-  need widening, and a ``call``, ``syscall``, ``ret`` or ``jmp`` ends the straight line.
+  RIP-relative operand re-targeted, or a direct ``jcc``/``jmp`` (relocation re-encodes it
+  at the trampoline with the same target, a rel8 widened to rel32) or a near ``ret``. A
+  ``jmp`` or ``ret`` must be the region's last instruction: bytes after it would be reached
+  only by what no sweep sees (a landing pad, a jump-table entry); the trampoline's final
+  jmp is then never reached. Refused: ``call`` (it would push a trampoline address),
+  ``syscall``, ``int n``, ``int3``, indirect branches, ``loop``/``jrcxz`` (short-only) and
+  ``xbegin``.
 * No branch of the function (jmp, jcc, call, loop, xbegin) targets the region past its first
   byte, and no RIP-relative operand takes such an address: those bytes are now the ``jmp``'s
   displacement. A branch to the first byte is fine: it takes the ``jmp``.
@@ -82,8 +87,9 @@ ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
-# A count trampoline is at most 23 (action) + 4 + 15 (a region: whole instructions covering 5
-# bytes; relocation keeps their lengths) + 5 (jmp back) = 47 bytes: one 64-byte slot.
+# A count trampoline is at most 23 (action) + 12 + 15 (a region: instructions of at most 4
+# bytes before one of at most 15; relocation keeps lengths but widens a 2-byte jcc to 6, so
+# 4 bytes grow to 12 at most) + 5 (jmp back) = 55 bytes: one 64-byte slot.
 TRAMPOLINE_SLOT_SIZE = 64
 _TRAP_FLAG = 0x100  # RFLAGS.TF
 _STACK_WORD = 8
@@ -304,6 +310,12 @@ def find_region(code: bytes, function_address: int, function_size: int,
         refusal = _displaceable(insn)
         if refusal is not None:
             return refusal
+    for insn in instructions[:-1]:
+        if insn.instruction.flow_control in _NO_FALL_THROUGH:
+            return Refusal(RefusalKind.CONTROL_FLOW, f"'{insn.text}' at {insn.address:#x} is "
+                           f"within the {JMP_REL32_LENGTH} bytes a jmp needs and does not fall "
+                           "through: the bytes after it are reached only by what no sweep sees "
+                           "(a landing pad, a jump-table entry) or not at all")
     refusal = _reached_inside(scan, start, end)
     if refusal is not None:
         return refusal
@@ -319,12 +331,19 @@ def _boundary_index(boundaries: list[int], address: int) -> int:
     raise MidInstructionError(address, before, after)
 
 
-_FLOW_REASONS = {
-    FlowControl.RETURN: "it leaves the function inside the patched bytes",
-    FlowControl.UNCONDITIONAL_BRANCH: "branches inside the patched bytes are not relocated yet",
-    FlowControl.CONDITIONAL_BRANCH: "branches inside the patched bytes are not relocated yet",
-    FlowControl.INDIRECT_BRANCH: "it leaves the function inside the patched bytes",
-}
+# What may run from a trampoline although it is not FlowControl.NEXT: direct jumps (a target
+# is absolute once decoded; relocation re-encodes it, a short form widened to rel32) and a near
+# ret (it leaves for the caller, as it would have from the original bytes). Not loop/jrcxz
+# (short-only: iced would add stubs), xbegin, far or 16-bit forms.
+_RETURNS = frozenset({Code.RETNQ, Code.RETNQ_IMM16})
+_NO_FALL_THROUGH = frozenset({FlowControl.RETURN, FlowControl.UNCONDITIONAL_BRANCH})
+
+
+def _relocatable_flow(instruction: Instruction) -> bool:
+    if instruction.code in _RETURNS:
+        return True
+    return ((instruction.is_jcc_short_or_near or instruction.is_jmp_short_or_near)
+            and instruction.op0_kind == OpKind.NEAR_BRANCH64)
 
 
 def _displaceable(insn: Insn) -> Refusal | None:
@@ -332,10 +351,16 @@ def _displaceable(insn: Insn) -> Refusal | None:
     instruction = insn.instruction
     flow = instruction.flow_control
     if flow != FlowControl.NEXT:
+        if _relocatable_flow(instruction):
+            return None
         if instruction.is_call_near or instruction.is_call_near_indirect:
             why = "a call would push a return address into the trampoline"
-        else:  # a syscall, int n, ud2... (iced calls syscall a CALL): classify() says why
-            why = _FLOW_REASONS.get(flow) or classify(insn).reason
+        elif flow == FlowControl.INDIRECT_BRANCH:
+            why = "an indirect jump leaves to where no rule can check"
+        elif flow in (FlowControl.CONDITIONAL_BRANCH, FlowControl.XBEGIN_XABORT_XEND):
+            why = "a short-only or transactional branch cannot be widened"
+        else:  # a syscall, int n, ud2, retf... (iced calls syscall a CALL): classify() says why
+            why = classify(insn).reason
         return Refusal(RefusalKind.CONTROL_FLOW, f"'{insn.text}' at {insn.address:#x} is within "
                        f"the {JMP_REL32_LENGTH} bytes a jmp needs: {why}")
     if instruction.code in NOP_CODES:
