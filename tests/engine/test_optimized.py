@@ -67,7 +67,7 @@ REGS_GROUPS = {
     "a": {"regs_p_lea": "optimized", "regs_p_mov": "optimized", "regs_p_xchg": "optimized",
           "regs_p_pushf": "optimized"},
     "b": {"regs_p_push": "boosted", "regs_p_rip": "optimized", "regs_p_cmov": "boosted",
-          "regs_p_popf": "optimized", "regs_p_jcc": "emulated", "regs_p_ret": "boosted"},
+          "regs_p_popf": "optimized", "regs_p_jcc": "optimized", "regs_p_ret": "boosted"},
 }
 
 
