@@ -28,9 +28,10 @@ What may be replaced (find_region), and why each rule holds:
 
 Not checked by find_region: branches from *other* symbols (gcc's ``NAME.cold`` parts jump
 back into NAME; hand-written libc jumps between functions: mempcpy ends in ``jmp memcpy+3``).
-reached_addresses() sweeps a whole module's code for the engine to check those; C++ landing pads (.gcc_except_table; none can be inside an entry
-region, as a pad follows a call), and threads or return addresses inside the region at
-patch time (issue 11, "Patching").
+reached_addresses() sweeps a whole module's code for the engine to check those; C++ landing
+pads (.gcc_except_table; none can be inside an entry region: a pad follows a call or code
+that does not fall through, and the region holds neither before its last instruction), and
+threads or return addresses inside the region at patch time (issue 11, "Patching").
 
 The trampoline of the ``count`` action (count_trampoline)::
 
