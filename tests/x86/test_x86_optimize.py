@@ -364,3 +364,28 @@ def test_optimized_probes_on_branches_count_exactly(procs, fixture):
     for name, probe in probes.items():
         assert (name, probe.mode, probe.not_optimized) == (name, "optimized", "")
         assert (name, probe.hits, probe.missed) == (name, calls * threads, 0)
+
+
+def test_optimise_and_unoptimise_branch_regions_while_threads_run(procs, fixture):
+    """50 rounds of optimising the four branch probes and removing them while 4 threads call
+    the functions: a thread found in a trampoline at removal is moved out (a dead one's
+    relocated jcc/jmp/ret mapped back to the original), every result stays right and no
+    count exceeds the calls."""
+    run = procs.spawn(fixture("opt_branch"), 0, 4, stdin_pipe=True)
+    proc = run.proc
+    run.run_until(r"^ready")
+    hits = dict.fromkeys(("br", "ret", "tail", "near"), 0)
+    for _ in range(50):
+        probes = {name: proc.probe(f"opt_{name}", action="count") for name in hits}
+        proc.run(timeout=0.002)  # optimised as run() starts
+        for name, probe in probes.items():
+            assert (name, probe.mode) == (name, "optimized"), probe.not_optimized
+            probe.remove()
+            hits[name] += probe.hits
+    assert proc.trampolines.stats()["collections"] > 0
+    proc.detach()
+    run.close_stdin()
+    assert run.wait_exit() == 0, run.text
+    calls = run.results[("calls",)]
+    assert calls.pop("bad") == 0 and run.results[()]["sigtrap"] == 0, run.text
+    assert all(0 < hits[name] <= calls[name] for name in hits), (hits, calls)
