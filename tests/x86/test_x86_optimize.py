@@ -307,6 +307,12 @@ def test_out_of_reach_raises():
     plain = region_of("488d4701 4801f0 c3")
     with pytest.raises(RelocationError, match="jmp back"):
         count_trampoline(plain, FUNC - 3 * GIB, FUNC - 3 * GIB + 0xF00)
+    # jmp rel32 to FUNC+2 GiB-11: in reach of the function, not of a trampoline 256 MiB below it
+    far = region_of("e9 f0ffff7f")
+    below = FUNC - (256 << 20)
+    count_trampoline(far, FUNC + (256 << 20), FUNC + (256 << 20) + 0xF00)  # above: in reach
+    with pytest.raises(RelocationError, match=f"branch target {FUNC + 5 + 0x7FFFFFF0:#x}"):
+        count_trampoline(far, below, below + 0xF00)
 
 
 # --- real code from a compiled fixture ---------------------------------------------------------
