@@ -108,7 +108,7 @@ class RefusalKind(str, Enum):
     NO_SIZE = "no-size"                  # the function's size is unknown
     UNDECODABLE = "undecodable"          # invalid bytes: boundaries and branches unknown
     TOO_SHORT = "too-short"              # fewer than 5 bytes before the function's end
-    CONTROL_FLOW = "control-flow"        # a call, ret, jmp, jcc, syscall... in the region
+    CONTROL_FLOW = "control-flow"        # a call, syscall, indirect jmp... in the region
     NOT_RELOCATABLE = "not-relocatable"  # classify() does not boost it
     BRANCH_INTO = "branch-into"          # a direct branch targets the region past its first byte
     ADDRESS_INTO = "address-into"        # a RIP-relative operand takes such an address
