@@ -29,3 +29,17 @@ def test_count_optimize_ticks(build):
 def test_count_help_says_optimize():
     r = cli("count", "--help")
     assert "--optimize" in r.stdout and "default" in r.stdout
+
+
+def test_list_says_whether_count_would_optimize(build):
+    exe = build("opt_count.c", "-pthread")
+    r = cli("list", str(exe), "opt_*")
+    assert r.returncode == 0, r.stderr
+    header, *lines = r.stdout.splitlines()
+    assert header.split()[-1] == "OPTIMIZED"
+    rows = {line.split()[3]: line for line in lines}
+    assert rows["opt_lea"].split()[4] == "boosted" and rows["opt_lea"].endswith("  yes")
+    assert rows["opt_jmp"].split()[4] == "emulated"
+    assert "  no: 'jmp" in rows["opt_jmp"] and "within the 5 bytes a jmp needs" in rows["opt_jmp"]
+    assert "  no: a branch or address in" in rows["opt_copy"]
+    assert "OPTIMIZED" in cli("list", "--help").stdout
