@@ -35,7 +35,7 @@ def test_count_optimizes_by_default_and_no_optimize_places_breakpoints(build):
     exe = build("opt_count.c", "-pthread")
     modes = {}
     for flags in ((), ("--no-optimize",)):
-        r = cli("count", *flags, "--json", "opt_lea", "opt_jmp", "opt_copy", "opt_push%return",
+        r = cli("count", *flags, "-v", "--json", "opt_lea", "opt_jmp", "opt_copy", "opt_push%return",
                 "--", str(exe), "3000", "2")
         assert r.returncode == 0, r.stderr
         assert "calls lea 6000 push 6000 jmp 60 red 6000 bad 0" in r.stdout
@@ -43,6 +43,12 @@ def test_count_optimizes_by_default_and_no_optimize_places_breakpoints(build):
         assert {name: row["hits"] for name, row in rows.items()} == {
             "opt_lea": 6000, "opt_jmp": 60, "opt_copy": 60, "opt_push%return": 6000}
         modes[flags] = {name: row["mode"] for name, row in rows.items()}
+        said = [line for line in r.stderr.splitlines() if "not optimized" in line]
+        if flags:
+            assert said == []
+        else:  # -v says why a probe stayed a breakpoint
+            assert len(said) == 2 and ":opt_jmp: not optimized (emulated): 'jmp" in said[0]
+            assert ":opt_copy: not optimized (boosted): a branch or address in" in said[1]
     assert modes[()] == {"opt_lea": "optimized", "opt_jmp": "emulated", "opt_copy": "boosted",
                          "opt_push%return": "return"}
     assert modes[("--no-optimize",)] == {"opt_lea": "boosted", "opt_jmp": "emulated",

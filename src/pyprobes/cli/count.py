@@ -6,7 +6,7 @@ from collections import Counter
 
 from pyprobes import ReturnProbe
 
-from .output import CliError, Histogram, Report, count_table, histogram_text
+from .output import CliError, Histogram, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
 
 HELP = "count hits per probe"
@@ -161,6 +161,10 @@ def run(args, command: list[str], on_done=None) -> int:
         session.restore_signals()
         report.flush()
     status = session.exit_status()
+    if args.verbose:
+        for p in session.probes:
+            if not isinstance(p, ReturnProbe) and p.not_optimized:
+                note(f"{p.name}: not optimized ({p.mode}): {p.not_optimized}")
     exit_code = None
     if session.spawned and session.child_status is not None:
         exit_code = session.child_status
