@@ -71,12 +71,12 @@ def test_a_never_hit_boostable_probe_is_boosted_everywhere(procs, fixture):
     assert run.finish() == 0
     assert (p.hits, p.mode) == (0, "boosted")
 
-    r = cli("count", "--json", "never_hit", "--", str(exe), str(N))
+    r = cli("count", "--no-optimize", "--json", "never_hit", "--", str(exe), str(N))
     assert r.returncode == 0, r.stderr
     assert _rows(r.stderr)[f"{exe.name}:never_hit"] | {"address": None} == {
         "probe": f"{exe.name}:never_hit", "module": exe.name, "address": None, "hits": 0, "missed": 0,
         "mode": "boosted"}
-    r = cli("count", "-v", "never_hit", "--", str(exe), str(N))
+    r = cli("count", "--no-optimize", "-v", "never_hit", "--", str(exe), str(N))
     (row,) = [line for line in r.stderr.splitlines() if f"{exe.name}:never_hit" in line and "│" in line]
     assert row.split("│")[3].strip() == "boosted", r.stderr
     assert "lea rax,[rdi+1], boosted" in r.stderr  # -v says the same

@@ -74,7 +74,7 @@ def test_exec_is_reported_and_probes_follow(build):
     assert report["exit_code"] == 7
     rows = by_symbol(report)
     assert rows["getppid"]["hits"] == 4 + 6  # before the exec, and in the new program
-    assert rows["getppid"]["mode"] in ("boosted", "emulated", "stepped")
+    assert rows["getppid"]["mode"] in ("optimized", "boosted", "emulated", "stepped")
     assert rows["exec_work"]["hits"] == 4 and rows["exec_work"]["mode"] == "unloaded"
     said = [x for x in notes(r.stderr) if "executed" in x]
     assert len(said) == 1 and str(target) in said[0]

@@ -6,7 +6,7 @@ from collections import Counter
 
 from pyprobes import ReturnProbe
 
-from .output import CliError, Histogram, Report, count_table, histogram_text
+from .output import CliError, Histogram, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
 
 HELP = "count hits per probe"
@@ -19,17 +19,21 @@ examples:
   pyprobes count --json -o counts.json f -- ./prog  one JSON object in counts.json
   pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
-  pyprobes count --optimize 'libc:malloc' -- ./prog   counted in the process: no stop per hit
+  pyprobes count --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
 
 PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*');
-SYMBOL%return counts returns. A PROBE in a library that is not loaded yet is pending (mode
-"pending") until the program loads it; probes of a library it unloads show mode "unloaded".
+SYMBOL%return counts returns. An entry probe is jump-optimised where the function's entry
+allows it (mode "optimized": counted inside the process, no stop per hit; `pyprobes list`
+says where and why not); the others are breakpoints (boosted, emulated or stepped), as are
+%return probes and every probe with --no-optimize. A PROBE in a library that is not loaded
+yet is pending (mode "pending") until the program loads it; probes of a library it unloads
+show mode "unloaded".
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--optimize] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--no-optimize] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -43,10 +47,11 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
-    p.add_argument("--optimize", action="store_true",
-                   help="count inside the process with jump-optimised probes where a function's "
-                        "entry allows it (mode 'optimized': no stop per hit); the others stay "
-                        "breakpoints. Opt-in for now: it will become the default")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="breakpoints only: no entry probe is jump-optimised (by default one is "
+                        "wherever its function's entry allows it: mode 'optimized', no stop per hit)")
+    p.add_argument("--optimize", dest="optimize", action="store_true",
+                   help="the default, accepted for compatibility")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")
     p.set_defaults(func=run)
@@ -147,7 +152,7 @@ def run(args, command: list[str], on_done=None) -> int:
     try:
         session.open()
         session.place(args.probes, ret_for=ret_for,
-                      action="count" if getattr(args, "optimize", False) else None)
+                      action="count" if getattr(args, "optimize", True) else None)
         session.go()
         session.run(args.duration, args.interval,
                     tick=lambda: show(session, report, args, final=False, hists=hists))
@@ -156,6 +161,10 @@ def run(args, command: list[str], on_done=None) -> int:
         session.restore_signals()
         report.flush()
     status = session.exit_status()
+    if args.verbose:
+        for p in session.probes:
+            if not isinstance(p, ReturnProbe) and p.not_optimized:
+                note(f"{p.name}: not optimized ({p.mode}): {p.not_optimized}")
     exit_code = None
     if session.spawned and session.child_status is not None:
         exit_code = session.child_status

@@ -19,10 +19,12 @@ examples:
   pyprobes list -p 1234                every function of its executable
 
 PROBE column: boosted (one stop per hit), emulated (one stop, no slot), stepped (two
-stops per hit), or refused with the reason. Written to stdout (or -o FILE).
+stops per hit), or refused with the reason. OPTIMIZED column: "yes" where `pyprobes count`
+would jump-optimise the probe (mode "optimized": counted inside the process, no stop per hit),
+else "no" and why; such a probe runs as its PROBE column says. Written to stdout (or -o FILE).
 """
 
-HEADER = ("MODULE", "ADDRESS", "SIZE", "FUNCTION", "PROBE", "FIRST INSTRUCTION")
+HEADER = ("MODULE", "ADDRESS", "SIZE", "FUNCTION", "PROBE", "FIRST INSTRUCTION", "OPTIMIZED")
 
 
 def add_parser(sub) -> None:
@@ -87,7 +89,8 @@ def run(args, command: list[str]) -> int:
         if len(where) > 2:
             raise CliError("give a BINARY and at most one PATTERN", 2)
         rows = rows_for_binary(where[0], where[1] if len(where) > 1 else None)
-    rows = [(f.module, f"{f.address:#x}", str(f.size), f.name, f.probe, f.instruction) for f in rows]
+    rows = [(f.module, f"{f.address:#x}", str(f.size), f.name, f.probe, f.instruction,
+             "yes" if f.optimized else f"no: {f.not_optimized}") for f in rows]
     if args.output:
         try:
             out = open(args.output, "w")
@@ -99,7 +102,7 @@ def run(args, command: list[str]) -> int:
     try:
         for r in [HEADER] + rows:
             cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]),
-                     r[3].ljust(widths[3]), r[4].ljust(widths[4]), r[5]]
+                     r[3].ljust(widths[3]), r[4].ljust(widths[4]), r[5].ljust(widths[5]), r[6]]
             out.write("  ".join(cells).rstrip() + "\n")
         out.flush()
     except BrokenPipeError:

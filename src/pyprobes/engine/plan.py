@@ -2,7 +2,11 @@
 
 The same decode-from-the-symbol-start and classification a probe gets when it is placed, read
 from the file's bytes (a binary) or from a running process's modules (link-time code, runtime
-addresses), so a library user can ask what the CLI asks.
+addresses), so a library user can ask what the CLI asks; and whether a count-only probe there
+would be jump-optimised, by the optimizer's own checks (find_region on the whole function, then
+the module sweep: nothing in the file branches or points into the patched bytes past the first).
+What only the running process decides is not foreseen: a trampoline page that cannot be mapped
+within ±2 GiB, or another probe inside the patched bytes.
 """
 from __future__ import annotations
 
@@ -10,13 +14,17 @@ import difflib
 import fnmatch
 import os
 import re
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable
 
 from ..errors import PyprobesError
 from ..symbols import CodeReader, ElfError, ElfFile, Symbol, SymbolError, main_module, modules, resolve
 from ..symbols.elf import preference
-from ..x86 import Kind, MidInstructionError, classify, instruction_at
+from ..x86 import (Kind, MidInstructionError, Refusal, RelocationError, classify, count_trampoline,
+                   find_region, instruction_at, reached_addresses, TRAMPOLINE_SLOT_SIZE)
+
+_PF_X = 1  # an ELF segment's executable flag
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,62 @@ class FunctionPlan:
     name: str
     probe: str         # "boosted", "emulated", "stepped", or "refused: WHY"
     instruction: str   # its first instruction, as disassembled ("" if unreadable)
+    # why a count-only probe at its entry would stay a breakpoint; "" when it would be
+    # jump-optimised (mode "optimized": counted in the process, no stop per hit)
+    not_optimized: str = ""
+
+    @property
+    def optimized(self) -> bool:
+        """Whether a count-only probe here would be jump-optimised."""
+        return not self.not_optimized
+
+
+class _Module:
+    """One file's code, and (swept once, when first needed) every address a direct branch or a
+    RIP-relative operand anywhere in its executable segments reaches, at link time."""
+
+    def __init__(self, elf: ElfFile) -> None:
+        self.code = CodeReader(elf)
+        self._reached: list[int] | None = None
+
+    def reached_inside(self, start: int, end: int) -> int | None:
+        """The first address reached in (START, END), or None."""
+        if self._reached is None:
+            elf = self.code.elf
+            self._reached = sorted(a for seg in elf.segments if seg.flags & _PF_X
+                                   for a in reached_addresses(self.code.read(seg.vaddr, seg.filesz),
+                                                              seg.vaddr))
+        at = bisect_right(self._reached, start)
+        return self._reached[at] if at < len(self._reached) and self._reached[at] < end else None
+
+
+def _plan(module_name: str, address: int, name: str, module: _Module, sym: Symbol) -> FunctionPlan:
+    probe, instruction = _verdict(module.code, sym)
+    why = "no probe can be placed here" if probe.startswith("refused") else _not_optimized(module, sym)
+    return FunctionPlan(module_name, address, sym.size, name, probe, instruction, why)
+
+
+def _not_optimized(module: _Module, sym: Symbol) -> str:
+    """Why a count-only probe at SYM's entry would not be jump-optimised ("" if it would be)."""
+    try:
+        data = module.code.read(sym.address, sym.size) if sym.size > 0 else b""
+        region = find_region(data, sym.address, sym.size, sym.address)
+    except (ValueError, ElfError, MidInstructionError) as e:
+        return str(e)
+    if isinstance(region, Refusal):
+        return region.reason
+    reached = module.reached_inside(region.start, region.end)
+    if reached is not None:
+        return (f"a branch or address in {os.path.basename(module.code.elf.path)} reaches "
+                f"{reached:#x}, inside the bytes {region.start:#x}..{region.end:#x} a jmp would replace")
+    try:  # as placed, with the trampoline 1 MiB away (the slot cache maps it near the module)
+        trampoline = count_trampoline(region, region.start + (1 << 20), region.start + (1 << 20) + 4096)
+    except RelocationError as e:
+        return str(e)
+    if len(trampoline.code) > TRAMPOLINE_SLOT_SIZE:
+        return (f"its trampoline takes {len(trampoline.code)} bytes, more than a "
+                f"{TRAMPOLINE_SLOT_SIZE}-byte slot")
+    return ""
 
 
 def _verdict(code: CodeReader, sym: Symbol) -> tuple[str, str]:
@@ -76,9 +140,9 @@ def functions_of_binary(path: str, pattern: str | None = None) -> list[FunctionP
         near = difflib.get_close_matches(stem, sorted({s.name for s in elf.functions}), n=5, cutoff=0.6)
         hint = f"; did you mean: {', '.join(near)}?" if near else ""
         raise SymbolError(f"no functions match {pattern!r} in {os.path.basename(path)}{hint}")
-    code = CodeReader(elf)
+    module = _Module(elf)
     name = os.path.basename(path)
-    return [FunctionPlan(name, s.address, s.size, s.name, *_verdict(code, s)) for s in syms]
+    return [_plan(name, s.address, s.name, module, s) for s in syms]
 
 
 def functions_of_process(pid: int, pattern: str | None = None) -> list[FunctionPlan]:
@@ -87,13 +151,15 @@ def functions_of_process(pid: int, pattern: str | None = None) -> list[FunctionP
     unmatched spec), ProcessLookupError, PermissionError, LookupError."""
     mods = modules(pid)
     spec = pattern if pattern else f"{main_module(pid, mods).path}:*"
-    codes: dict[int, CodeReader] = {}
+    files: dict[int, _Module] = {}
     out = []
     for t in resolve(pid, spec, mods):
         if t.symbol is None:
             continue
-        code = codes.setdefault(id(t.module.elf), CodeReader(t.module.elf))
+        module = files.get(id(t.module.elf))
+        if module is None:
+            module = files[id(t.module.elf)] = _Module(t.module.elf)
         sym = t.symbol
-        out.append(FunctionPlan(t.module.name, t.address, sym.size, sym.name + (f"+{t.offset:#x}" if t.offset else ""),
-                                *_verdict(code, sym)))
+        out.append(_plan(t.module.name, t.address, sym.name + (f"+{t.offset:#x}" if t.offset else ""),
+                         module, sym))
     return out
