@@ -1,0 +1,161 @@
+"""Jump-optimised probes under torture (issue 11, "Must show"): a thread parked inside a
+trampoline when its probe goes, with a signal waiting for it (opt_torture.c); exact counts at
+8 threads on a lea and a push prologue. The 10,000-round loop is tools/optimize_torture.py.
+
+A thread is parked deterministically: with every thread frozen, one is single-stepped until
+its RIP is where the test wants it, then held (kept stopped across thaw and run()) with a
+SIGUSR1 queued to it. The fixture's SIGUSR1 handler counts a signal frame whose saved RIP is
+outside the program's text: a signal delivered inside a trampoline would be one.
+"""
+from __future__ import annotations
+
+import signal
+
+from processes import maps, text_differences
+from pyprobes.tracee import ptrace
+
+THREADS = 4
+MAX_STEPS = 10_000
+
+
+def park(proc, where) -> int:
+    """Freeze, single-step one worker thread until WHERE(rip) holds, hold it there and queue
+    SIGUSR1 to it, thaw; its tid."""
+    tracee = proc.tracee
+    tracee.freeze()
+    try:
+        tid = next(t.tid for t in tracee.threads.values()
+                   if t.tid != proc.pid and t.event_pending is None and not t.exiting)
+        for _ in range(MAX_STEPS):
+            if where(tracee.get_rip(tid)):
+                break
+            tracee.step(tid)
+        else:
+            raise AssertionError(f"thread {tid} never reached the place to park")
+        tracee.hold(tid)
+        ptrace.tgkill(proc.pid, tid, signal.SIGUSR1)
+    finally:
+        tracee.thaw()
+    return tid
+
+
+def finish(run, proc):
+    """Let the program end (stdin closed) and check what it says of itself."""
+    run.close_stdin()
+    assert run.finish() == 0, run.text
+    results = run.results
+    calls = results[("calls",)]
+    assert calls["bad"] == 0 and results[()]["sigtrap"] == 0, run.text
+    assert results[("usr1",)]["outside"] == 0, run.text  # no signal frame in a trampoline
+    assert results[("usr1",)]["got"] >= 1, run.text
+    return calls
+
+
+def optimized(run, name):
+    proc = run.proc
+    probe = proc.probe(name, action="count")
+    run.run_until(r"^ready")
+    proc.run(timeout=0.05)
+    assert probe.mode == "optimized", probe.not_optimized
+    return probe
+
+
+def test_thread_parked_in_the_action_when_its_probe_goes(procs, fixture):
+    """A thread parked on the action's pushfq (the red zone stepped over, the flags not yet
+    saved) with SIGUSR1 pending: removal steps it out of the action (its hit counted, the
+    flags image cleared of TF), holding the signal; the dirty trampoline is collected; the
+    signal is delivered back in original code."""
+    run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
+    proc = run.proc
+    lea = optimized(run, "tort_lea")
+    trampoline = lea.point.optimized.trampoline
+    region = lea.point.optimized.region
+    pushfq = trampoline.flag_pushes[0][0]
+    assert trampoline.in_action(pushfq)
+    tid = park(proc, lambda rip: rip == pushfq)
+    proc.run(timeout=0.05)  # the others run on; the parked one stays
+    assert proc.tracee.get_rip(tid) == pushfq
+    lea.remove()
+    assert proc.tracee.get_rip(tid) == region.start  # through the action, mapped back
+    stats = proc.trampolines.stats()
+    assert stats["garbage"] == 1
+    assert proc.trampolines.collect_garbage() == 1
+    after = proc.trampolines.stats()
+    assert after["collections"] == stats["collections"] + 1 and after["garbage"] == 0
+    proc.tracee.release(tid)
+    calls = finish(run, proc)
+    assert 0 < lea.hits <= calls["lea"]
+
+
+def test_thread_parked_in_a_garbage_trampoline_is_migrated_by_the_collection(procs, fixture):
+    """The probe goes first; then a thread is put (through the tracee API) on the relocated
+    copy of the instruction it stands on in the garbage trampoline, and held there with
+    SIGUSR1 pending. The collection's freeze maps it back to the original address before the
+    slot is reused, and the signal is delivered there."""
+    run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
+    proc = run.proc
+    push = optimized(run, "tort_push")
+    opt = push.point.optimized
+    trampoline, region = opt.trampoline, opt.region
+    push.remove()  # the trampoline is garbage: unreachable, its bytes still there
+    assert proc.trampolines.stats()["garbage"] == 1
+    second = region.instructions[1].address  # tort_push's mov, after the push ran
+    copy = dict((original, here) for here, original in trampoline.relocated)[second]
+    tid = park(proc, lambda rip: rip == second)
+    proc.tracee.set_rip(tid, copy)
+    proc.run(timeout=0.05)
+    stats = proc.trampolines.stats()
+    assert proc.tracee.get_rip(tid) == copy and stats["garbage"] == 1
+    assert proc.trampolines.collect_garbage() == 1
+    after = proc.trampolines.stats()
+    assert after["threads_migrated"] == stats["threads_migrated"] + 1
+    assert proc.tracee.get_rip(tid) == second
+    # The slot is free again: a new probe takes it and the parked thread is not in it.
+    lea = proc.probe("tort_lea", action="count")
+    proc.run(timeout=0.05)
+    assert lea.mode == "optimized" and lea.point.optimized.slot.address == opt.slot.address
+    proc.tracee.release(tid)
+    calls = finish(run, proc)
+    assert 0 < push.hits <= calls["push"] and lea.hits <= calls["lea"]
+
+
+def test_thread_parked_in_a_garbage_trampoline_at_detach(procs, fixture):
+    """Detach with a thread held in a garbage trampoline's relocated part and SIGUSR1 pending:
+    it is moved out before the page goes; no page of ours is left, the text is the file's."""
+    exe = fixture("opt_torture")
+    run = procs.spawn(exe, THREADS, 0, stdin_pipe=True)
+    proc = run.proc
+    lea = optimized(run, "tort_lea")
+    opt = lea.point.optimized
+    pages = {opt.slot.page, proc.engine.optimizer.host.counters[opt.slot.page]}
+    lea.remove()
+    first = opt.region.start
+    tid = park(proc, lambda rip: rip == first)
+    proc.tracee.set_rip(tid, opt.trampoline.relocated[0][0])
+    proc.run(timeout=0.05)
+    proc.detach()
+    assert not pages & {start for start, _, _, _ in maps(run.pid)}
+    assert text_differences(run.pid, exe) == []
+    run.close_stdin()
+    assert run.wait_exit() == 0, run.text
+    results = run.results
+    assert results[("calls",)]["bad"] == 0 and results[()]["sigtrap"] == 0
+    assert results[("usr1",)] == {"got": 1, "outside": 0}
+
+
+CALLS, MANY = 1_000_000, 8
+
+
+def test_exact_counts_eight_threads_a_million_calls(procs, fixture):
+    """8 threads x 1M calls each of a lea-prologue and a push-prologue function, both
+    optimised before the first call: every call counted, every result right."""
+    run = procs.spawn(fixture("opt_torture"), MANY, CALLS)
+    proc = run.proc
+    lea = proc.probe("tort_lea", action="count")
+    push = proc.probe("tort_push", action="count")
+    assert run.finish() == 0, run.text
+    calls = run.results[("calls",)]
+    assert calls == {"lea": CALLS * MANY, "push": CALLS * MANY, "bad": 0}
+    assert (lea.mode, push.mode) == ("optimized", "optimized")
+    assert (lea.hits, push.hits) == (CALLS * MANY, CALLS * MANY)
+    assert lea.missed == push.missed == 0
