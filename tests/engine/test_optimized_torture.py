@@ -9,6 +9,7 @@ outside the program's text: a signal delivered inside a trampoline would be one.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 from processes import maps, text_differences
@@ -206,3 +207,42 @@ def test_exact_counts_eight_threads_a_million_calls(procs, fixture):
     assert (lea.mode, push.mode) == ("optimized", "optimized")
     assert (lea.hits, push.hits) == (CALLS * MANY, CALLS * MANY)
     assert lea.missed == push.missed == 0
+
+
+ATTACH_ROUNDS = 50
+
+
+def test_attach_optimize_detach_fifty_times(procs, fixture):
+    """50 rounds of attach, two count probes jump-optimised, a moment of hits, detach, while 8
+    threads call both functions: the process lives, and after every detach the text is the
+    file's and no page pyprobes mapped is left (only the program's own mappings remain)."""
+    import pyprobes
+
+    exe = fixture("opt_torture")
+    run = procs.start(exe, MANY, 0)
+    run.wait_output(r"^ready")
+    before = {start for start, _, _, _ in maps(run.pid)}
+    ours: set[int] = set()
+    for i in range(ATTACH_ROUNDS):
+        proc = run.proc = pyprobes.attach(run.pid)
+        probes = [proc.probe(name, action="count") for name in ("tort_lea", "tort_push")]
+        for _ in range(100):  # a thread in a region, or no hit yet: optimised at the next run()
+            proc.run(timeout=0.01)
+            if all(p.mode == "optimized" and p.hits for p in probes):
+                break
+        assert [p.mode for p in probes] == ["optimized", "optimized"], (i, [p.not_optimized for p in probes])
+        counters = proc.engine.optimizer.host.counters
+        ours |= set(counters) | set(counters.values()) | {start for start, _, _, _ in maps(run.pid)} - before
+        proc.detach()
+        run.proc = None
+        assert all(p.hits > 0 for p in probes), i  # counted while optimised, synced at detach
+        assert text_differences(run.pid, exe) == [], i
+        assert not ours & {start for start, _, _, _ in maps(run.pid)}, i
+    assert {start for start, _, _, _ in maps(run.pid)} == before
+    worker = max(int(tid) for tid in os.listdir(f"/proc/{run.pid}/task"))
+    ptrace.tgkill(run.pid, worker, signal.SIGUSR1)  # the handler's check runs once at least
+    run.close_stdin()
+    assert run.wait_exit() == 0, run.text
+    results = run.results
+    assert results[("calls",)]["bad"] == 0 and results[()]["sigtrap"] == 0
+    assert results[("usr1",)] == {"got": 1, "outside": 0}
