@@ -1,6 +1,8 @@
 """Jump-optimised probes under torture (issue 11, "Must show"): a thread parked inside a
-trampoline when its probe goes, with a signal waiting for it (opt_torture.c); exact counts at
-8 threads on a lea and a push prologue. The 10,000-round loop is tools/optimize_torture.py.
+trampoline when its probe goes, with a signal waiting for it (opt_torture.c); signals held
+by a migration never delivered twice nor inside a trampoline; attach/optimise/detach 50 times;
+exact counts at 8 threads x 1M calls on a lea and a push prologue. The 10,000-round loop is
+tools/optimize_torture.py.
 
 A thread is parked deterministically: with every thread frozen, one is single-stepped until
 its RIP is where the test wants it, then held (kept stopped across thaw and run()) with a
@@ -29,8 +31,8 @@ def traced_stop(pid: int, tid: int) -> None:
 
 def park(proc, where, hold: bool = True, move=None) -> int:
     """Freeze, single-step one worker thread until WHERE(rip) holds, move it to MOVE(rip) if
-    given, hold it there (unless not HOLD) and queue SIGUSR1 to it, thaw; its tid. Not held, it stops for the signal as it
-    resumes, before it runs another instruction."""
+    given, hold it there (unless not HOLD) and queue SIGUSR1 to it, thaw; its tid. Not held,
+    it stops for the signal as it resumes, before it runs another instruction."""
     tracee = proc.tracee
     tracee.freeze()
     try:
