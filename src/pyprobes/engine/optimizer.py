@@ -246,7 +246,7 @@ class Optimizer:
                snapshot: Snapshot, stacks: dict[int, list[int]]) -> dict[int, int] | None:
         """With every thread frozen: the threads inside the region past its start, each with
         the same point of the relocated copy to move it to; None when a thread cannot be moved
-        there (it has a stop of its own to handle) or a stack word points into the region (a
+        there (it has a stop of its own to handle or a signal held) or a stack word points into the region (a
         return address, a signal frame's RIP): retry at the next run(). A thread in the point's
         instruction slot is migrated out first."""
         engine, tracee = self.engine, self.tracee
@@ -266,7 +266,9 @@ class Optimizer:
                 engine.migrate_out_of_slot(tid)
                 rip = tracee.get_rip(tid)
             if lo < rip < hi:
-                if thread.event_pending is not None or rip not in relocated:
+                # A signal held from it (a step out of the slot just now) would be delivered as
+                # it resumes: in the trampoline, if it were moved there.
+                if thread.event_pending is not None or thread.held_signals or rip not in relocated:
                     return None
                 moves[tid] = relocated[rip]
             words = stacks[tid]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import signal as _signal
+from collections import deque
 
 from . import ptrace
 from .events import Event, EventKind
@@ -53,6 +54,7 @@ class HeldSignals:
     # Of the Tracee this is part of (see Tracee.__init__):
     pid: int
     threads: dict[int, Thread]
+    _queue: deque[Event]
     _resumed: bool
 
     def resume(self, tid: int, signal: int = 0, step: bool = False) -> None:
@@ -63,6 +65,11 @@ class HeldSignals:
         if step and not signal and owed is not None and owed.kind is EventKind.SIGNAL:
             # Stepping on from a signal stop would drop its signal: hold it for a later stop.
             t.held_signals.append((owed.signal, owed.siginfo or ptrace.getsiginfo(tid)))
+            if owed in self._queue:
+                # Queued by a freeze (a migration steps it before its owner saw it): that stop
+                # is over and its signal held, so the owner must not resume the thread with it
+                # again, from whatever stop the thread is in by then.
+                self._queue.remove(owed)
         if t.held and not step:
             return
         if not signal and not step and t.held_signals:
