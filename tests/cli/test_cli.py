@@ -156,7 +156,7 @@ def test_attach_then_leave_cleanly(pie, how):
     pp = None
     try:
         assert fx.stdout.readline() == "ready\n"
-        extra = ["-d", "0.5"] if how == "duration" else []
+        extra = ["-d", "0.5"] if how == "duration" else ["-i", "0.1"]
         pp = subprocess.Popen([*CLI, "count", "--json", "-v", "-p", str(fx.pid), *extra, "cli_add",
                                "libc:getppid"], stderr=subprocess.PIPE, text=True)
         placed = 0
@@ -165,7 +165,13 @@ def test_attach_then_leave_cleanly(pie, how):
             assert line, "pyprobes ended before placing its probes"
             placed += " -> " in line
         if how != "duration":
-            time.sleep(0.4)
+            # Signalled once a tick says both probes were hit (not after a sleep that a loaded
+            # machine can spend before the first hit).
+            while True:
+                line = pp.stderr.readline()
+                assert line, "pyprobes ended before its probes were hit"
+                if line.startswith("{") and all(p["hits"] for p in json.loads(line)["probes"]):
+                    break
             pp.send_signal(getattr(signal, how))
         _, err = pp.communicate(timeout=10)
         assert pp.returncode == 0, err

@@ -124,6 +124,11 @@ class Process:
         still being placed (with a slot page mapped by a system call injected in a thread, say)."""
         self.tracee.freeze()
 
+    def optimize(self) -> int:
+        """Jump-optimise now every probe waiting for it (run() does it at its start anyway), under
+        one freeze, or under the pause's while paused; return how many were."""
+        return self.engine.optimizer.optimize_waiting()
+
     def run_to_entry(self) -> None:
         """Run a process spawned stopped at its exec until the dynamic loader has mapped and
         relocated every library it links, and pause it there, before any of their code runs:
@@ -206,6 +211,10 @@ class Process:
         if self._stop_requested:  # a stop() that came before run() (a signal, say) still counts
             self._stop_requested = False
             return None
+        try:
+            self.optimize()  # one freeze for every point waiting (optimizer.py), before the clock starts
+        except ProcessExited:
+            return self.exit_code
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
         previous = None
@@ -213,10 +222,6 @@ class Process:
             previous = _signal.signal(_signal.SIGALRM, lambda *_: tracee.wake())
             _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
         block = deadline is None or in_main
-        try:
-            engine.optimizer.optimize_waiting()  # one freeze for every point waiting (optimizer.py)
-        except ProcessExited:
-            return self.exit_code
         tracee.thaw()
         try:
             while True:
