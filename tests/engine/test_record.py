@@ -1,0 +1,70 @@
+"""Jump-optimised record probes (issue 11): a record per hit in a shared ring, read by the
+tracer with no stop: exact, with the arguments, threads and times the program had (opt_record.c)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from pyprobes import ProbeError
+
+CALLS, THREADS = 50_000, 4
+
+
+def drain(run) -> list:
+    records = []
+    while run.proc.alive:
+        run.proc.run(timeout=0.02)
+        records += run.proc.records()
+    return records + run.proc.records()
+
+
+def test_every_call_recorded_with_its_arguments_thread_and_time(procs, fixture):
+    run = procs.spawn(fixture("opt_record"), CALLS, THREADS)
+    proc = run.proc
+    proc.ring_capacity = 1 << 18  # every record fits: the count is exact whoever is slow
+    probe = proc.probe("rec_f", action="record")
+    records = drain(run)
+    assert proc.exit_code == 0, run.text
+    calls = run.results[("total",)]
+    assert calls["bad"] == 0 and calls["calls"] == CALLS * THREADS
+    assert probe.mode == "optimized" and probe.hits == CALLS * THREADS
+    assert proc.lost_records == 0
+    assert len(records) == CALLS * THREADS
+    tids = {int(line.split()[3]) for line in run.lines("thread ")}
+    per_thread = defaultdict(list)
+    for r in records:
+        assert r.probe is probe
+        i = r.args[0]
+        assert r.args == (i, 2 * i, 3 * i, 4 * i, 5 * i, 6 * i)
+        per_thread[r.tid].append(r)
+    assert set(per_thread) == tids
+    for tid, rs in per_thread.items():
+        assert [r.args[0] for r in rs] == list(range(1, CALLS + 1))
+        times = [r.time_ns for r in rs]
+        assert times == sorted(times)
+
+
+def test_a_full_ring_drops_and_counts_and_never_blocks(procs, fixture):
+    """A 64-record ring nobody drains while the program runs to its end: 64 records kept, the
+    rest dropped and counted; the program finishes, every call counted in hits."""
+    run = procs.spawn(fixture("opt_record"), 5000, 2)
+    proc = run.proc
+    proc.ring_capacity = 64
+    probe = proc.probe("rec_f", action="record")
+    assert run.finish() == 0, run.text
+    records = proc.records()
+    assert probe.hits == 10_000 == run.results[("total",)]["calls"]
+    assert len(records) == 64
+    assert proc.lost_records == 10_000 - 64
+
+
+def test_one_action_per_address(procs, fixture):
+    run = procs.spawn(fixture("opt_record"), 10, 1)
+    proc = run.proc
+    proc.probe("rec_f", action="count")
+    with pytest.raises(ProbeError, match="share one action"):
+        proc.probe("rec_f", action="record")
+    with pytest.raises(ProbeError, match="no handlers"):
+        proc.probe("rec_f", action="record", pre=lambda tid, regs: None)
+    assert run.finish() == 0
