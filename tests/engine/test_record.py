@@ -45,6 +45,30 @@ def test_every_call_recorded_with_its_arguments_thread_and_time(procs, fixture):
         assert times == sorted(times)
 
 
+def test_the_main_thread_and_a_breakpoint_record_too(procs, fixture):
+    """Records of the main thread (its key learned by a freeze: it had no TLS at our first one),
+    and of a probe that stays a breakpoint (the tracer records its hits): exact as well."""
+    run = procs.spawn(fixture("opt_record"), 3000, 0)
+    proc = run.proc
+    probe = proc.probe("rec_f", action="record")
+    records = drain(run)
+    assert proc.exit_code == 0, run.text
+    (tid,) = {int(line.split()[3]) for line in run.lines("thread ")}
+    assert probe.mode == "optimized" and probe.hits == len(records) == 3000
+    assert {r.tid for r in records} == {tid}
+    assert [r.args[0] for r in records] == list(range(1, 3001))
+
+    run = procs.spawn(fixture("opt_count"), 500, 2)
+    proc = run.proc
+    jmp = proc.probe("opt_jmp", action="record")  # refused: a jmp first
+    records = drain(run)
+    assert proc.exit_code == 0, run.text
+    assert jmp.mode == "emulated" and "jmp" in jmp.not_optimized
+    assert jmp.hits == len(records) == run.results[("calls",)]["jmp"] == 2 * 5
+    times = [r.time_ns for r in records]
+    assert all(r.probe is jmp and r.tid > 0 for r in records)
+
+
 def test_a_full_ring_drops_and_counts_and_never_blocks(procs, fixture):
     """A 64-record ring nobody drains while the program runs to its end: 64 records kept, the
     rest dropped and counted; the program finishes, every call counted in hits."""

@@ -99,6 +99,8 @@ class Engine:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
+        if action == "record":  # while (or where) it is a breakpoint, the tracer records its hits
+            probe.pre = self.optimizer.ring.breakpoint_handler(probe)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)

@@ -18,12 +18,13 @@ import mmap
 import struct
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE
 from ..tracee import ProcessExited
 from ..x86.record import (RECORD, RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RING_MAGIC,
-                          RING_VERSION, TSC_READER, record_routine, thread_key)
+                          RING_VERSION, TSC_READER, argument_registers, record_routine,
+                          thread_key)
 from ..x86.record import HEAD_OFFSET, LOST_OFFSET, TAIL_OFFSET
 
 if TYPE_CHECKING:
@@ -123,6 +124,13 @@ class Ring:
         else:
             self.probes[pid] = point
         return pid
+
+    def breakpoint_handler(self, probe: Any) -> Callable[[int, Any], None]:
+        """PROBE's pre-handler while its point is a breakpoint (before the optimizer's freeze,
+        or where no jump fits): the tracer records the hit itself, so records stay exact."""
+        def record(tid: int, regs: Any) -> None:
+            self.pending.append(Record(time.monotonic_ns(), tid, probe, argument_registers(regs)))
+        return record
 
     def contains(self, address: int) -> bool:
         """Whether ADDRESS is in the record routine (a thread there returns to a trampoline)."""

@@ -191,6 +191,10 @@ class StopDecoder:
 
     def _exiting(self, t: Thread, sig: int) -> Event:
         t.exiting = True
+        try:
+            self.thread_pointers[t.tid] = ptrace.getregs(t.tid).fs_base  # for records read later
+        except OSError:
+            pass
         exiting = Event(EventKind.EXITING, t.tid, exit_code=exit_code_of(ptrace.geteventmsg(t.tid)))
         if self._queue_all:
             self._queue.append(exiting)

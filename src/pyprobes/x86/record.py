@@ -53,6 +53,7 @@ __all__ = [
     "TSC_READER",
     "record_routine",
     "record_trampoline",
+    "argument_registers",
     "thread_key",
 ]
 
@@ -215,3 +216,8 @@ def thread_key(regs: Any) -> int:
     """A thread's key in its records: %fs:0, the TCB's pointer to itself, is fs_base (glibc and
     musl keep the two equal)."""
     return regs.fs_base
+
+
+def argument_registers(regs: Any) -> tuple[int, ...]:
+    """The six integer argument registers of the System V ABI, as a record holds them."""
+    return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)
