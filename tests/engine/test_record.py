@@ -6,9 +6,11 @@ from collections import defaultdict
 
 import pytest
 
+from processes import maps, text_differences
 from pyprobes import ProbeError
 
 CALLS, THREADS = 50_000, 4
+ROUNDS = 100
 
 
 def drain(run) -> list:
@@ -92,3 +94,43 @@ def test_one_action_per_address(procs, fixture):
     with pytest.raises(ProbeError, match="no handlers"):
         proc.probe("rec_f", action="record", pre=lambda tid, regs: None)
     assert run.finish() == 0
+
+
+def test_churn_and_detach_while_threads_hammer(procs, fixture):
+    """ROUNDS rounds of optimise and unoptimise (disable, enable) while 4 threads hammer a record
+    probe: threads in the trampoline or the shared routine are stepped out, every hit is a
+    record or a counted drop; detach leaves the text as it was and no page of ours mapped (ring, routine,
+    trampolines, counters); the program finishes right."""
+    exe = fixture("opt_count")
+    run = procs.spawn(exe, 0, 4, stdin_pipe=True)
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="record")
+    run.run_until(r"^ready")
+    records = proc.records()
+    for _ in range(ROUNDS):
+        proc.run(timeout=0.002)
+        assert lea.mode == "optimized", lea.not_optimized
+        lea.disable()
+        records += proc.records()
+        lea.enable()
+    proc.run(timeout=0.05)
+    ring = proc.engine.optimizer.ring
+    host = proc.engine.optimizer.host
+    ours = set(host.counters) | set(host.counters.values()) | {ring.address, ring.routine}
+    assert ring.address and ring.routine
+    proc.detach()
+    records += proc.records()
+    # A disable counts no hit after its sync, while the ring still has the records of hits just
+    # before the unpatch: records and drops cover the hits, and never exceed the calls.
+    made = len(records) + proc.lost_records
+    assert len(records) > 0 and lea.hits <= made
+    assert all(r.probe is lea and r.tid > 0 for r in records)
+    assert text_differences(run.pid, exe) == []
+    mapped = maps(run.pid)
+    assert not ours & {start for start, _, _, _ in mapped}
+    assert not [m for m in mapped if "pyprobes" in m[3]]
+    run.close_stdin()
+    assert run.wait_exit() == 0, run.text
+    calls = run.results[("calls",)]
+    assert calls["bad"] == 0 and run.results[()]["sigtrap"] == 0
+    assert made <= calls["lea"]
