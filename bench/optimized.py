@@ -1,11 +1,12 @@
-"""Per-hit cost of a jump-optimised count probe (issue 11) beside a boosted one and bpftrace.
+"""Per-hit cost of a jump-optimised count and record probe (issue 11) beside a boosted one and bpftrace.
 
     .venv/bin/python -m bench.optimized [--calls N] [--threads T] [--repeats R]
 
 On bench/work.c's workload (hit: a 5-byte nop, push %rbx, lea, a volatile store), one table:
 the unprobed run, pyprobes count probes with action="count" jump-optimised at hit (the nop5:
 the kernel's best case) and at hit+6 (the lea: the kernel single-steps it), a boosted
-pyprobes count at hit+5 (push, one ptrace stop per hit), and, where bpftrace runs, its
+pyprobes count at hit+5 (push, one ptrace stop per hit), a record probe at hit (drained
+every 5 ms: its lost records, and the records per second of the consumer's own time), and, where bpftrace runs, its
 `count()` on hit. Per hit = the workload's own ns per call minus the unprobed median; every
 row's count is checked equal to the workload's own counter. Fewer calls are made where a hit
 costs microseconds (--calls / 50 for the boosted and bpftrace rows).
@@ -62,6 +63,46 @@ def pyprobes_count(work: str, n: int, threads: int, spec: str, action: str | Non
     return ns, probe.hits, probe.mode
 
 
+RECORD_RING = 1 << 16  # records (5 MiB): drained every RECORD_TICK by the record rows' consumer
+BIG_RING = 1 << 21     # records (160 MiB): the other record row's ring, all of them fit at 2M calls
+RECORD_TICK = 0.005
+
+
+def pyprobes_record(work: str, n: int, threads: int, spec: str,
+                    capacity: int) -> tuple[float, int, str, int, float]:
+    """(ns per call, records, mode, lost, the consumer's records per second): action="record",
+    drained every RECORD_TICK while the workload runs; records + lost checked against its count."""
+    import pyprobes
+
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)
+    try:
+        proc = pyprobes.spawn([work, str(n), str(threads)])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(w)
+    records = 0
+    with proc:
+        proc.ring_capacity = capacity
+        probe = proc.probe(spec, action="record")
+        code = None
+        while proc.alive:
+            code = proc.run(timeout=RECORD_TICK)
+            records += len(proc.records())
+        records += len(proc.records())
+        lost = proc.lost_records
+        drain = proc.engine.optimizer.ring.stats
+    out = os.read(r, 65536).decode()
+    os.close(r)
+    calls, own, ns = _parse(out)
+    if code != 0 or probe.hits != own or records + lost != own or own != calls:
+        raise RuntimeError(f"{spec}: exit {code}, {probe.hits} hits, {records} records + {lost} lost, "
+                           f"workload ran {own} of {calls}")
+    return ns, records, probe.mode, lost, drain["drained"] / max(drain["drain_ns"], 1) * 1e9
+
+
 def bpftrace_count(work: str, n: int, threads: int) -> tuple[float, int] | str:
     if shutil.which("bpftrace") is None:
         return "bpftrace is not installed"
@@ -100,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             (f"pyprobes count, boosted (push at hit+{PUSH_OFF})", f"hit+{PUSH_OFF}", None, slow, base_slow)):
         samples, ns = median(pyprobes_count, work, calls, t, spec, action)
         rows.append((label, samples[0][2], f"{ns:.1f}", f"{ns - floor:.1f}", f"{samples[0][1]:,}"))
+    for ring in (BIG_RING, RECORD_RING):
+        samples, ns = median(pyprobes_record, work, n, t, "hit", ring)
+        _, records, mode, lost, rate = samples[0]
+        rows.append((f"pyprobes record, optimized (nop5 at hit; ring {ring:,}: {lost:,} lost; consumer "
+                     f"{statistics.median(s[4] for s in samples) / 1e6:.2f} M records/s)", mode,
+                     f"{ns:.1f}", f"{ns - base:.1f}", f"{records + lost:,}"))
     got = bpftrace_count(work, slow, t)
     if isinstance(got, str):
         rows.append(("bpftrace count() on hit (nop5)", "", "", got, ""))

@@ -19,6 +19,7 @@ from .probe import ProbeError
 HEAP_MARGIN = 1 << 30
 STACK_MARGIN = 64 << 20
 MAX_TRIES = 16
+MAP_POPULATE = 0x8000
 T = TypeVar("T")
 
 
@@ -158,7 +159,8 @@ class TraceeSlotHost:
                 finally:
                     os.close(ours)
                 prot = syscalls.PROT_READ | syscalls.PROT_WRITE
-                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE
+                # populated: a record ring's pages are not faulted in one by one on the hit path
+                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE | MAP_POPULATE
                 for page in page_candidates(_gaps(self.tracee.pid), near, size)[:MAX_TRIES]:
                     try:
                         return syscalls.mmap(self.tracee, tid, page, size, prot, flags, fd), view
