@@ -235,7 +235,7 @@ class Optimizer:
         pointer = PAGE_SIZE - COUNTER_SIZE
         _COUNTER.pack_into(self.host.views[slot.page], pointer, routine)
         return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + pointer,
-                                 self.ring.probe_id(point))
+                                 self.ring.probe_id(point.probes[0]))
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a

@@ -87,8 +87,8 @@ class Ring:
         self.routine = 0          # the record routine's page in the tracee
         self.view: mmap.mmap | None = None
         self.tail = 0
-        self.probes: list[Any] = []        # probe id -> the point recorded under it
-        self._ids: dict[int, int] = {}     # point address -> probe id
+        self.probes: list[Any] = []        # probe id -> the Probe recorded under it
+        self._ids: dict[Any, int] = {}     # Probe -> its id
         self.keys: dict[int, int] = {}     # thread key -> tid
         self.ns_per_tick, self.tsc0, self.ns0 = 1.0, 0, 0
         self.pending: list[Record] = []   # drained, not yet handed out by records()
@@ -118,13 +118,13 @@ class Ring:
         self.address, self.routine, self.view, self.tail = address, routine, view, 0
         return routine
 
-    def probe_id(self, point: Any) -> int:
-        pid = self._ids.get(point.address)
+    def probe_id(self, probe: Any) -> int:
+        """PROBE's id in its records (one per probe, kept while the image lives: records of a
+        probe removed meanwhile still name it)."""
+        pid = self._ids.get(probe)
         if pid is None:
-            pid = self._ids[point.address] = len(self.probes)
-            self.probes.append(point)
-        else:
-            self.probes[pid] = point
+            pid = self._ids[probe] = len(self.probes)
+            self.probes.append(probe)
         return pid
 
     def breakpoint_handler(self, probe: Any) -> Callable[[int, Any], None]:
@@ -209,7 +209,7 @@ class Ring:
                 keys.setdefault(key, 0)  # a thread gone before we saw its key: tid 0
         scale, base = self.ns_per_tick, self.ns0 - self.tsc0 * self.ns_per_tick
         times = [int(base + tsc * scale) for tsc in words[1::step].tolist()]
-        owners = [point.probes[0] if point.probes else point for point in self.probes]
+        owners = self.probes
         args = zip(*(words[i::step].tolist() for i in range(4, 10)))
         self.pending.extend(map(tuple.__new__, repeat(Record),
                                 zip(times, map(keys.__getitem__, thread_keys),
