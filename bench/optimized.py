@@ -6,7 +6,8 @@ On bench/work.c's workload (hit: a 5-byte nop, push %rbx, lea, a volatile store)
 the unprobed run, pyprobes count probes with action="count" jump-optimised at hit (the nop5:
 the kernel's best case) and at hit+6 (the lea: the kernel single-steps it), a boosted
 pyprobes count at hit+5 (push, one ptrace stop per hit), a record probe at hit (drained
-every 5 ms: its lost records, and the records per second of the consumer's own time), and, where bpftrace runs, its
+every 5 ms: its lost records, and the records per second of the consumer's own time, copying
+them out of the ring and decoding them into Records), and, where bpftrace runs, its
 `count()` on hit. Per hit = the workload's own ns per call minus the unprobed median; every
 row's count is checked equal to the workload's own counter. Fewer calls are made where a hit
 costs microseconds (--calls / 50 for the boosted and bpftrace rows).
@@ -69,8 +70,9 @@ RECORD_TICK = 0.005
 
 
 def pyprobes_record(work: str, n: int, threads: int, spec: str,
-                    capacity: int) -> tuple[float, int, str, int, float]:
-    """(ns per call, records, mode, lost, the consumer's records per second): action="record",
+                    capacity: int) -> tuple[float, int, str, int, tuple[float, float]]:
+    """(ns per call, records, mode, lost, the consumer's records per second copying them out of
+    the ring and decoding them): action="record",
     drained every RECORD_TICK while the workload runs; records + lost checked against its count."""
     import pyprobes
 
@@ -100,7 +102,8 @@ def pyprobes_record(work: str, n: int, threads: int, spec: str,
     if code != 0 or probe.hits != own or records + lost != own or own != calls:
         raise RuntimeError(f"{spec}: exit {code}, {probe.hits} hits, {records} records + {lost} lost, "
                            f"workload ran {own} of {calls}")
-    return ns, records, probe.mode, lost, drain["drained"] / max(drain["drain_ns"], 1) * 1e9
+    rates = tuple(drain[n] / max(drain[t], 1) * 1e9 for n, t in (("drained", "drain_ns"), ("decoded", "decode_ns")))
+    return ns, records, probe.mode, lost, rates
 
 
 def bpftrace_count(work: str, n: int, threads: int) -> tuple[float, int] | str:
@@ -144,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     for ring in (BIG_RING, RECORD_RING):
         samples, ns = median(pyprobes_record, work, n, t, "hit", ring)
         _, records, mode, lost, rate = samples[0]
-        rows.append((f"pyprobes record, optimized (nop5 at hit; ring {ring:,}: {lost:,} lost; consumer "
-                     f"{statistics.median(s[4] for s in samples) / 1e6:.2f} M records/s)", mode,
+        copy = statistics.median(s[4][0] for s in samples) / 1e6
+        decode = statistics.median(s[4][1] for s in samples) / 1e6
+        rows.append((f"pyprobes record, optimized (nop5 at hit; ring {ring:,}: {lost:,} lost; consumer: "
+                     f"{copy:.1f} M records/s out of the ring, {decode:.2f} M/s decoded)", mode,
                      f"{ns:.1f}", f"{ns - base:.1f}", f"{records + lost:,}"))
     got = bpftrace_count(work, slow, t)
     if isinstance(got, str):
