@@ -5,6 +5,8 @@ import argparse
 import json
 import time
 
+from pyprobes import PyprobesError
+
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
 
@@ -19,17 +21,21 @@ examples:
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
+  pyprobes trace --optimize 'libc:malloc' -- ./prog recorded in the process: no stop per hit
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
 A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
 JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+--optimize: entry probes record each hit inside the process (a ring buffer in shared memory,
+read every 0.2 s: lines come in batches, in time order within each); "N records lost" at the
+end when the ring was full at times (the program never waits for pyprobes).
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--optimize [--ring RECORDS]] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -40,6 +46,11 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
+    p.add_argument("--optimize", action="store_true",
+                   help="record entry hits inside the process, with no stop per hit, where the function's "
+                        "entry allows it (mode 'optimized'); the others stay breakpoints")
+    p.add_argument("--ring", type=int, metavar="RECORDS",
+                   help="with --optimize: the ring's size in records, a power of two (default 8192)")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
     p.set_defaults(func=run)
@@ -57,6 +68,7 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
+    optimize = args.optimize
 
     def pre_for(target):
         name = target.name
@@ -74,6 +86,24 @@ def run(args, command: list[str]) -> int:
                 last_flush[0] = now
                 report.flush()
         return on_hit
+
+    def write_record(record):
+        probe = record.probe
+        name = probe.target.name if probe.target is not None else probe.name
+        seconds = record.time_ns / 1e9 - session.start
+        values = list(record.args[: len(registers)])
+        if as_json:
+            write(json.dumps({"time_s": round(seconds, 6), "tid": record.tid,
+                              "probe": name, "args": values}) + "\n")
+        else:
+            write(f"{seconds:12.6f} {record.tid:>7} {name}"
+                  f"({', '.join(f'{v:#x}' for v in values)})\n")
+
+    def show_records():
+        if session.proc is not None:
+            for record in sorted(session.proc.records(), key=lambda r: r.time_ns):
+                write_record(record)
+        report.flush()
 
     def ret_for(target):
         name = target.name + "%return"
@@ -94,15 +124,28 @@ def run(args, command: list[str]) -> int:
     session.install_signals()  # from the start: see count.run
     try:
         session.open()
-        session.place(args.probes, pre_for, ret_for)
+        if optimize and args.ring is not None:
+            try:
+                session.proc.ring_capacity = args.ring
+            except PyprobesError as e:
+                raise CliError(str(e), 2) from None
+        if optimize:
+            session.place(args.probes, None, ret_for, action="record")
+        else:
+            session.place(args.probes, pre_for, ret_for)
         if not as_json:
             report.line(f"{'TIME(s)':>12} {'TID':>7} PROBE(ARGS)")
         session.go()
-        session.run(args.duration, FLUSH_EVERY, tick=report.flush)
+        session.run(args.duration, FLUSH_EVERY, tick=show_records if optimize else report.flush)
     finally:
         session.close()
         session.restore_signals()
+        if optimize:
+            show_records()
         report.flush()
+    if optimize and session.proc is not None and session.proc.lost_records:
+        from .output import note
+        note(f"{session.proc.lost_records} records lost (the ring was full)")
     missed = sum(p.missed for p in session.probes)
     if missed:
         from .output import note

@@ -82,17 +82,25 @@ class Engine:
 
     def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
                   boost: bool = True, action: str | None = None) -> Probe:
-        """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py)."""
-        if action not in (None, "count"):
-            raise ProbeError(f"unknown probe action {action!r}: only 'count'")
+        """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py);
+        "record": it also appends a record per hit to the ring (ring.py) when optimised."""
+        if action not in (None, "count", "record"):
+            raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record'")
         if action is not None and (pre is not None or post is not None):
             raise ProbeError(f"a probe with action={action!r} has no handlers")
         point = self.points.get(target.address)
+        if point is not None and "record" in {action, *(p.action for p in point.probes)} \
+                and any(p.action != action for p in point.probes):
+            raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "
+                             f"action={action!r} cannot join theirs "
+                             f"({', '.join(sorted({repr(p.action) for p in point.probes}))})")
         if point is None:
             if self.optimizer.optimized:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
+        if action == "record":  # while (or where) it is a breakpoint, the tracer records its hits
+            probe.pre = self.optimizer.ring.breakpoint_handler(probe)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)

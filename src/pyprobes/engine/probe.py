@@ -95,7 +95,8 @@ class ProbePoint:
         if not self.probes:
             return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
-        self.may_optimize = all(p.action == "count" for p in self.probes)
+        actions = {p.action for p in self.probes}
+        self.may_optimize = len(actions) == 1 and actions <= {"count", "record"}
         if not self.may_boost:
             self.boosted = False
 

@@ -22,6 +22,7 @@ from .engine import Engine
 from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
+from .ring import Record
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 
 
@@ -74,6 +75,9 @@ class Process:
     def probe(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
               boost: bool = True, pending: bool = False, action: str | None = None) -> Probe | PendingProbe:
         """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address).
+
+        action="record": as "count", and once optimised each hit also appends a Record (time,
+        thread, probe, argument registers) to a ring in shared memory: see records().
 
         action="count": the probe only counts (no handlers). It goes in as a breakpoint; at the
         next run() it is jump-optimised where it can be (mode "optimized": counted inside the
@@ -254,6 +258,32 @@ class Process:
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _signal.signal(_signal.SIGALRM, previous)
             self.sync_counters()
+
+    def records(self) -> "list[Record]":
+        """The records of action="record" probes that arrived since the last call: each a
+        Record(time_ns, tid, probe, args), oldest first per thread. run() drains the ring
+        whenever it returns; call run(timeout) in a loop so the ring does not fill."""
+        return self.engine.optimizer.ring.take()
+
+    @property
+    def lost_records(self) -> int:
+        """Records dropped because the ring was full (the program never waits for pyprobes)."""
+        return self.engine.optimizer.ring.lost
+
+    @property
+    def ring_capacity(self) -> int:
+        return self.engine.optimizer.ring.capacity
+
+    @ring_capacity.setter
+    def ring_capacity(self, records: int) -> None:
+        """The ring's size in records (a power of two), before the first record probe is optimised."""
+        ring = self.engine.optimizer.ring
+        if ring.address:
+            raise ProbeError("the record ring is made already: set ring_capacity before run()")
+        if records <= 0 or records & (records - 1):
+            raise ProbeError(f"ring_capacity {records} is not a power of two")
+        ring.capacity = records
+        ring.size = ring.size_for(records)
 
     def sync_counters(self) -> None:
         """Bring the hits of jump-optimised probes up to date (they are counted in the process)."""
