@@ -21,21 +21,22 @@ examples:
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
-  pyprobes trace --optimize 'libc:malloc' -- ./prog recorded in the process: no stop per hit
+  pyprobes trace --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
 A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
 JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
---optimize: entry probes record each hit inside the process (a ring buffer in shared memory,
-read every 0.2 s: lines come in batches, in time order within each); "N records lost" at the
-end when the ring was full at times (the program never waits for pyprobes).
+Entry probes record each hit inside the process where the entry allows it (a ring in shared
+memory, read every 0.2 s: lines come in batches, in time order within each); "N records lost"
+at the end when the ring was full at times (the program never waits for pyprobes). With a
+%return probe, or --no-optimize, every probe is a breakpoint (calls and returns print in order).
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--optimize [--ring RECORDS]] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -46,11 +47,13 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
-    p.add_argument("--optimize", action="store_true",
-                   help="record entry hits inside the process, with no stop per hit, where the function's "
-                        "entry allows it (mode 'optimized'); the others stay breakpoints")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="breakpoints only: a stop per hit (by default entry hits are recorded inside the "
+                        "process, with no stop per hit, where the function's entry allows it)")
+    p.add_argument("--optimize", dest="optimize", action="store_true", default=True,
+                   help=argparse.SUPPRESS)  # the default; kept so that older command lines still work
     p.add_argument("--ring", type=int, metavar="RECORDS",
-                   help="with --optimize: the ring's size in records, a power of two (default 8192)")
+                   help="the ring's size in records, a power of two (default 8192)")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
     p.set_defaults(func=run)
@@ -68,7 +71,9 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
-    optimize = args.optimize
+    # Records reach the report in batches; a return's line is written at its stop. With both,
+    # entries stay breakpoints, so that calls and returns are printed in the order they happened.
+    optimize = args.optimize and not any(spec.strip().endswith("%return") for spec in args.probes)
 
     def pre_for(target):
         name = target.name
