@@ -7,6 +7,7 @@ import time
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
+from .typed import DebugInfoLookup, call_json, call_text, json_value, text_value
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -22,8 +23,12 @@ examples:
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
-A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
-JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+A function whose module has debug info (DWARF, in the file or its -dbg package) shows
+every parameter by name and type instead: open_file(path="/etc/hosts", flags=0), and
+its JSON "args" is an object, {"path": "/etc/hosts", "flags": 0}; strings are read up
+to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out.
+A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
+and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
@@ -57,9 +62,18 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
+    lookup: list[DebugInfoLookup] = []  # made once the process exists
+
+    def function_of(target):
+        if not lookup:
+            lookup.append(DebugInfoLookup(session.proc))
+        return lookup[0].function_of(target)
 
     def pre_for(target):
         name = target.name
+        function = function_of(target)
+        if function is not None:
+            return typed_pre(name, function)
 
         def on_hit(tid, regs):
             now = time.monotonic()
@@ -75,8 +89,44 @@ def run(args, command: list[str]) -> int:
                 report.flush()
         return on_hit
 
+    def typed_pre(name, function):
+        read = session.proc.read_arguments
+
+        def on_hit(tid, regs):
+            now = time.monotonic()
+            values = read(tid, regs, function)
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
+                                  "probe": name, "args": call_json(function, values)}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({call_text(function, values)})\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_hit
+
+    def typed_ret(name, type_):
+        typed = session.proc.typed_return
+
+        def on_return(tid, retval, elapsed_ns, data):
+            now = time.monotonic()
+            value = typed(tid, retval, type_)
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
+                                  "retval": json_value(value), "latency_ns": elapsed_ns}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name} = {text_value(value, type_.kind)}"
+                      f" ({elapsed_ns / 1000:.3f} us)\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_return
+
     def ret_for(target):
         name = target.name + "%return"
+        function = function_of(target)
+        if function is not None and function.return_type is not None:
+            return typed_ret(name, function.return_type)
 
         def on_return(tid, retval, elapsed_ns, data):
             now = time.monotonic()

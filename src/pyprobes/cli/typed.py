@@ -1,0 +1,70 @@
+"""Named, typed arguments and return values from DWARF for `trace`: looked up once per probe,
+formatted per hit. A module without debug info is said once, and its probes show raw registers."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyprobes
+
+from .output import note
+
+CUT_MARK = "..."
+
+
+class DebugInfoLookup:
+    """function_info(target) with "no debug info" noted once per module."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+        self.noted: set[str] = set()
+
+    def function_of(self, target):
+        try:
+            return self.proc.function_info(target)
+        except pyprobes.NoDebugInfo:
+            module = target.module.path
+            if module not in self.noted:
+                self.noted.add(module)
+                note(f"{target.module.name} has no debug info, so its arguments are raw registers: "
+                     "install its debug symbols (the -dbg or -dbgsym package) or build it with -g")
+            return None
+        except (pyprobes.PyprobesError, OSError, ValueError) as e:  # unreadable DWARF: raw registers
+            note(f"{target.module.name}: cannot read its debug info ({e}); arguments are raw registers")
+            return None
+
+
+def text_value(value: Any, kind: str) -> str:
+    """One value as trace's text line shows it."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if type(value).__name__ == "Unavailable":
+            return f"<{value}>"
+        return json.dumps(str(value), ensure_ascii=False) + (CUT_MARK if getattr(value, "cut", False) else "")
+    if isinstance(value, float):
+        return repr(value)
+    if kind in ("pointer", "struct", "union", "array", "unknown"):
+        return f"{value:#x}"
+    if kind == "char" and 32 <= value < 127:
+        return f"{value} {chr(value)!r}"
+    return str(value)
+
+
+def json_value(value: Any) -> Any:
+    """One value as trace --json holds it: null where there is none, a cut string ends in "..."."""
+    if isinstance(value, str):
+        if type(value).__name__ == "Unavailable":
+            return None
+        return str(value) + (CUT_MARK if getattr(value, "cut", False) else "")
+    return value
+
+
+def call_text(function, values: list) -> str:
+    return ", ".join(f"{p.name}={text_value(v, p.type.kind)}" for p, v in zip(function.parameters, values))
+
+
+def call_json(function, values: list) -> dict:
+    return {p.name: json_value(v) for p, v in zip(function.parameters, values)}
