@@ -26,7 +26,8 @@ Each line: seconds since the probes went in, thread id, probe, arguments in hex
 A function whose module has debug info (DWARF, in the file or its -dbg package) shows
 every parameter by name and type instead: open_file(path="/etc/hosts", flags=0), and
 its JSON "args" is an object, {"path": "/etc/hosts", "flags": 0}; strings are read up
-to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out.
+to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out;
+--raw shows the registers as above (--args applies to them only).
 A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
 and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
@@ -34,11 +35,13 @@ The report goes to stderr (or -o FILE); the command's own output is untouched.
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
                    help="show the first N arguments, 0 to 6 (default 3)")
+    p.add_argument("--raw", action="store_true",
+                   help="registers in hex (--args N of them) even where debug info names and types the arguments")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("--json", action="store_true", help="write JSON Lines instead of text")
     p.add_argument("-o", "--output", metavar="FILE",
@@ -71,7 +74,7 @@ def run(args, command: list[str]) -> int:
 
     def pre_for(target):
         name = target.name
-        function = function_of(target)
+        function = None if args.raw else function_of(target)
         if function is not None:
             return typed_pre(name, function)
 
@@ -124,7 +127,7 @@ def run(args, command: list[str]) -> int:
 
     def ret_for(target):
         name = target.name + "%return"
-        function = function_of(target)
+        function = None if args.raw else function_of(target)
         if function is not None and function.return_type is not None:
             return typed_ret(name, function.return_type)
 

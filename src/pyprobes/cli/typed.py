@@ -7,7 +7,7 @@ from typing import Any
 
 import pyprobes
 
-from .output import note
+from .output import CliError, note
 
 CUT_MARK = "..."
 
@@ -68,3 +68,37 @@ def call_text(function, values: list) -> str:
 
 def call_json(function, values: list) -> dict:
     return {p.name: json_value(v) for p, v in zip(function.parameters, values)}
+
+
+def list_signatures(path: str, pattern: str | None, output: str | None) -> int:
+    """`pyprobes list --args BINARY [PATTERN]`: "ADDRESS  SIGNATURE" per function in its DWARF."""
+    import fnmatch
+    import sys
+
+    if pattern and ":" in pattern:
+        raise CliError("a MODULE: prefix needs -p PID; for a BINARY give just the symbol pattern", 2)
+    try:
+        functions = pyprobes.debug_info_for(path).functions()
+    except pyprobes.NoDebugInfo:
+        raise CliError(f"{path} has no debug info: install its debug symbols (the -dbg or -dbgsym "
+                       "package) or build it with -g", 1) from None
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}", 1) from None
+    except Exception as e:  # pyelftools on a corrupt file raises its own errors
+        raise CliError(f"{path}: cannot read its debug info ({e})", 1) from None
+    if pattern:
+        functions = [f for f in functions if fnmatch.fnmatchcase(f.name, pattern)]
+        if not functions:
+            raise CliError(f"no function matching {pattern!r} in the debug info of {path}", 1)
+    lines = [f"{f.entry:#x}  {f.signature()}" for f in functions]
+    try:
+        out = open(output, "w") if output else sys.stdout
+    except OSError as e:
+        raise CliError(f"cannot write {output}: {e.strerror}", 2) from None
+    try:
+        out.write("".join(line + "\n" for line in lines))
+        out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
