@@ -3,7 +3,6 @@ field against the values main() passes (tests/fixtures/dwarf_args.c); typed retu
 `list --args`; and a build without -g, which says so once and shows raw registers."""
 from __future__ import annotations
 
-
 import pytest
 
 from cli2_util import cli, json_lines, notes
