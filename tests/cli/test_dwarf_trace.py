@@ -58,6 +58,18 @@ def test_text_lines_read_like_calls(optimised):
     assert f'dwarf_args_o2:open_file(path="{"x" * 256}"..., flags=300)' in lines
 
 
+def test_unoptimised_build_reads_the_registers_before_the_prologue(build):
+    """At -O0 the debug info puts every parameter in its frame slot, which the prologue has not
+    written at the entry pc: the values still come from the calling convention's registers."""
+    o0 = build("dwarf_args.c", "-O0", output="dwarf_args_o0")
+    r = cli("trace", "--json", "store", "mix", "twice", "--", str(o0))
+    assert r.returncode == 0, r.stderr
+    hits = hits_of(r.stderr)
+    assert [h["args"] for h in hits["store"]] == [{"key": "alpha", "n": 1, "w": 0.5}]
+    assert [h["args"] for h in hits["mix"]] == [{"u": 4000000000, "c": 123456789012, "b": True, "ch": ord("Z")}]
+    assert [h["args"] for h in hits["twice"]] == [{"a": -42, "b": 1 << 40}]
+
+
 def test_without_debug_info_says_so_once_and_shows_registers(plain):
     r = cli("trace", "--json", "open_file", "store", "--", str(plain))
     assert r.returncode == 0, r.stderr

@@ -167,6 +167,9 @@ class DebugInfo:
     def _function(self, die, cu, base: int) -> FunctionInfo | None:
         entry = _attr(die, "DW_AT_entry_pc", None)
         low = _attr(die, "DW_AT_low_pc", None)
+        if entry is not None and low is not None and die.attributes["DW_AT_entry_pc"].form.startswith(
+                ("DW_FORM_data", "DW_FORM_udata", "DW_FORM_sdata")):
+            entry += low  # DWARF 5: a constant entry_pc is an offset from low_pc
         if entry is None:
             entry = low
         if entry is None and "DW_AT_ranges" in die.attributes:
@@ -187,7 +190,7 @@ class DebugInfo:
             ptype = self._type(decl)
             params.append(Parameter(pname, ptype, self._location(child, cu, base, entry, frame_base)))
         ret = self._type(origin) if "DW_AT_type" in _with_origin_attrs(origin) else None
-        return FunctionInfo(name, entry, params, ret)
+        return FunctionInfo(name, entry, _entry_registers(params, ret), ret)
 
     def _first_range(self, die, cu, base: int) -> int | None:
         try:
@@ -253,7 +256,7 @@ class DebugInfo:
                     return Location("unavailable", reason="frame base is not the CFA")
                 offset = ENTRY_CFA_OFFSET + op.args[0]
                 if op.args[0] < 0:  # inside the callee's own frame: not written yet at the entry pc
-                    return Location("unavailable", reason="in the function's frame, not yet written at entry")
+                    return Location("unavailable", reason=_NOT_YET_WRITTEN)
                 return Location("memory", STACK_POINTER, offset)
         if names and names[-1] == "DW_OP_stack_value" and len(ops) == 2:
             op = ops[0]
@@ -312,6 +315,42 @@ class DebugInfo:
         if tag == "DW_TAG_subroutine_type":
             return TypeInfo("<function>", "unknown", 0)
         return TypeInfo(name or "?", "unknown", size)
+
+
+_NOT_YET_WRITTEN = "in the function's frame, not yet written at entry"
+
+
+def _entry_registers(params: list[Parameter], ret: TypeInfo | None) -> list[Parameter]:
+    """Unoptimised code describes parameters by their home in the frame, which the prologue has
+    not filled yet at the entry pc. There they are still where the calling convention put them:
+    integer and pointer arguments in order in the integer registers, floating ones in the SSE
+    registers. Used only while every parameter so far is a scalar the convention passes in a
+    register; after an aggregate or a long double the assignment is unknown and stops."""
+    from ..x86.arch import INTEGER_ARGUMENT_REGISTERS, SSE_ARGUMENT_REGISTERS
+
+    if not any(p.location.reason == _NOT_YET_WRITTEN for p in params):
+        return params
+    # A large aggregate is returned through memory whose address the caller passes first.
+    integer = 1 if ret is not None and ret.kind in ("struct", "union", "class", "array", "unknown") \
+        and ret.size > 16 else 0
+    sse = 0
+    out = []
+    known = True
+    for p in params:
+        kind, size = p.type.kind, p.type.size
+        if kind == "float" and size in (4, 8):
+            pool, index = SSE_ARGUMENT_REGISTERS, sse
+            sse += 1
+        elif kind in ("signed", "unsigned", "char", "bool", "enum", "string", "pointer") and 0 < size <= 8:
+            pool, index = INTEGER_ARGUMENT_REGISTERS, integer
+            integer += 1
+        else:
+            known = False
+            pool, index = (), 0
+        if p.location.reason == _NOT_YET_WRITTEN and known and index < len(pool):
+            p = Parameter(p.name, p.type, Location("register", pool[index]))
+        out.append(p)
+    return out
 
 
 def _register(number: int) -> Location:

@@ -36,6 +36,8 @@ __all__ = [
     "BREAKPOINT_LENGTH",
     "DWARF_REGISTERS",
     "ENTRY_CFA_OFFSET",
+    "INTEGER_ARGUMENT_REGISTERS",
+    "SSE_ARGUMENT_REGISTERS",
     "MAX_INSTRUCTION_LENGTH",
     "SlotCopy",
     "STACK_POINTER",
@@ -60,6 +62,9 @@ _TRAP_FLAG = 0x100  # RFLAGS.TF
 DWARF_REGISTERS = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6: "rbp", 7: "rsp",
                    **{n: f"r{n}" for n in range(8, 16)}, 16: "rip", **{17 + n: f"xmm{n}" for n in range(16)}}
 STACK_POINTER = "rsp"
+# SysV psABI 3.2.3: INTEGER-class arguments in these, in order; SSE-class ones in xmm0..7.
+INTEGER_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+SSE_ARGUMENT_REGISTERS = tuple(f"xmm{n}" for n in range(8))
 ENTRY_CFA_OFFSET = 8  # at a function's first instruction the CFA is rsp + 8 (just above the return address)
 
 
