@@ -82,6 +82,8 @@ def run(args, command: list[str]) -> int:
         raise CliError("list takes no command", 2)
     where = args.where
     if args.pid is not None:
+        if args.args:
+            raise CliError("--args lists a BINARY's signatures: give the BINARY, not -p PID", 2)
         if len(where) > 1:
             raise CliError("with -p PID give at most one PATTERN", 2)
         rows = rows_for_pid(args.pid, where[0] if where else None)
