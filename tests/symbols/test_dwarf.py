@@ -50,6 +50,10 @@ def test_struct_pointer_enum_and_float(functions):
         ("c", "enum color", "enum", 4, "register", "rsi"),
         ("scale", "float", "float", 4, "register", "xmm0")]
     assert functions["half"].return_type.name == "double"
+    assert shape(functions["lerp"]) == [
+        ("a", "double", "float", 8, "register", "xmm0"),
+        ("b", "double", "float", 8, "register", "xmm1"),
+        ("t", "float", "float", 4, "register", "xmm2")]
 
 
 def test_location_lists_pick_the_entry_covering_the_entry_pc(optimised, functions):
