@@ -29,7 +29,7 @@ class DebugInfoLookup:
                 note(f"{target.module.name} has no debug info, so its arguments are raw registers: "
                      "install its debug symbols (the -dbg or -dbgsym package) or build it with -g")
             return None
-        except (pyprobes.PyprobesError, OSError, ValueError) as e:  # unreadable DWARF: raw registers
+        except pyprobes.PyprobesError as e:  # unreadable DWARF: raw registers
             note(f"{target.module.name}: cannot read its debug info ({e}); arguments are raw registers")
             return None
 
@@ -82,10 +82,8 @@ def list_signatures(path: str, pattern: str | None, output: str | None) -> int:
     except pyprobes.NoDebugInfo:
         raise CliError(f"{path} has no debug info: install its debug symbols (the -dbg or -dbgsym "
                        "package) or build it with -g", 1) from None
-    except OSError as e:
-        raise CliError(f"cannot read {path}: {e.strerror or e}", 1) from None
-    except Exception as e:  # pyelftools on a corrupt file raises its own errors
-        raise CliError(f"{path}: cannot read its debug info ({e})", 1) from None
+    except pyprobes.PyprobesError as e:
+        raise CliError(str(e), 1) from None
     if pattern:
         functions = [f for f in functions if fnmatch.fnmatchcase(f.name, pattern)]
         if not functions:

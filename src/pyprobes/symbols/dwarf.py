@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import PyprobesError
 
-__all__ = ["DebugInfo", "FunctionInfo", "Location", "NoDebugInfo", "Parameter", "TypeInfo",
+__all__ = ["DebugInfo", "DebugInfoError", "FunctionInfo", "Location", "NoDebugInfo", "Parameter", "TypeInfo",
            "debug_info_for", "NO_DEBUG_INFO_HINT"]
 
 NO_DEBUG_INFO_HINT = ("install its debug symbols (the -dbg or -dbgsym package, or debuginfod) "
@@ -36,6 +36,10 @@ _AGGREGATES = {"DW_TAG_structure_type": "struct", "DW_TAG_union_type": "union",
 
 class NoDebugInfo(PyprobesError):
     """The module has no DWARF, neither in the file nor in a separate debug file."""
+
+
+class DebugInfoError(PyprobesError):
+    """The module's DWARF could not be read (pyelftools' own errors, one line)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,15 @@ class DebugInfo:
         self._locations = LocationParser(self._dwarf.location_lists())
 
     def function_at(self, address: int) -> FunctionInfo | None:
-        """The function whose entry pc is ADDRESS (link-time), or None."""
+        """The function whose entry pc is ADDRESS (link-time), or None. Raises DebugInfoError."""
+        try:
+            return self._function_at(address)
+        except PyprobesError:
+            raise
+        except Exception as e:  # pyelftools raises many kinds on a corrupt file
+            raise DebugInfoError(f"{self.path}: unreadable debug info ({e})") from None
+
+    def _function_at(self, address: int) -> FunctionInfo | None:
         if address in self._functions:
             return self._functions[address]
         offset = None
@@ -136,8 +148,11 @@ class DebugInfo:
         return self._functions.get(address)
 
     def functions(self) -> list[FunctionInfo]:
-        """Every function with an entry pc, sorted by address."""
-        self.read_all()
+        """Every function with an entry pc, sorted by address. Raises DebugInfoError."""
+        try:
+            self.read_all()
+        except Exception as e:
+            raise DebugInfoError(f"{self.path}: unreadable debug info ({e})") from None
         return sorted(self._functions.values(), key=lambda f: f.entry)
 
     def read_all(self) -> None:
@@ -416,7 +431,7 @@ def _load(path: str) -> DebugInfo | None:
         return DebugInfo(path)
     except NoDebugInfo:
         pass
-    except OSError:
+    except Exception:  # unreadable as ELF or DWARF: as good as none
         return None
     try:
         separate = find_debug_file(ElfFile.load(path))
@@ -426,5 +441,5 @@ def _load(path: str) -> DebugInfo | None:
         return None
     try:
         return DebugInfo(str(separate))
-    except (NoDebugInfo, OSError):
+    except Exception:
         return None
