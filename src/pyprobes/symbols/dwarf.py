@@ -28,6 +28,7 @@ NO_DEBUG_INFO_HINT = ("install its debug symbols (the -dbg or -dbgsym package, o
 # DW_ATE_* encodings of base types.
 _ENCODINGS = {1: "unsigned", 2: "bool", 3: "unknown", 4: "float", 5: "signed", 6: "char", 7: "unsigned",
               8: "char", 0x10: "unsigned"}
+_ASSEMBLER = 0x8001  # DW_LANG_Mips_Assembler, what gas writes for a .S file
 _QUALIFIERS = {"DW_TAG_const_type": "const", "DW_TAG_volatile_type": "volatile",
                "DW_TAG_restrict_type": "restrict", "DW_TAG_atomic_type": "_Atomic"}
 _AGGREGATES = {"DW_TAG_structure_type": "struct", "DW_TAG_union_type": "union",
@@ -81,10 +82,12 @@ class FunctionInfo:
     entry: int  # link-time address of the entry pc
     parameters: list[Parameter] = field(default_factory=list)
     return_type: TypeInfo | None = None  # None: void
+    variadic: bool = False  # ends in "...": only the named parameters are read
 
     def signature(self) -> str:
         """C-like: "int open_file(const char *path, int flags)"."""
-        params = ", ".join(_declaration(p.type.name, p.name) for p in self.parameters) or "void"
+        params = ", ".join([_declaration(p.type.name, p.name) for p in self.parameters]
+                           + (["..."] if self.variadic else [])) or "void"
         return _declaration(self.return_type.name if self.return_type else "void", f"{self.name}({params})")
 
 
@@ -167,6 +170,8 @@ class DebugInfo:
     def _read_unit(self, cu) -> None:
         self._units_read.add(cu.cu_offset)
         top = cu.get_top_DIE()
+        if _attr(top, "DW_AT_language", 0) == _ASSEMBLER:
+            return  # its subprograms have neither parameters nor types: raw registers say more
         base = _attr(top, "DW_AT_low_pc", 0)
         stack = [top]
         while stack:
@@ -197,7 +202,9 @@ class DebugInfo:
             return None
         frame_base = self._frame_base_is_cfa(die)
         params = []
+        variadic = False
         for child in die.iter_children():
+            variadic = variadic or child.tag == "DW_TAG_unspecified_parameters"
             if child.tag != "DW_TAG_formal_parameter":
                 continue
             decl = _origin(child)
@@ -205,7 +212,7 @@ class DebugInfo:
             ptype = self._type(decl)
             params.append(Parameter(pname, ptype, self._location(child, cu, base, entry, frame_base)))
         ret = self._type(origin) if "DW_AT_type" in _with_origin_attrs(origin) else None
-        return FunctionInfo(name, entry, _entry_registers(params, ret), ret)
+        return FunctionInfo(name, entry, _entry_registers(params, ret), ret, variadic)
 
     def _first_range(self, die, cu, base: int) -> int | None:
         try:
