@@ -7,7 +7,7 @@ import pytest
 
 from cli2_util import cli, json_lines, notes
 
-PROBES = ["open_file", "store", "mix", "area", "half", "twice", "lerp", "lerp%return", "half%return", "twice%return", "mix%return"]
+PROBES = ["open_file", "store", "mix", "area", "half", "twice", "lerp", "lerp%return", "many", "half%return", "twice%return", "mix%return"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def test_json_args_are_named_and_typed(optimised):
     assert [h["args"] for h in hits["lerp"]] == [{"a": 2.0, "b": 1e10, "t": 0.25}] * 3  # xmm0, xmm1, xmm2
     assert [h["retval"] for h in hits["lerp%return"]] == [2.0 + (1e10 - 2.0) * 0.25] * 3
     assert [h["retval"] for h in hits["half%return"]] == [-1.625] * 3
+    # the 7th and 8th arguments are on the stack (DW_OP_fbreg from the CFA), the 8th a short
+    assert [h["args"] for h in hits["many"]] == [{f"a{i}": i for i in range(1, 7)} | {"a7": -7, "a8": -8}] * 3
     assert [h["retval"] for h in hits["twice%return"]] == [-84] * 3
     assert [h["retval"] for h in hits["mix%return"]] == [(4000000000 + 123456789012 + 1 + 90) & 0xFFFFFFFF] * 3
 

@@ -56,6 +56,13 @@ def test_struct_pointer_enum_and_float(functions):
         ("t", "float", "float", 4, "register", "xmm2")]
 
 
+def test_stack_arguments_are_memory_above_the_return_address(functions):
+    """At the entry pc the CFA is rsp + 8: the 7th and 8th integer arguments are at rsp+8, rsp+16."""
+    locations = [(p.name, p.location.kind, p.location.register, p.location.offset)
+                 for p in functions["many"].parameters[6:]]
+    assert locations == [("a7", "memory", "rsp", 8), ("a8", "memory", "rsp", 16)]
+
+
 def test_location_lists_pick_the_entry_covering_the_entry_pc(optimised, functions):
     """At -O2 both parameters of twice() have location lists (a moves to a callee-saved register,
     b becomes DW_OP_entry_value after the first call); at the entry pc they are rdi and rsi."""
