@@ -15,7 +15,7 @@ _HOME = {  # where each public name lives
     "ProbeError": ".engine", "Process": ".engine", "Record": ".engine", "ReturnProbe": ".engine", "attach": ".engine",
     "functions_of_binary": ".engine", "functions_of_process": ".engine", "spawn": ".engine",
     "PyprobesError": ".errors",
-    "ElfError": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",
+    "ElfError": ".symbols", "FunctionInfo": ".symbols", "NoDebugInfo": ".symbols", "debug_info_for": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",
     "ProcessExited": ".tracee",
 }
 __all__ = sorted(_HOME) + ["__version__"]

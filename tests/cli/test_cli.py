@@ -117,7 +117,7 @@ def test_command_killed_by_a_signal(pie):
 
 # ---------------------------------------------------------------------------------- trace
 def test_trace_json_shows_the_arguments(pie):
-    r = cli("trace", "--json", "cli_add", "--", str(pie), "5")
+    r = cli("trace", "--json", "--raw", "cli_add", "--", str(pie), "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected_output(5)
     hits = [json.loads(x) for x in r.stderr.strip().splitlines()]
@@ -128,7 +128,7 @@ def test_trace_json_shows_the_arguments(pie):
 
 
 def test_trace_text_and_args_count(pie):
-    r = cli("trace", "--args", "2", "cli_add", "--", str(pie), "3")
+    r = cli("trace", "--raw", "--args", "2", "cli_add", "--", str(pie), "3")
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "cli_add(" in x]
     assert len(lines) == 3

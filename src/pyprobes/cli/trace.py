@@ -9,6 +9,7 @@ from pyprobes import PyprobesError
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
+from .typed import DebugInfoLookup, call_json, call_text, json_value, text_value
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -25,22 +26,30 @@ examples:
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
-A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
-JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
-Entry probes record each hit inside the process where the entry allows it (a ring in shared
-memory, read every 0.2 s: lines come in batches, in time order within each); "N records lost"
-at the end when the ring was full at times (the program never waits for pyprobes). With a
-%return probe, or --no-optimize, every probe is a breakpoint (calls and returns print in order).
+A function whose module has debug info (DWARF, in the file or its -dbg package) shows
+every parameter by name and type instead: open_file(path="/etc/hosts", flags=0), and
+its JSON "args" is an object, {"path": "/etc/hosts", "flags": 0}; strings are read up
+to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out;
+--raw shows the registers as above (--args applies to them only).
+A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
+and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+Other entry probes record each hit inside the process where the entry allows it (a ring in
+shared memory, read every 0.2 s: lines come in batches, in time order within each); "N records
+lost" at the end when the ring was full at times (the program never waits for pyprobes). Typed
+arguments need a stop to read memory, so those probes are breakpoints; with a %return probe, or
+--no-optimize, every probe is a breakpoint (calls and returns print in order).
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
                    help="show the first N arguments, 0 to 6 (default 3)")
+    p.add_argument("--raw", action="store_true",
+                   help="registers in hex (--args N of them) even where debug info names and types the arguments")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("--json", action="store_true", help="write JSON Lines instead of text")
     p.add_argument("-o", "--output", metavar="FILE",
@@ -74,9 +83,18 @@ def run(args, command: list[str]) -> int:
     # Records reach the report in batches; a return's line is written at its stop. With both,
     # entries stay breakpoints, so that calls and returns are printed in the order they happened.
     optimize = args.optimize and not any(spec.strip().endswith("%return") for spec in args.probes)
+    lookup: list[DebugInfoLookup] = []  # made once the process exists
+
+    def function_of(target):
+        if not lookup:
+            lookup.append(DebugInfoLookup(session.proc))
+        return lookup[0].function_of(target)
 
     def pre_for(target):
         name = target.name
+        function = None if args.raw else function_of(target)
+        if function is not None:
+            return typed_pre(name, function)
 
         def on_hit(tid, regs):
             now = time.monotonic()
@@ -110,8 +128,44 @@ def run(args, command: list[str]) -> int:
                 write_record(record)
         report.flush()
 
+    def typed_pre(name, function):
+        read = session.proc.read_arguments
+
+        def on_hit(tid, regs):
+            now = time.monotonic()
+            values = read(tid, regs, function)
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
+                                  "probe": name, "args": call_json(function, values)}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({call_text(function, values)})\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_hit
+
+    def typed_ret(name, type_):
+        typed = session.proc.typed_return
+
+        def on_return(tid, retval, elapsed_ns, data):
+            now = time.monotonic()
+            value = typed(tid, retval, type_)
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
+                                  "retval": json_value(value), "latency_ns": elapsed_ns}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name} = {text_value(value, type_.kind)}"
+                      f" ({elapsed_ns / 1000:.3f} us)\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_return
+
     def ret_for(target):
         name = target.name + "%return"
+        function = None if args.raw else function_of(target)
+        if function is not None and function.return_type is not None:
+            return typed_ret(name, function.return_type)
 
         def on_return(tid, retval, elapsed_ns, data):
             now = time.monotonic()
@@ -135,7 +189,12 @@ def run(args, command: list[str]) -> int:
             except PyprobesError as e:
                 raise CliError(str(e), 2) from None
         if optimize:
-            session.place(args.probes, None, ret_for, action="record")
+            # Recorded in the process, unless the debug info types the arguments (a stop reads them).
+            def typed_only(target):
+                function = None if args.raw else function_of(target)
+                return None if function is None else typed_pre(target.name, function)
+
+            session.place(args.probes, typed_only, ret_for, action="record")
         else:
             session.place(args.probes, pre_for, ret_for)
         if not as_json:

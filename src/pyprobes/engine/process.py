@@ -15,9 +15,10 @@ from typing import Sequence
 
 from ..errors import PyprobesError
 from ..slots import SlotCache
-from ..symbols import AT_ENTRY, Symbol, Target, auxv_value, modules, symbolize
+from ..symbols import AT_ENTRY, FunctionInfo, Symbol, Target, TypeInfo, auxv_value, debug_info_for, modules, symbolize
 from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
 from ..tracee.procfs import pending_signals
+from .args import read_arguments, typed_value
 from .engine import Engine
 from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
@@ -191,6 +192,26 @@ class Process:
         self.pause()
         for tid in arrived:
             tracee.release(tid, resume=False)  # paused now: the next run() lets it go
+
+    def function_info(self, target: Target) -> FunctionInfo | None:
+        """TARGET's function as its module's DWARF describes it (parameters, their types and
+        locations at entry; the return type); None when TARGET is inside a function or the
+        debug info does not describe it. Raises NoDebugInfo when the module has no debug info."""
+        if target.symbol is None or target.offset:
+            return None
+        info = debug_info_for(getattr(target.module.elf, "path", None) or target.module.path)
+        return info.function_at(target.module.to_link(target.symbol_address))
+
+    def read_arguments(self, tid: int, regs, function: FunctionInfo) -> list:
+        """FUNCTION's parameter values at a hit on its entry (inside an entry handler only):
+        numbers, bools, floats, str for `char *`, addresses for other pointers, and an
+        Unavailable (a str) where there is no value. See engine/args.py."""
+        return read_arguments(self.tracee, tid, regs, function)
+
+    def typed_return(self, tid: int, retval, type_: TypeInfo):
+        """A return probe's RETVAL (rax, with .xmm0) as TYPE_ (a function's return_type)."""
+        vector = retval.xmm0 if type_.kind == "float" else None
+        return typed_value(self.tracee, type_, int(retval), vector)
 
     def was_sent(self, sig: int) -> bool:
         """Whether signal SIG reached the program while traced: it stopped for it (pyprobes then

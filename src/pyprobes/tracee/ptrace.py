@@ -186,9 +186,17 @@ XMM0_OFFSET = 160  # in struct user_fpregs_struct (the FXSAVE image): xmm_space 
 
 def get_xmm0(tid: int) -> bytes:
     """The 16 bytes of xmm0 (where the SysV ABI returns a float or double)."""
+    return get_xmm(tid, 0)
+
+
+def get_xmm(tid: int, n: int) -> bytes:
+    """The 16 bytes of xmmN, 0 <= N < 16 (the SysV ABI passes floating arguments in xmm0..7)."""
+    if not 0 <= n < 16:
+        raise ValueError(f"no register xmm{n}")
     image = ctypes.create_string_buffer(512)
     _call(PTRACE_GETFPREGS, tid, None, image)
-    return image.raw[XMM0_OFFSET:XMM0_OFFSET + 16]
+    start = XMM0_OFFSET + 16 * n
+    return image.raw[start:start + 16]
 
 
 def peekuser(tid: int, offset: int) -> int:

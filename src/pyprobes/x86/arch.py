@@ -34,8 +34,13 @@ from .rescue import with_jmp_back
 __all__ = [
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
+    "DWARF_REGISTERS",
+    "ENTRY_CFA_OFFSET",
+    "INTEGER_ARGUMENT_REGISTERS",
+    "SSE_ARGUMENT_REGISTERS",
     "MAX_INSTRUCTION_LENGTH",
     "SlotCopy",
+    "STACK_POINTER",
     "StackMemory",
     "ThreadRegisters",
     "instruction_pointer",
@@ -45,6 +50,7 @@ __all__ = [
     "return_value",
     "set_instruction_pointer",
     "stack_pointer",
+    "vector_register_index",
 ]
 
 MAX_INSTRUCTION_LENGTH = 15
@@ -52,6 +58,14 @@ BREAKPOINT = b"\xcc"  # int3
 BREAKPOINT_LENGTH = len(BREAKPOINT)  # a trap on it reports the program counter this far past it
 RETURN_ADDRESS_SIZE = 8
 _TRAP_FLAG = 0x100  # RFLAGS.TF
+# The x86-64 psABI's DWARF register numbers (3.6.2), as Regs field names; xmmN are not in Regs.
+DWARF_REGISTERS = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6: "rbp", 7: "rsp",
+                   **{n: f"r{n}" for n in range(8, 16)}, 16: "rip", **{17 + n: f"xmm{n}" for n in range(16)}}
+STACK_POINTER = "rsp"
+# SysV psABI 3.2.3: INTEGER-class arguments in these, in order; SSE-class ones in xmm0..7.
+INTEGER_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+SSE_ARGUMENT_REGISTERS = tuple(f"xmm{n}" for n in range(8))
+ENTRY_CFA_OFFSET = 8  # at a function's first instruction the CFA is rsp + 8 (just above the return address)
 
 
 class ThreadRegisters(Protocol):
@@ -165,3 +179,8 @@ def return_address_slot(regs: Any) -> int:
 def popped_return_slot(regs: Any) -> int:
     """Just after a `ret`: where the return address it popped was."""
     return regs.rsp - RETURN_ADDRESS_SIZE
+
+
+def vector_register_index(name: str) -> int | None:
+    """N for "xmmN" (read from the FP registers, not Regs); None for a general register."""
+    return int(name[3:]) if name.startswith("xmm") else None
