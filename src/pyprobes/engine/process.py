@@ -23,6 +23,7 @@ from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
+from .stack import MAX_DEPTH, Frame, Unwinder
 
 
 DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000
@@ -37,6 +38,7 @@ class Process:
         self._stop_requested = False
         self._pending: PendingProbes | None = None
         self._affinity: dict[int, set[int]] | None = None  # share_cpu(): what to give back at detach
+        self._unwinder: Unwinder | None = None
 
     @property
     def pid(self) -> int:
@@ -307,6 +309,15 @@ class Process:
             except OSError:
                 pass
         os.sched_setaffinity(0, tracer)
+
+    def stack(self, regs, max_depth: int = MAX_DEPTH) -> list[Frame]:
+        """The user stack of the thread a pre-handler was given REGS for, innermost frame first,
+        unwound with the modules' .eh_frame (engine/stack.py): call it from the handler, while
+        the thread is stopped. A probe whose handler calls it must be a breakpoint (not
+        action="count")."""
+        if self._unwinder is None:
+            self._unwinder = Unwinder(self.pid, self.tracee.memory)
+        return self._unwinder.unwind(regs, max_depth)
 
     def detach(self) -> None:
         """Remove every probe and let the process run on untraced, exactly as it was."""

@@ -16,6 +16,8 @@ plays arch/x86/kernel/kprobes/core.c. The engine names no register and no opcode
       regs_return_value in the kernel);
   MAX_INSTRUCTION_LENGTH
       how many bytes past an address to read to decode the instruction there;
+  DWARF_REGISTERS, DWARF_STACK_POINTER, DWARF_RETURN_ADDRESS
+      the registers of a `Regs` by their DWARF number (call frame information, unwinding);
   return_address_slot / popped_return_slot, BREAKPOINT, BREAKPOINT_LENGTH
       what return probes need to hijack a return and to know it came back
       (arch_prepare_kretprobe, the kretprobe trampoline).
@@ -32,6 +34,9 @@ from .relocate import RelocationError, SlotCode, pushed_flags_fixup, relocate, r
 from .rescue import with_jmp_back
 
 __all__ = [
+    "DWARF_REGISTERS",
+    "DWARF_RETURN_ADDRESS",
+    "DWARF_STACK_POINTER",
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
     "MAX_INSTRUCTION_LENGTH",
@@ -48,6 +53,12 @@ __all__ = [
 ]
 
 MAX_INSTRUCTION_LENGTH = 15
+# The System V x86-64 psABI's DWARF register numbers (figure 3.36), 0-16, as `Regs` names them;
+# 16 is the return address column, the caller's rip.
+DWARF_REGISTERS = ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp",
+                   "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")
+DWARF_STACK_POINTER = 7
+DWARF_RETURN_ADDRESS = 16
 BREAKPOINT = b"\xcc"  # int3
 BREAKPOINT_LENGTH = len(BREAKPOINT)  # a trap on it reports the program counter this far past it
 RETURN_ADDRESS_SIZE = 8

@@ -1,0 +1,75 @@
+"""engine/stack.py: stacks of an -O2 -fomit-frame-pointer program, unwound by CFI, against gdb."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import pyprobes
+
+CHAIN = ["stk_c", "stk_b", "stk_a", "main"]
+
+
+@pytest.fixture(scope="module")
+def chain(build):
+    return build("stk_chain.c", "-O2", "-fomit-frame-pointer", output="stk_chain_o2")
+
+
+def _stacks(argv: list[str], spec: str, boost: bool = True) -> list[list[pyprobes.Frame]]:
+    proc = pyprobes.spawn(argv)
+    stacks = []
+    try:
+        proc.probe(spec, pre=lambda tid, regs: stacks.append(proc.stack(regs)), boost=boost)
+        proc.run()
+    finally:
+        if proc.alive:
+            proc.kill()
+    return stacks
+
+
+def _gdb_bt(exe: str) -> list[tuple[str, int | None]]:
+    """(function, pc or None for frame 0) of each frame gdb's `bt` shows at the first stk_c."""
+    out = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set debuginfod enabled off",
+                          "-ex", "set backtrace past-main on", "-ex", "break stk_c", "-ex", "run",
+                          "-ex", "bt", "--args", exe, "1"],
+                         capture_output=True, text=True, timeout=120).stdout
+    frames = []
+    for line in out.splitlines():
+        m = re.match(r"#\d+\s+(?:(0x[0-9a-f]+) in )?(\S+) \(", line)
+        if m:
+            frames.append((m.group(2), int(m.group(1), 16) if m.group(1) else None))
+    return frames
+
+
+def test_chain_without_frame_pointers(chain):
+    stacks = _stacks([str(chain), "3"], "stk_c")
+    assert len(stacks) == 3
+    for frames in stacks:
+        assert [f.function for f in frames[:4]] == CHAIN
+        assert frames[0].name == f"{chain.name}:stk_c"
+        assert re.fullmatch(rf"{chain.name}:stk_b\+0x[0-9a-f]+", frames[1].name)
+        assert frames[-1].function == "_start"
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_matches_gdb_bt(chain):
+    ours = _stacks([str(chain), "1"], "stk_c")[0]
+    theirs = _gdb_bt(str(chain))
+    assert len(theirs) >= 5, theirs
+    assert len(ours) == len(theirs), ([f.name for f in ours], theirs)
+    # Through main the names are the binary's own; past it gdb may name libc's frames from
+    # its debug info (__libc_start_main_impl for our __libc_start_main), so there the pcs'
+    # page offsets (the same under any load address) must agree.
+    for frame, (name, pc) in zip(ours, theirs):
+        if frame.function in CHAIN or name in CHAIN or name == "_start":
+            assert frame.function == name
+        if pc is not None:
+            assert frame.pc & 0xFFF == pc & 0xFFF, (frame.name, name, hex(pc))
+
+
+def test_stack_from_a_stepped_probe(chain):
+    # boost=False: the same registers whichever way the probe runs the displaced instruction
+    stacks = _stacks([str(chain), "2"], "stk_b", boost=False)
+    assert [[f.function for f in s[:3]] for s in stacks] == [CHAIN[1:]] * 2
