@@ -7,6 +7,7 @@ import time
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
+from .stacks import frame_lines, frames_of
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -19,17 +20,20 @@ examples:
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
+  pyprobes trace --stack 'libc:getpid' -- ./prog    each hit's user stack under its line
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
 A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
 JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+--stack: the hit's frames (module:symbol+0xoff), unwound with the modules' .eh_frame;
+JSON: "stack": [frames, innermost first]. A probe with a stack is a breakpoint.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--stack] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -40,6 +44,8 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
+    p.add_argument("--stack", action="store_true",
+                   help="print each hit's user stack under its line (unwound with .eh_frame)")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
     p.set_defaults(func=run)
@@ -57,6 +63,7 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
+    with_stack = getattr(args, "stack", False)
 
     def pre_for(target):
         name = target.name
@@ -64,12 +71,16 @@ def run(args, command: list[str]) -> int:
         def on_hit(tid, regs):
             now = time.monotonic()
             values = [getattr(regs, r) for r in registers]
+            frames = frames_of(session, regs) if with_stack else None
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": values}) + "\n")
+                                  "probe": name, "args": values,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
             else:
                 write(f"{now - session.start:12.6f} {tid:>7} {name}"
                       f"({', '.join(f'{v:#x}' for v in values)})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
             if now - last_flush[0] >= FLUSH_EVERY:
                 last_flush[0] = now
                 report.flush()
