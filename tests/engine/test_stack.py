@@ -21,6 +21,7 @@ def _stacks(argv: list[str], spec: str, boost: bool = True) -> list[list[pyprobe
     proc = pyprobes.spawn(argv)
     stacks = []
     try:
+        proc.run_to_entry()  # libc is loaded
         proc.probe(spec, pre=lambda tid, regs: stacks.append(proc.stack(regs)), boost=boost)
         proc.run()
     finally:
@@ -73,3 +74,21 @@ def test_stack_from_a_stepped_probe(chain):
     # boost=False: the same registers whichever way the probe runs the displaced instruction
     stacks = _stacks([str(chain), "2"], "stk_b", boost=False)
     assert [[f.function for f in s[:3]] for s in stacks] == [CHAIN[1:]] * 2
+
+
+PYTHON = "/usr/bin/python3.11"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(PYTHON), reason="no Debian python3.11")
+def test_through_stripped_python(tmp_path):
+    script = tmp_path / "calls.py"
+    script.write_text("import os\ndef leaf():\n    return os.getpid()\nfor _ in range(3):\n    leaf()\n")
+    stacks = _stacks([PYTHON, str(script)], "libc:getpid")
+    assert len(stacks) >= 3
+    for frames in stacks[-3:]:  # the interpreter's own startup may call getpid too
+        names = [f.function for f in frames]
+        assert names[0] == "getpid"
+        for exported in ("PyObject_Vectorcall", "_PyEval_EvalFrameDefault", "Py_BytesMain"):
+            assert exported in names, [f.name for f in frames]
+        assert names.index("_PyEval_EvalFrameDefault") < names.index("Py_BytesMain")
+        assert frames[-1].function == "_start"
