@@ -317,7 +317,12 @@ class Process:
         action="count")."""
         if self._unwinder is None:
             self._unwinder = Unwinder(self.pid, self.tracee.memory)
+            if self._forget_unwinder not in self.engine.exec_hooks:
+                self.engine.exec_hooks.append(self._forget_unwinder)
         return self._unwinder.unwind(regs, max_depth)
+
+    def _forget_unwinder(self) -> None:
+        self._unwinder = None  # a new image: its modules and pcs are not the old ones
 
     def detach(self) -> None:
         """Remove every probe and let the process run on untraced, exactly as it was."""

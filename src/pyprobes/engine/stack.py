@@ -26,6 +26,7 @@ __all__ = ["Frame", "StackReader", "Unwinder", "MAX_DEPTH", "STACK_SLICE"]
 
 MAX_DEPTH = 64
 STACK_SLICE = 64 * 1024
+_FRAME_CACHE = 65536  # symbolised pcs kept per process; a hit's frames repeat, a trace's pcs are few
 _U64 = struct.Struct("<Q")
 
 
@@ -71,7 +72,8 @@ class _Slice:
 
 class Unwinder:
     """Unwinds threads of process PID; keeps its modules until a pc falls outside all of them
-    (a library loaded since), then reads them again once per unwind."""
+    (a library loaded since), then reads them again once per unwind. Each pc's module and
+    symbolised frame are kept with the modules they came from."""
 
     def __init__(self, pid: int, memory: StackReader,
                  load_modules: Callable[[int], list[Module]] = modules) -> None:
@@ -79,17 +81,37 @@ class Unwinder:
         self.memory = memory
         self._load_modules = load_modules
         self._modules: list[Module] | None = None
+        self._frames: dict[tuple[int, bool], tuple[Module, Frame]] = {}
+
+    def _reload(self) -> None:
+        self._modules = self._load_modules(self.pid)
+        self._frames.clear()
+
+    def _frame(self, pc: int, caller: bool, refreshed: list[bool]) -> tuple[Module | None, Frame]:
+        known = self._frames.get((pc, caller))
+        if known is not None:
+            return known
+        # Above frame 0 the pc is a return address: the call is the instruction before it,
+        # and the caller may end with that call (noreturn), so look up pc - 1.
+        lookup = pc - 1 if caller else pc
+        mod = self._module_at(lookup, refreshed)
+        frame = Frame(pc, _symbolized(pc, lookup, mod))
+        if mod is not None:
+            if len(self._frames) >= _FRAME_CACHE:
+                self._frames.clear()
+            self._frames[(pc, caller)] = (mod, frame)
+        return mod, frame
 
     def _module_at(self, pc: int, refreshed: list[bool]) -> Module | None:
         if self._modules is None:
-            self._modules = self._load_modules(self.pid)
+            self._reload()
             refreshed[0] = True
         for mod in self._modules:
             if mod.mapping_at(pc) is not None:
                 return mod
         if not refreshed[0]:
             refreshed[0] = True
-            self._modules = self._load_modules(self.pid)
+            self._reload()
             return self._module_at(pc, refreshed)
         return None
 
@@ -102,14 +124,11 @@ class Unwinder:
         frames: list[Frame] = []
         pc = values[DWARF_RETURN_ADDRESS]
         while len(frames) < max_depth:
-            # Above frame 0 the pc is a return address: the call is the instruction before it,
-            # and the caller may end with that call (noreturn), so look up pc - 1.
-            lookup = pc if not frames else pc - 1
-            mod = self._module_at(lookup, refreshed)
-            frames.append(Frame(pc, _symbolized(pc, lookup, mod)))
+            mod, frame = self._frame(pc, bool(frames), refreshed)
+            frames.append(frame)
             if mod is None:
                 break
-            caller = _step(values, mod, lookup, stack)
+            caller = _step(values, mod, pc - 1 if len(frames) > 1 else pc, stack)
             if caller is None:
                 break
             if caller[DWARF_STACK_POINTER] <= values[DWARF_STACK_POINTER] and \
