@@ -36,7 +36,7 @@ def _run(argv: list[str], spec: str, mode: str) -> tuple[float, list[float], int
 
     def unwind(tid, regs):
         t = time.perf_counter()
-        frames = proc.stack(regs)
+        frames = proc.stack(tid, regs)
         unwinds.append(time.perf_counter() - t)
         depth[0] = len(frames)
 

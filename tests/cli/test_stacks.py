@@ -55,3 +55,13 @@ def test_folded_counts_equal_hits(chain, tmp_path):
     r = cli("count", "--json", "stk_c", "stk_a", "--", str(chain), "7")
     hits = {row["probe"].split(":")[1]: row["hits"] for row in last_json(r.stderr)["probes"]}
     assert hits == counts
+
+
+def test_stack_under_a_return_probe(chain):
+    # stk_b's return address is the return probe's trampoline while stk_c runs: the stack
+    # shows the caller it stands for, and goes on to main
+    r = cli("trace", "--stack", "--args", "0", "stk_c", "stk_b%return", "--", str(chain), "1")
+    assert r.returncode == 0, r.stderr
+    frames = [line.split()[1] for line in r.stderr.splitlines() if line.strip().startswith("#")]
+    assert [f.split(":")[1].split("+")[0] for f in frames[:4]] == ["stk_c", "stk_b", "stk_a", "main"]
+    assert frames[-1].split(":")[1].startswith("_start")

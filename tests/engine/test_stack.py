@@ -22,7 +22,7 @@ def _stacks(argv: list[str], spec: str, boost: bool = True) -> list[list[pyprobe
     stacks = []
     try:
         proc.run_to_entry()  # libc is loaded
-        proc.probe(spec, pre=lambda tid, regs: stacks.append(proc.stack(regs)), boost=boost)
+        proc.probe(spec, pre=lambda tid, regs: stacks.append(proc.stack(tid, regs)), boost=boost)
         proc.run()
     finally:
         if proc.alive:

@@ -7,10 +7,10 @@ from collections import Counter
 UNWIND_FAILED = "[unwind failed]"  # a hit whose stack could not be read still counts once
 
 
-def frames_of(session, regs) -> tuple[str, ...]:
+def frames_of(session, tid: int, regs) -> tuple[str, ...]:
     """The names of the hit's frames, innermost first (Process.stack, from a pre-handler)."""
     try:
-        return tuple(f.name for f in session.proc.stack(regs))
+        return tuple(f.name for f in session.proc.stack(tid, regs))
     except OSError:
         return (UNWIND_FAILED,)  # the thread's memory went away (exiting)
 
@@ -36,7 +36,7 @@ class StackCounts:
             counts = self.by_probe.setdefault(target.name, Counter())
 
             def on_hit(tid, regs):
-                counts[frames_of(session, regs)] += 1
+                counts[frames_of(session, tid, regs)] += 1
             return on_hit
         return pre_for
 

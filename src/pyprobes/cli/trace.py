@@ -71,7 +71,7 @@ def run(args, command: list[str]) -> int:
         def on_hit(tid, regs):
             now = time.monotonic()
             values = [getattr(regs, r) for r in registers]
-            frames = frames_of(session, regs) if with_stack else None
+            frames = frames_of(session, tid, regs) if with_stack else None
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
                                   "probe": name, "args": values,

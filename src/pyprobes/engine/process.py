@@ -310,16 +310,17 @@ class Process:
                 pass
         os.sched_setaffinity(0, tracer)
 
-    def stack(self, regs, max_depth: int = MAX_DEPTH) -> list[Frame]:
-        """The user stack of the thread a pre-handler was given REGS for, innermost frame first,
+    def stack(self, tid: int, regs, max_depth: int = MAX_DEPTH) -> list[Frame]:
+        """The user stack of thread TID, which a pre-handler was given with REGS, innermost frame first,
         unwound with the modules' .eh_frame (engine/stack.py): call it from the handler, while
         the thread is stopped. A probe whose handler calls it must be a breakpoint (not
         action="count")."""
         if self._unwinder is None:
-            self._unwinder = Unwinder(self.pid, self.tracee.memory)
+            self._unwinder = Unwinder(self.pid, self.tracee.memory,
+                                      real_return=self.engine.returns.real_return_address)
             if self._forget_unwinder not in self.engine.exec_hooks:
                 self.engine.exec_hooks.append(self._forget_unwinder)
-        return self._unwinder.unwind(regs, max_depth)
+        return self._unwinder.unwind(tid, regs, max_depth)
 
     def _forget_unwinder(self) -> None:
         self._unwinder = None  # a new image: its modules and pcs are not the old ones

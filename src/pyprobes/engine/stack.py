@@ -34,6 +34,11 @@ class StackReader(Protocol):
     def read_upto(self, address: int, size: int) -> bytes: ...
 
 
+# real_return(tid, slot, value): the return address a frame really has when the stack slot SLOT
+# holds VALUE; a return probe's trampoline stands there for the caller it hijacked.
+RealReturn = Callable[[int, int, int], int]
+
+
 @dataclass(frozen=True)
 class Frame:
     """One frame: its pc (the probed address in frame 0, a return address above it) and where
@@ -76,9 +81,11 @@ class Unwinder:
     symbolised frame are kept with the modules they came from."""
 
     def __init__(self, pid: int, memory: StackReader,
-                 load_modules: Callable[[int], list[Module]] = modules) -> None:
+                 load_modules: Callable[[int], list[Module]] = modules,
+                 real_return: RealReturn | None = None) -> None:
         self.pid = pid
         self.memory = memory
+        self.real_return = real_return
         self._load_modules = load_modules
         self._modules: list[Module] | None = None
         self._frames: dict[tuple[int, bool], tuple[Module, Frame]] = {}
@@ -115,8 +122,8 @@ class Unwinder:
             return self._module_at(pc, refreshed)
         return None
 
-    def unwind(self, regs: Any, max_depth: int = MAX_DEPTH) -> list[Frame]:
-        """The frames of a thread stopped with registers REGS (a `Regs`), innermost first."""
+    def unwind(self, tid: int, regs: Any, max_depth: int = MAX_DEPTH) -> list[Frame]:
+        """The frames of thread TID, stopped with registers REGS (a `Regs`), innermost first."""
         values: dict[int, int] = {n: getattr(regs, name) for n, name in enumerate(DWARF_REGISTERS)}
         sp = values[DWARF_STACK_POINTER]
         stack = _Slice(sp, self.memory.read_upto(sp, STACK_SLICE))
@@ -128,7 +135,7 @@ class Unwinder:
             frames.append(frame)
             if mod is None:
                 break
-            caller = _step(values, mod, pc - 1 if len(frames) > 1 else pc, stack)
+            caller = _step(values, mod, pc - 1 if len(frames) > 1 else pc, stack, tid, self.real_return)
             if caller is None:
                 break
             if caller[DWARF_STACK_POINTER] <= values[DWARF_STACK_POINTER] and \
@@ -152,7 +159,8 @@ def _symbolized(pc: int, lookup: int, mod: Module | None) -> Target | None:
                   target.spec)
 
 
-def _step(values: dict[int, int], mod: Module, lookup: int, stack: _Slice) -> dict[int, int] | None:
+def _step(values: dict[int, int], mod: Module, lookup: int, stack: _Slice, tid: int,
+          real_return: RealReturn | None) -> dict[int, int] | None:
     """The caller's registers (only those known), or None where the unwind must stop."""
     row = cfi_of(mod.elf).row_at(mod.to_link(lookup))
     if row is None:
@@ -170,6 +178,8 @@ def _step(values: dict[int, int], mod: Module, lookup: int, stack: _Slice) -> di
         value: int | None
         if kind == OFFSET:
             value = stack.u64(cfa + arg)
+            if value is not None and real_return is not None and reg == row.return_register:
+                value = real_return(tid, cfa + arg, value)
         elif kind == VAL_OFFSET:
             value = cfa + arg
         elif kind == REGISTER:
