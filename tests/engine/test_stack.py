@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 import pyprobes
+from pyprobes.symbols.cfi import cfi_of
 
 CHAIN = ["stk_c", "stk_b", "stk_a", "main"]
 
@@ -30,15 +31,15 @@ def _stacks(argv: list[str], spec: str, boost: bool = True) -> list[list[pyprobe
     return stacks
 
 
-def _gdb_bt(exe: str) -> list[tuple[str, int | None]]:
-    """(function, pc or None for frame 0) of each frame gdb's `bt` shows at the first stk_c."""
+def _gdb_bt(exe: str, function: str = "stk_c", *args: str) -> list[tuple[str, int | None]]:
+    """(function, pc or None for frame 0) of each frame gdb's `bt` shows at the first FUNCTION."""
     out = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set debuginfod enabled off",
-                          "-ex", "set backtrace past-main on", "-ex", "break stk_c", "-ex", "run",
-                          "-ex", "bt", "--args", exe, "1"],
+                          "-ex", "set backtrace past-main on", "-ex", "handle SIGUSR1 nostop noprint pass",
+                          "-ex", f"break {function}", "-ex", "run", "-ex", "bt", "--args", exe, *args],
                          capture_output=True, text=True, timeout=120).stdout
     frames = []
     for line in out.splitlines():
-        m = re.match(r"#\d+\s+(?:(0x[0-9a-f]+) in )?(\S+) \(", line)
+        m = re.match(r"#\d+\s+(?:(0x[0-9a-f]+) in )?(<signal handler called>|\S+)(?: \(|$)", line)
         if m:
             frames.append((m.group(2), int(m.group(1), 16) if m.group(1) else None))
     return frames
@@ -57,7 +58,7 @@ def test_chain_without_frame_pointers(chain):
 @pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
 def test_matches_gdb_bt(chain):
     ours = _stacks([str(chain), "1"], "stk_c")[0]
-    theirs = _gdb_bt(str(chain))
+    theirs = _gdb_bt(str(chain), "stk_c", "1")
     assert len(theirs) >= 5, theirs
     assert len(ours) == len(theirs), ([f.name for f in ours], theirs)
     # Through main the names are the binary's own; past it gdb may name libc's frames from
@@ -92,3 +93,24 @@ def test_through_stripped_python(tmp_path):
             assert exported in names, [f.name for f in frames]
         assert names.index("_PyEval_EvalFrameDefault") < names.index("Py_BytesMain")
         assert frames[-1].function == "_start"
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_through_a_signal_frame(build):
+    # libc's __restore_rt has a signal frame FDE ('S', expressions over the ucontext): above it
+    # is stk_spin's pc where raise() was called from, then main
+    exe = build("stk_signal.c", "-O2", "-fomit-frame-pointer", output="stk_signal_o2")
+    (ours,) = _stacks([str(exe)], "stk_in_handler")
+    names = [f.function for f in ours]
+    assert names[0] == "stk_in_handler"
+    assert names[names.index("stk_spin"):] [:2] == ["stk_spin", "main"] and names[-1] == "_start"
+    restorer = ours[1].target.module
+    assert cfi_of(restorer.elf).row_at(restorer.to_link(ours[1].pc - 1)).signal_frame  # __restore_rt's 'S'
+    theirs = _gdb_bt(str(exe), "stk_in_handler")
+    # gdb adds "<signal handler called>", and frames it builds from libc's debug info: inlined
+    # functions and tail calls (pthread_kill jumps to __pthread_kill_implementation), which the
+    # machine stack does not hold. Every frame of ours above the interrupted one is one of gdb's.
+    gdb_pcs = {pc & 0xFFF for _name, pc in theirs if pc is not None}
+    interrupted = next(i for i, (name, _pc) in enumerate(theirs) if name.startswith("<signal"))
+    assert ours[2].function == theirs[interrupted + 1][0]  # where the signal came in
+    assert all(f.pc & 0xFFF in gdb_pcs for f in ours[3:]), (theirs, [f.name for f in ours])

@@ -94,19 +94,19 @@ class Unwinder:
         self._modules = self._load_modules(self.pid)
         self._frames.clear()
 
-    def _frame(self, pc: int, caller: bool, refreshed: list[bool]) -> tuple[Module | None, Frame]:
-        known = self._frames.get((pc, caller))
+    def _frame(self, pc: int, returned_to: bool, refreshed: list[bool]) -> tuple[Module | None, Frame]:
+        known = self._frames.get((pc, returned_to))
         if known is not None:
             return known
         # Above frame 0 the pc is a return address: the call is the instruction before it,
         # and the caller may end with that call (noreturn), so look up pc - 1.
-        lookup = pc - 1 if caller else pc
+        lookup = pc - 1 if returned_to else pc
         mod = self._module_at(lookup, refreshed)
         frame = Frame(pc, _symbolized(pc, lookup, mod))
         if mod is not None:
             if len(self._frames) >= _FRAME_CACHE:
                 self._frames.clear()
-            self._frames[(pc, caller)] = (mod, frame)
+            self._frames[(pc, returned_to)] = (mod, frame)
         return mod, frame
 
     def _module_at(self, pc: int, refreshed: list[bool]) -> Module | None:
@@ -130,14 +130,16 @@ class Unwinder:
         refreshed = [False]
         frames: list[Frame] = []
         pc = values[DWARF_RETURN_ADDRESS]
+        returned_to = False  # frame 0, and a frame a signal interrupted, are at their pc exactly
         while len(frames) < max_depth:
-            mod, frame = self._frame(pc, bool(frames), refreshed)
+            mod, frame = self._frame(pc, returned_to, refreshed)
             frames.append(frame)
             if mod is None:
                 break
-            caller = _step(values, mod, pc - 1 if len(frames) > 1 else pc, stack, tid, self.real_return)
-            if caller is None:
+            step = _step(values, mod, pc - 1 if returned_to else pc, stack, tid, self.real_return)
+            if step is None:
                 break
+            caller, returned_to = step
             if caller[DWARF_STACK_POINTER] <= values[DWARF_STACK_POINTER] and \
                     caller[DWARF_RETURN_ADDRESS] == pc:
                 break  # no progress: a corrupt table or stack would loop here
@@ -160,8 +162,9 @@ def _symbolized(pc: int, lookup: int, mod: Module | None) -> Target | None:
 
 
 def _step(values: dict[int, int], mod: Module, lookup: int, stack: _Slice, tid: int,
-          real_return: RealReturn | None) -> dict[int, int] | None:
-    """The caller's registers (only those known), or None where the unwind must stop."""
+          real_return: RealReturn | None) -> tuple[dict[int, int], bool] | None:
+    """The caller's registers (only those known) and whether its pc is a return address (not
+    where a signal interrupted it); None where the unwind must stop."""
     row = cfi_of(mod.elf).row_at(mod.to_link(lookup))
     if row is None:
         return None
@@ -201,4 +204,4 @@ def _step(values: dict[int, int], mod: Module, lookup: int, stack: _Slice, tid: 
         return None  # the outermost frame (_start marks its return address undefined)
     caller[DWARF_STACK_POINTER] = cfa
     caller[DWARF_RETURN_ADDRESS] = ra
-    return caller
+    return caller, not row.signal_frame

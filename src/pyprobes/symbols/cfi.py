@@ -42,13 +42,16 @@ class Rule(NamedTuple):
 class Row:
     """One row of the CFA table. CFA = register ``cfa_register`` + ``cfa_offset``, or the value
     of ``cfa_expression`` when it is set. ``rules`` has an entry per register with a rule other
-    than "same value"; ``return_register`` names the column holding the return address."""
+    than "same value"; ``return_register`` names the column holding the return address.
+    ``signal_frame`` (augmentation 'S'): the frame a signal handler returns through, whose
+    caller's pc is where the signal interrupted it, not a return address."""
 
     cfa_register: int
     cfa_offset: int
     rules: dict[int, Rule]
     return_register: int
     cfa_expression: bytes | None = None
+    signal_frame: bool = False
 
 
 @dataclass
@@ -424,7 +427,7 @@ class CfiTable:
         initial = dict(state.rules)
         _execute(fde.instructions, fde.cie, state, initial, fde.start, pc)
         return Row(state.cfa_register, state.cfa_offset, state.rules, fde.cie.return_register,
-                   state.cfa_expression)
+                   state.cfa_expression, fde.cie.signal_frame)
 
 
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
