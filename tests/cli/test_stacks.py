@@ -65,3 +65,20 @@ def test_stack_under_a_return_probe(chain):
     frames = [line.split()[1] for line in r.stderr.splitlines() if line.strip().startswith("#")]
     assert [f.split(":")[1].split("+")[0] for f in frames[:4]] == ["stk_c", "stk_b", "stk_a", "main"]
     assert frames[-1].split(":")[1].startswith("_start")
+
+
+def test_folded_in_a_library_loaded_and_unloaded(build):
+    # the library is dlopened, dlclosed and dlopened again (maybe elsewhere): each round's
+    # stacks name it and its caller, and the counts still equal the hits
+    lib = build("cli2_plug.c", "-shared", "-fPIC", output="libcli2plug.so")
+    prog = build("cli2_dlopen.c")
+    r = cli("count", "--folded", "libcli2plug:plug_fn", "--", str(prog), str(lib), "2", "3")
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("pyprobes:")]
+    total = 0
+    for line in lines:
+        stack, n = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        assert frames[-1] == "libcli2plug.so:plug_fn" and frames[-2] == "cli2_dlopen:main", line
+        total += int(n)
+    assert total == 2 * (1 + 2 + 3)

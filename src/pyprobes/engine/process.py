@@ -317,7 +317,8 @@ class Process:
         action="count")."""
         if self._unwinder is None:
             self._unwinder = Unwinder(self.pid, self.tracee.memory,
-                                      real_return=self.engine.returns.real_return_address)
+                                      real_return=self.engine.returns.real_return_address,
+                                      generation=lambda: self.engine.loader.reports)
             if self._forget_unwinder not in self.engine.exec_hooks:
                 self.engine.exec_hooks.append(self._forget_unwinder)
         return self._unwinder.unwind(tid, regs, max_depth)

@@ -77,15 +77,19 @@ class _Slice:
 
 class Unwinder:
     """Unwinds threads of process PID; keeps its modules until a pc falls outside all of them
-    (a library loaded since), then reads them again once per unwind. Each pc's module and
-    symbolised frame are kept with the modules they came from."""
+    (a library loaded since) or GENERATION() changes (the dynamic loader reported a change),
+    then reads them again. Each pc's module and symbolised frame are kept with the modules
+    they came from."""
 
     def __init__(self, pid: int, memory: StackReader,
                  load_modules: Callable[[int], list[Module]] = modules,
-                 real_return: RealReturn | None = None) -> None:
+                 real_return: RealReturn | None = None,
+                 generation: Callable[[], int] = lambda: 0) -> None:
         self.pid = pid
         self.memory = memory
         self.real_return = real_return
+        self._generation = generation
+        self._seen_generation = generation()
         self._load_modules = load_modules
         self._modules: list[Module] | None = None
         self._frames: dict[tuple[int, bool], tuple[Module, Frame]] = {}
@@ -124,6 +128,11 @@ class Unwinder:
 
     def unwind(self, tid: int, regs: Any, max_depth: int = MAX_DEPTH) -> list[Frame]:
         """The frames of thread TID, stopped with registers REGS (a `Regs`), innermost first."""
+        generation = self._generation()
+        if generation != self._seen_generation:
+            self._seen_generation = generation
+            self._modules = None
+            self._frames.clear()
         values: dict[int, int] = {n: getattr(regs, name) for n, name in enumerate(DWARF_REGISTERS)}
         sp = values[DWARF_STACK_POINTER]
         stack = _Slice(sp, self.memory.read_upto(sp, STACK_SLICE))

@@ -285,8 +285,8 @@ def _execute(code: bytes, cie: _Cie, state: _State, initial: dict[int, Rule] | N
             if not stack:
                 raise ElfError("corrupt .eh_frame: restore_state with nothing remembered")
             saved = stack.pop()
-            # DWARF: the CFA rule is not part of the remembered register rules in GCC's
-            # unwinder either; both restore everything, so do the same.
+            # The CFA rule comes back with the register rules, as in gcc's unwinder and
+            # readelf: gcc's epilogues in the middle of a function rely on it.
             state.cfa_register, state.cfa_offset = saved.cfa_register, saved.cfa_offset
             state.cfa_expression, state.rules = saved.cfa_expression, saved.rules
         elif op == _DEF_CFA:
