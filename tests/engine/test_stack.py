@@ -71,6 +71,13 @@ def test_matches_gdb_bt(chain):
             assert frame.pc & 0xFFF == pc & 0xFFF, (frame.name, name, hex(pc))
 
 
+def test_chain_from_debug_frame(build):
+    exe = build("stk_chain.c", "-O2", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables", output="stk_chain_debug_frame")
+    (frames,) = _stacks([str(exe), "1"], "stk_c")
+    assert [f.function for f in frames[:4]] == CHAIN and frames[-1].function == "_start"
+
+
 def test_stack_from_a_stepped_probe(chain):
     # boost=False: the same registers whichever way the probe runs the displaced instruction
     stacks = _stacks([str(chain), "2"], "stk_b", boost=False)

@@ -192,3 +192,16 @@ def test_matches_readelf_on_libc():
     if libc is None:
         pytest.skip("no libc.so.6 at the Debian path")
     assert _compare(libc, limit=3000) > 1000
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf is not installed")
+def test_debug_frame_adds_what_eh_frame_lacks(build):
+    # -fno-asynchronous-unwind-tables -g: the program's own functions are in .debug_frame only
+    exe = build("stk_chain.c", "-O2", "-fomit-frame-pointer", "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables", output="stk_chain_debug_frame")
+    elf = ElfFile.load(str(exe))
+    eh, _error = parse_cfi(*elf.eh_frame_bytes())
+    stk_b = next(s for s in elf.functions if s.name == "stk_b")
+    assert not any(f.start <= stk_b.address < f.end for f in eh)
+    assert cfi_of(elf).row_at(stk_b.address + 9).cfa_offset == 32  # after three pushes
+    assert _compare(str(exe)) > 10  # readelf's rows of both sections

@@ -1,4 +1,4 @@
-"""Call frame information from .eh_frame: for a pc, where its caller's frame is.
+"""Call frame information from .eh_frame (and .debug_frame): for a pc, where its caller's frame is.
 
 Each FDE holds call frame instructions that, run from the function's start up to a pc, build
 one row of the DWARF CFA table (DWARF 5, section 6.4): the canonical frame address (CFA) as a
@@ -8,18 +8,21 @@ architecture's business (x86/dwarfregs.py).
 
 Records are read with ehframe.py's bounded record reader, so a corrupt section ends in an
 ElfError for that record, never a hang. A module's FDEs are parsed once (``cfi_of``) and a
-row, once computed, is kept per pc.
+row, once computed, is kept per pc. .debug_frame (DWARF's own layout: CIE id 0xffffffff,
+CIE pointers from the section's start, absolute addresses) adds the functions .eh_frame
+does not cover, as gdb reads both; it may be in the file or in its separate debug file.
 """
 from __future__ import annotations
 
 import bisect
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .ehframe import (DW_EH_PE_absptr, DW_EH_PE_omit, _U32, _leb, _record, _Unsupported,
                       read_encoded)
-from .headers import ElfError
+from .headers import ElfError, bounded_reader, read_headers, section_data
 
 __all__ = ["Rule", "Row", "CfiTable", "cfi_of", "parse_cfi", "evaluate_expression"]
 
@@ -62,6 +65,7 @@ class _Cie:
     encoding: int
     initial: bytes
     signal_frame: bool = False
+    has_length: bool = True  # 'z': each FDE has an augmentation data length
 
 
 @dataclass
@@ -84,12 +88,15 @@ _GNU_ARGS_SIZE, _GNU_NEGATIVE_OFFSET_EXTENDED = 0x2E, 0x2F
 _STATE_DEPTH = 64  # remember_state nesting; more is corruption
 
 
-def _parse_cie(data: bytes, cie: int) -> _Cie | None:
+_DEBUG_FRAME_CIE_ID = 0xFFFFFFFF
+
+
+def _parse_cie(data: bytes, cie: int, cie_id: int = 0) -> _Cie | None:
     rec = _record(data, cie)
     if rec is None:
         raise ElfError(f"corrupt .eh_frame: an FDE points at offset 0x{cie:x}, which holds no CIE")
     body, end, _length = rec
-    if _U32.unpack_from(data, body)[0] != 0:
+    if _U32.unpack_from(data, body)[0] != cie_id:
         raise ElfError(f"corrupt .eh_frame: an FDE points at offset 0x{cie:x}, which holds another FDE")
     p = body + 4
     if p >= end:
@@ -145,12 +152,16 @@ def _parse_cie(data: bytes, cie: int) -> _Cie | None:
         return None  # without 'z' an unknown augmentation hides where the instructions start
     if encoding == DW_EH_PE_omit:
         return None
-    return _Cie(code_align, data_align, return_register, encoding, data[p:end], signal_frame)
+    return _Cie(code_align, data_align, return_register, encoding, data[p:end], signal_frame,
+                augmentation.startswith(b"z"))
 
 
-def parse_cfi(data: bytes, section_vaddr: int, data_base: int = 0) -> tuple[list[_Fde], str | None]:
-    """Every FDE of the .eh_frame bytes DATA (loaded at link-time SECTION_VADDR), sorted by
-    start, and what was wrong if a corrupt record stopped the walk (the FDEs before it are kept)."""
+def parse_cfi(data: bytes, section_vaddr: int, data_base: int = 0,
+              debug_frame: bool = False) -> tuple[list[_Fde], str | None]:
+    """Every FDE of the .eh_frame bytes DATA (loaded at link-time SECTION_VADDR), or of the
+    .debug_frame bytes DATA when DEBUG_FRAME, sorted by start, and what was wrong if a corrupt
+    record stopped the walk (the FDEs before it are kept)."""
+    cie_id = _DEBUG_FRAME_CIE_ID if debug_frame else 0
     cies: dict[int, _Cie | None] = {}
     fdes: list[_Fde] = []
     error = None
@@ -162,12 +173,12 @@ def parse_cfi(data: bytes, section_vaddr: int, data_base: int = 0) -> tuple[list
                 break
             body, end, _length = rec
             (cie_pointer,) = _U32.unpack_from(data, body)
-            if cie_pointer:
-                cie_at = body - cie_pointer
+            if cie_pointer != cie_id:
+                cie_at = cie_pointer if debug_frame else body - cie_pointer
                 if cie_at < 0:
                     raise ElfError(f"corrupt .eh_frame: FDE at offset 0x{pos:x} points before the section")
                 if cie_at not in cies:
-                    cies[cie_at] = _parse_cie(data, cie_at)
+                    cies[cie_at] = _parse_cie(data, cie_at, cie_id)
                 cie = cies[cie_at]
                 if cie is not None:
                     p = body + 4
@@ -177,7 +188,9 @@ def parse_cfi(data: bytes, section_vaddr: int, data_base: int = 0) -> tuple[list
                     except _Unsupported:
                         cies[cie_at] = None
                     else:
-                        aug_size, p = _leb(data, p, end, signed=False)  # every 'z' CIE has one
+                        aug_size = 0
+                        if cie.has_length:
+                            aug_size, p = _leb(data, p, end, signed=False)
                         if size:
                             fdes.append(_Fde(start, start + size, cie, data[p + aug_size:end]))
             pos = end
@@ -433,15 +446,46 @@ class CfiTable:
 _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _debug_frame_bytes(path: str) -> bytes:
+    """The .debug_frame of the ELF file at PATH (b"" without one)."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        read = bounded_reader(fd, os.fstat(fd).st_size, path)
+        _e_type, _programs, sections, shstrndx = read_headers(fd, read, path)
+        if not 0 < shstrndx < len(sections):
+            return b""
+        names = section_data(read, sections[shstrndx], "the section name table")
+        for sh in sections:
+            if names[sh[0]:names.find(b"\0", sh[0])] == b".debug_frame":
+                return section_data(read, sh, ".debug_frame")
+    return b""
+
+
 def cfi_of(elf) -> CfiTable:
-    """The CFI table of ElfFile ELF, parsed on first use and kept as long as ELF lives."""
+    """The CFI table of ElfFile ELF, parsed on first use and kept as long as ELF lives:
+    .eh_frame's FDEs, and those of .debug_frame (the file's, else its debug file's) for
+    code .eh_frame does not cover."""
     table = _tables.get(elf)
     if table is None:
+        fdes: list[_Fde] = []
+        errors = []
         data, vaddr, data_base = elf.eh_frame_bytes()
-        if data is None:
-            table = CfiTable([])
-        else:
+        if data is not None:
             fdes, error = parse_cfi(data, vaddr, data_base)
-            table = CfiTable(fdes, f"{elf.path}: {error}" if error else None)
+            errors += [error] if error else []
+        for path in dict.fromkeys(p for p in (elf.path, elf.debug_file) if p):
+            try:
+                debug = _debug_frame_bytes(path)
+            except (OSError, ElfError) as e:
+                errors.append(str(e))
+                continue
+            if debug and elf.segments:  # a relocatable file's addresses are not relocated
+                extra, error = parse_cfi(debug, 0, debug_frame=True)
+                errors += [error] if error else []
+                covered = CfiTable(fdes)
+                fdes = fdes + [f for f in extra if covered.fde_for(f.start) is None]
+                break
+        fdes.sort(key=lambda f: f.start)
+        table = CfiTable(fdes, f"{elf.path}: {'; '.join(errors)}" if errors else None)
         _tables[elf] = table
     return table
