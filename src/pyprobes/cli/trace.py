@@ -9,6 +9,7 @@ from pyprobes import PyprobesError
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
+from .stacks import frame_lines, frames_of
 from .typed import DebugInfoLookup, call_json, call_text, json_value, text_value
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
@@ -23,6 +24,7 @@ examples:
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes trace --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
+  pyprobes trace --stack 'libc:getpid' -- ./prog    each hit's user stack under its line
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
@@ -38,12 +40,14 @@ shared memory, read every 0.2 s: lines come in batches, in time order within eac
 lost" at the end when the ring was full at times (the program never waits for pyprobes). Typed
 arguments need a stop to read memory, so those probes are breakpoints; with a %return probe, or
 --no-optimize, every probe is a breakpoint (calls and returns print in order).
+--stack: the hit's frames (module:symbol+0xoff), unwound with the modules' .eh_frame;
+JSON: "stack": [frames, innermost first]. A probe with a stack is a breakpoint.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--stack] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -56,6 +60,8 @@ def add_parser(sub) -> None:
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
+    p.add_argument("--stack", action="store_true",
+                   help="print each hit's user stack under its line (unwound with .eh_frame)")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
                    help="breakpoints only: a stop per hit (by default entry hits are recorded inside the "
                         "process, with no stop per hit, where the function's entry allows it)")
@@ -82,7 +88,9 @@ def run(args, command: list[str]) -> int:
     as_json = args.json
     # Records reach the report in batches; a return's line is written at its stop. With both,
     # entries stay breakpoints, so that calls and returns are printed in the order they happened.
-    optimize = args.optimize and not any(spec.strip().endswith("%return") for spec in args.probes)
+    with_stack = args.stack  # a stack needs a stop: every probe is a breakpoint then
+    optimize = args.optimize and not with_stack \
+        and not any(spec.strip().endswith("%return") for spec in args.probes)
     lookup: list[DebugInfoLookup] = []  # made once the process exists
 
     def function_of(target):
@@ -99,12 +107,16 @@ def run(args, command: list[str]) -> int:
         def on_hit(tid, regs):
             now = time.monotonic()
             values = [getattr(regs, r) for r in registers]
+            frames = frames_of(session, tid, regs) if with_stack else None
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": values}) + "\n")
+                                  "probe": name, "args": values,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
             else:
                 write(f"{now - session.start:12.6f} {tid:>7} {name}"
                       f"({', '.join(f'{v:#x}' for v in values)})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
             if now - last_flush[0] >= FLUSH_EVERY:
                 last_flush[0] = now
                 report.flush()
@@ -134,11 +146,15 @@ def run(args, command: list[str]) -> int:
         def on_hit(tid, regs):
             now = time.monotonic()
             values = read(tid, regs, function)
+            frames = frames_of(session, tid, regs) if with_stack else None
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": call_json(function, values)}) + "\n")
+                                  "probe": name, "args": call_json(function, values),
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
             else:
                 write(f"{now - session.start:12.6f} {tid:>7} {name}({call_text(function, values)})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
             if now - last_flush[0] >= FLUSH_EVERY:
                 last_flush[0] = now
                 report.flush()

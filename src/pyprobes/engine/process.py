@@ -25,6 +25,7 @@ from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
 from .ring import Record
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
+from .stack import MAX_DEPTH, Frame, Unwinder
 
 
 DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000
@@ -39,6 +40,7 @@ class Process:
         self._stop_requested = False
         self._pending: PendingProbes | None = None
         self._affinity: dict[int, set[int]] | None = None  # share_cpu(): what to give back at detach
+        self._unwinder: Unwinder | None = None
 
     @property
     def pid(self) -> int:
@@ -363,6 +365,22 @@ class Process:
             except OSError:
                 pass
         os.sched_setaffinity(0, tracer)
+
+    def stack(self, tid: int, regs, max_depth: int = MAX_DEPTH) -> list[Frame]:
+        """The user stack of thread TID, which a pre-handler was given with REGS, innermost frame first,
+        unwound with the modules' .eh_frame (engine/stack.py): call it from the handler, while
+        the thread is stopped. A probe whose handler calls it must be a breakpoint (not
+        action="count")."""
+        if self._unwinder is None:
+            self._unwinder = Unwinder(self.pid, self.tracee.memory,
+                                      real_return=self.engine.returns.real_return_address,
+                                      generation=lambda: self.engine.loader.reports)
+            if self._forget_unwinder not in self.engine.exec_hooks:
+                self.engine.exec_hooks.append(self._forget_unwinder)
+        return self._unwinder.unwind(tid, regs, max_depth)
+
+    def _forget_unwinder(self) -> None:
+        self._unwinder = None  # a new image: its modules and pcs are not the old ones
 
     def detach(self) -> None:
         """Remove every probe and let the process run on untraced, exactly as it was."""

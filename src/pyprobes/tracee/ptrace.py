@@ -304,6 +304,21 @@ def process_vm_readv(pid: int, address: int, size: int) -> bytes:
     return buf.raw[:size]
 
 
+def process_vm_readv_upto(pid: int, address: int, size: int) -> bytes:
+    """Up to SIZE bytes at ADDRESS of PID in one system call: the kernel stops at the first
+    unmapped page, so this is what is readable there (b"" if nothing); OSError otherwise."""
+    buf = ctypes.create_string_buffer(size)
+    local = _IoVec(ctypes.addressof(buf), size)
+    remote = _IoVec(address, size)
+    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        if err == 14:  # EFAULT: not even the first page is there
+            return b""
+        raise OSError(err, f"process_vm_readv({pid}, {address:#x}, {size}): {os.strerror(err)}")
+    return buf.raw[:n]
+
+
 # System call numbers (x86-64, asm/unistd_64.h) of the two calls libc has no wrapper for.
 SYS_TGKILL = 234
 SYS_RT_TGSIGQUEUEINFO = 297

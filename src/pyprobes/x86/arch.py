@@ -16,6 +16,8 @@ plays arch/x86/kernel/kprobes/core.c. The engine names no register and no opcode
       regs_return_value in the kernel);
   MAX_INSTRUCTION_LENGTH
       how many bytes past an address to read to decode the instruction there;
+  DWARF_REGISTERS, DWARF_STACK_POINTER, DWARF_RETURN_ADDRESS
+      the registers of a `Regs` by their DWARF number (call frame information, unwinding);
   return_address_slot / popped_return_slot, BREAKPOINT, BREAKPOINT_LENGTH
       what return probes need to hijack a return and to know it came back
       (arch_prepare_kretprobe, the kretprobe trampoline).
@@ -32,9 +34,11 @@ from .relocate import RelocationError, SlotCode, pushed_flags_fixup, relocate, r
 from .rescue import with_jmp_back
 
 __all__ = [
+    "DWARF_REGISTERS",
+    "DWARF_RETURN_ADDRESS",
+    "DWARF_STACK_POINTER",
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
-    "DWARF_REGISTERS",
     "ENTRY_CFA_OFFSET",
     "INTEGER_ARGUMENT_REGISTERS",
     "SSE_ARGUMENT_REGISTERS",
@@ -54,6 +58,9 @@ __all__ = [
 ]
 
 MAX_INSTRUCTION_LENGTH = 15
+# 16 in DWARF_REGISTERS (below) is the return address column, the caller's rip.
+DWARF_STACK_POINTER = 7
+DWARF_RETURN_ADDRESS = 16
 BREAKPOINT = b"\xcc"  # int3
 BREAKPOINT_LENGTH = len(BREAKPOINT)  # a trap on it reports the program counter this far past it
 RETURN_ADDRESS_SIZE = 8
