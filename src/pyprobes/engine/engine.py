@@ -33,6 +33,7 @@ from .probe import Handler, Probe, ProbeError, ProbePoint
 from .rescue import Rescue
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
+from .usdt import Semaphores
 
 UNSIZED_FUNCTION_BYTES = 256
 
@@ -47,6 +48,7 @@ class Engine:
         self.slots = SlotCache(self.host)
         self.rescue = Rescue(tracee, self.host)  # the program survives our death (engine/rescue.py)
         self.optimizer = Optimizer(self, tracee, self.host)  # jump-optimised points (issue 11)
+        self.semaphores = Semaphores(tracee.memory)  # USDT semaphores our probes hold (usdt.py)
         self.stats = {"threads_migrated": 0, "signals_held": 0, "faults_in_slots": 0}
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
@@ -93,6 +95,9 @@ class Engine:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
+        if target.usdt is not None and target.usdt.semaphore:
+            probe.semaphore = target.module.to_runtime(target.usdt.semaphore)
+            self.semaphores.acquire(probe.semaphore)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)
@@ -167,6 +172,8 @@ class Engine:
     def remove_probe(self, probe: Probe) -> None:
         probe.removed = True
         probe.enabled = False
+        if probe.semaphore is not None:
+            self.semaphores.release(probe.semaphore)
         point = probe.point
         point.probes.remove(probe)
         if probe in self.probes:
@@ -184,6 +191,7 @@ class Engine:
         nothing written back (its library was unmapped: whatever is there now is not ours).
         Returns how many probes went."""
         dropped = 0
+        self.semaphores.forget_in(inside)
         for point in [p for p in self.points.values() if inside(p.address)]:
             self.optimizer.abandon(point)
             if point.armed:
@@ -445,6 +453,7 @@ class Engine:
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
         self.optimizer.forget()
+        self.semaphores.forget()
         self.loader.forget()
         self.returns.forget()
         self.rescue.forget()
@@ -474,6 +483,7 @@ class Engine:
                         self.returns.on_trampoline(tid)
                 self._stepping.clear()
                 self.returns.restore_all()
+                self.semaphores.release_all()
                 self.slots.release_all()
                 self.optimizer.release()
                 self.returns.release()

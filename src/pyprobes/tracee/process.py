@@ -106,6 +106,9 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
     def get_xmm0(self, tid: int) -> bytes:
         return ptrace.get_xmm0(tid)
 
+    def get_xmm(self, tid: int, n: int) -> bytes:
+        return ptrace.get_xmm(tid, n)
+
     # ------------------------------------------------------------------ for injected system calls
     def stopped_thread(self) -> int | None:
         """Some stopped, live thread to inject a system call into, or None; one whose own event

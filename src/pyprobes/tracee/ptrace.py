@@ -191,6 +191,14 @@ def get_xmm0(tid: int) -> bytes:
     return image.raw[XMM0_OFFSET:XMM0_OFFSET + 16]
 
 
+def get_xmm(tid: int, n: int) -> bytes:
+    """The 16 bytes of xmm register N (0..15)."""
+    image = ctypes.create_string_buffer(512)
+    _call(PTRACE_GETFPREGS, tid, None, image)
+    at = XMM0_OFFSET + 16 * n
+    return image.raw[at:at + 16]
+
+
 def peekuser(tid: int, offset: int) -> int:
     # PEEKUSER returns the word itself, so -1 is ambiguous: clear errno first.
     ctypes.set_errno(0)

@@ -5,7 +5,11 @@ width; a handler's registers are the 64-bit fields of `user_regs_struct`.
 """
 from __future__ import annotations
 
-__all__ = ["RegisterPart", "register_part"]
+__all__ = ["INTEGER_ARGUMENTS", "FLOAT_ARGUMENTS", "RegisterPart", "register_part"]
+
+# The System V AMD64 ABI: the first integer/pointer arguments, and how many go in xmm0...
+INTEGER_ARGUMENTS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+FLOAT_ARGUMENTS = 8
 
 # (64-bit name, 32-bit, 16-bit, low byte) for the registers with legacy names.
 _LEGACY = (
