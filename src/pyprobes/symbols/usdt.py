@@ -21,7 +21,8 @@ from .elf import ElfFile
 from .headers import bounded_reader, read_headers, section_data
 from .notes import stapsdt_notes
 
-__all__ = ["UsdtArg", "UsdtError", "UsdtProbe", "parse_arg", "parse_args", "usdt_probes"]
+__all__ = ["UsdtArg", "UsdtError", "UsdtListing", "UsdtProbe", "parse_arg", "parse_args", "usdt_probes",
+           "usdt_probes_of_binary", "usdt_probes_of_process"]
 
 MemoryReader = Callable[[int, int], bytes]
 
@@ -214,3 +215,44 @@ def _read_notes(path: str):
         return notes, base_addr
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class UsdtListing:
+    """One row of `pyprobes list --usdt`: addresses link-time for a binary, runtime for a process."""
+
+    module: str
+    address: int
+    provider: str
+    name: str
+    semaphore: int  # 0: none
+    args: str
+
+
+def _matches(probe: UsdtProbe, pattern: str | None) -> bool:
+    import fnmatch
+    return pattern is None or fnmatch.fnmatchcase(probe.full_name, pattern) \
+        or fnmatch.fnmatchcase(probe.name, pattern)
+
+
+def usdt_probes_of_binary(path: str, pattern: str | None = None) -> list[UsdtListing]:
+    """The USDT probes PATH declares (PATTERN: a glob on PROVIDER:NAME or NAME)."""
+    elf = ElfFile.load(path)
+    name = os.path.basename(path)
+    return [UsdtListing(name, p.address, p.provider, p.name, p.semaphore, p.args_text)
+            for p in usdt_probes(elf) if _matches(p, pattern)]
+
+
+def usdt_probes_of_process(pid: int, pattern: str | None = None) -> list[UsdtListing]:
+    """The USDT probes of every module process PID maps, at runtime addresses."""
+    from .maps import modules
+    out, seen = [], set()
+    for mod in modules(pid):
+        if mod.path in seen:
+            continue
+        seen.add(mod.path)
+        for p in usdt_probes(mod.elf):
+            if _matches(p, pattern):
+                out.append(UsdtListing(mod.name, mod.to_runtime(p.address), p.provider, p.name,
+                                       mod.to_runtime(p.semaphore) if p.semaphore else 0, p.args_text))
+    return out
