@@ -5,6 +5,8 @@ import argparse
 import json
 import time
 
+from pyprobes import parse_spec
+
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
 
@@ -19,9 +21,15 @@ examples:
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
+  pyprobes trace 'usdt:python:function__entry(str,str,int)' -- python3 x.py   a USDT probe, typed
+  pyprobes trace 'work(int,str,double)' -- ./prog   a function's arguments typed (int uint hex str ptr double)
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
+A USDT probe (usdt:[MODULE:]PROVIDER:NAME) shows the arguments its note declares, as integers
+of their size and sign. A type list, SPEC(T1,T2,...), shows each argument as its type says:
+int, uint, hex, ptr, str (a C string read from the program, at most 256 bytes, "..." when cut)
+or double (xmm0, xmm1... for a function). In JSON, "args" holds these typed values.
 A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
 JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
@@ -60,16 +68,23 @@ def run(args, command: list[str]) -> int:
 
     def pre_for(target):
         name = target.name
+        # A USDT probe's arguments come from its note; a type list (SPEC(T,...)) types them.
+        typed = target.usdt is not None or parse_spec(target.spec).types is not None
+        proc = session.proc
 
         def on_hit(tid, regs):
             now = time.monotonic()
-            values = [getattr(regs, r) for r in registers]
+            if typed:
+                values = proc.args(target, tid, regs)
+                shown = ", ".join(json.dumps(v) if isinstance(v, str) or v is None else str(v) for v in values)
+            else:
+                values = [getattr(regs, r) for r in registers]
+                shown = ", ".join(f"{v:#x}" for v in values)
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
                                   "probe": name, "args": values}) + "\n")
             else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name}"
-                      f"({', '.join(f'{v:#x}' for v in values)})\n")
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({shown})\n")
             if now - last_flush[0] >= FLUSH_EVERY:
                 last_flush[0] = now
                 report.flush()
