@@ -82,3 +82,16 @@ def test_usdt_errors(usdt_exe):
     one_line_error(cli("trace", "usdt:usdt_fx:tick(int,float)", "--", str(usdt_exe), "1"), 2,
                    "bad type list", "unknown type 'float'")
     one_line_error(cli("trace", "usdt:onlyone", "--", str(usdt_exe), "1"), 2, "bad USDT spec")
+
+
+def test_pending_usdt_in_a_library_loaded_later(build):
+    if not (os.path.exists("/usr/include/x86_64-linux-gnu/sys/sdt.h") or os.path.exists("/usr/include/sys/sdt.h")):
+        pytest.skip("<sys/sdt.h> is not installed (systemtap-sdt-dev)")
+    lib = build("usdt_lib.c", "-shared", "-fPIC", output="libusdt_lib.so")
+    exe = build("usdt_dlopen.c", "-ldl")
+    r = cli("trace", "--json", "usdt:libusdt_lib:usdt_lib:ping(int)", "--", str(exe), str(lib), str(N))
+    assert r.returncode == 0, r.stderr
+    assert f"pings calls {N} fired {N}" in r.stdout  # the semaphore was raised in the new library
+    hits = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert [h["args"] for h in hits] == [[i] for i in range(N)]
+    assert "pending" in r.stderr
