@@ -156,3 +156,16 @@ def test_python_function_entry(procs, tmp_path):
     reference = _bpftrace_counts(script)
     if reference is not None:
         assert dict(counts) == reference
+
+
+def test_function_typed_args(procs, usdt_exe):
+    """A function without a type list from debug info: str from rdi (cut at 256 bytes and marked),
+    double from xmm0, int from rsi (the next integer register: doubles take none)."""
+    run = procs.spawn(usdt_exe, 1)
+    run.proc.run_to_entry()
+    seen = []
+    p = run.proc.probe("scale(str,double,int)", pre=lambda tid, regs: seen.append(p.args(tid, regs)))
+    assert p.types == ("str", "double", "int")
+    assert run.finish() == 0
+    long_label = "".join(chr(ord("a") + i % 26) for i in range(256)) + "..."
+    assert seen == [["short", 0.5, -3], [long_label, 2.25, 4]]
