@@ -169,3 +169,15 @@ def test_function_typed_args(procs, usdt_exe):
     assert run.finish() == 0
     long_label = "".join(chr(ord("a") + i % 26) for i in range(256)) + "..."
     assert seen == [["short", 0.5, -3], [long_label, 2.25, 4]]
+
+
+def test_forked_child_gets_its_semaphore_back(procs, usdt_exe):
+    """A forked child is let go untraced with its probes scrubbed; its copy of a semaphore we
+    raised goes back down with them."""
+    run = procs.spawn(usdt_exe, 2, 0, 0, "fork")
+    run.proc.run_to_entry()
+    gated = run.proc.probe("usdt:usdt_fx:gated")
+    assert run.finish() == 0
+    assert run.results[("ticks",)] == {"calls": 2, "gated": 2, "semaphore_after": 1}
+    assert run.results[("child",)] == {"semaphore": 0}, run.text
+    assert gated.hits == 2

@@ -66,6 +66,7 @@ class Engine:
         tracee.breakpoint_handler = self.on_breakpoint
         tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
+        tracee.fork_hooks.append(self.semaphores.restore_forked_child)
         # Called with no arguments at the end of on_exec, before the exec'ing thread resumes:
         # the new image's loader has not run a line yet (pending probes re-arm from there).
         self.exec_hooks: list[Callable[[], None]] = []

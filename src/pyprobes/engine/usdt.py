@@ -51,6 +51,15 @@ class Semaphores:
             self.held[address] = count - 1
         self._add(address, -1)
 
+    def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
+        """A forked child, let go untraced, copied our raised semaphores: lowered in its memory."""
+        for address, count in self.held.items():
+            try:
+                (value,) = struct.unpack("<H", memory.read(address, 2))
+                memory.write(address, struct.pack("<H", (value - count) & 0xFFFF))
+            except OSError:
+                pass
+
     def release_all(self) -> None:
         """Every hold given back (detach)."""
         for address, count in list(self.held.items()):
