@@ -31,7 +31,7 @@ HEADER = ("MODULE", "ADDRESS", "SIZE", "FUNCTION", "PROBE", "FIRST INSTRUCTION",
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] (-p PID [PATTERN] | BINARY [PATTERN])', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] [--usdt] (-p PID [PATTERN] | BINARY [PATTERN])', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="list functions of this running process")
     p.add_argument("-o", "--output", metavar="FILE", help="write the list to FILE instead of stdout")

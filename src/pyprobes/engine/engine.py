@@ -95,10 +95,9 @@ class Engine:
             if self.optimizer.optimized:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
+        semaphore = self.semaphores.hold_for(target)  # a USDT probe's, once its site is accepted
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
-        if target.usdt is not None and target.usdt.semaphore:
-            probe.semaphore = target.module.to_runtime(target.usdt.semaphore)
-            self.semaphores.acquire(probe.semaphore)
+        probe.semaphore = semaphore
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)

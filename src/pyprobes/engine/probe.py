@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from ..errors import PyprobesError
 from ..slots import Slot
 from ..x86 import Emulation, Insn, Kind, SlotCopy
-from .usdt import parse_types, typed_args
+from .args import parse_types, typed_args
 
 if TYPE_CHECKING:
     from ..symbols import Target

@@ -23,7 +23,7 @@ from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
-from .usdt import parse_types, typed_args
+from .args import parse_types, typed_args
 
 
 DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000

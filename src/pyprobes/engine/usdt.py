@@ -1,4 +1,4 @@
-"""USDT semaphores held while probes are placed, and a probe's arguments as typed values.
+"""USDT semaphores held while probes are placed.
 
 A USDT probe with a semaphore fires only while the program sees the semaphore non-zero (the
 program skips preparing the arguments otherwise), so placing such a probe adds one to the
@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..symbols import parse_spec
-from ..x86.registers import FLOAT_ARGUMENTS, INTEGER_ARGUMENTS
+from .probe import ProbeError
 
-__all__ = ["STRING_LIMIT", "Semaphores", "typed_args"]
+if TYPE_CHECKING:
+    from ..symbols import Target
 
-STRING_LIMIT = 256  # bytes of a `str` argument read before it is cut (and marked with "...")
-_PAGE = 4096
+__all__ = ["Semaphores"]
 
 
 class Memory(Protocol):
@@ -35,6 +34,20 @@ class Semaphores:
     def _add(self, address: int, delta: int) -> None:
         (value,) = struct.unpack("<H", self.memory.read(address, 2))
         self.memory.write(address, struct.pack("<H", (value + delta) & 0xFFFF))
+
+    def hold_for(self, target: "Target") -> int | None:
+        """Raise the semaphore of TARGET's USDT probe, if it has one; its runtime address.
+        ProbeError (nothing raised) if the program's memory cannot be written."""
+        usdt = target.usdt
+        if usdt is None or not usdt.semaphore:
+            return None
+        address = target.module.to_runtime(usdt.semaphore)
+        try:
+            self.acquire(address)
+        except OSError as e:
+            raise ProbeError(f"{target.name}: cannot raise its USDT semaphore at 0x{address:x}: "
+                             f"{e.strerror or e}") from None
+        return address
 
     def acquire(self, address: int) -> None:
         self._add(address, 1)
@@ -76,72 +89,3 @@ class Semaphores:
 
     def forget(self) -> None:
         self.held.clear()
-
-
-def parse_types(spec: object) -> tuple[str, ...] | None:
-    """The type list of SPEC's text, or None."""
-    return parse_spec(spec).types if isinstance(spec, str) else None
-
-
-def read_string(memory: Memory, address: int, limit: int = STRING_LIMIT) -> str | None:
-    """The C string at ADDRESS, at most LIMIT bytes, "..." appended when cut; None for NULL."""
-    if address == 0:
-        return None
-    data = b""
-    at = address
-    while len(data) < limit:
-        chunk = min(limit - len(data), _PAGE - at % _PAGE)
-        try:
-            part = memory.read(at, chunk)
-        except OSError:
-            if not data:
-                return f"<unreadable 0x{address:x}>"
-            break
-        end = part.find(b"\0")
-        if end >= 0:
-            return (data + part[:end]).decode("utf-8", "backslashreplace")
-        data += part
-        at += chunk
-    return data.decode("utf-8", "backslashreplace") + "..."
-
-
-def _typed(kind: str, raw: int, memory: Memory) -> Any:
-    unsigned = raw & 0xFFFFFFFFFFFFFFFF
-    if kind == "int":
-        return raw if raw < 0 else (unsigned - (1 << 64) if unsigned >> 63 else unsigned)
-    if kind == "uint":
-        return unsigned
-    if kind in ("hex", "ptr"):
-        return f"0x{unsigned:x}"
-    if kind == "str":
-        return read_string(memory, unsigned)
-    if kind == "double":
-        return struct.unpack("<d", struct.pack("<Q", unsigned))[0]
-    raise ValueError(f"unknown type {kind!r}")
-
-
-def typed_args(target: Any, types: tuple[str, ...] | None, tid: int, regs: Any, memory: Memory,
-               get_xmm: Callable[[int, int], bytes]) -> list[Any]:
-    """A hit's arguments: a USDT probe's from its note (all of them, `int` unless TYPES says),
-    a function's from the System V registers (as many as TYPES names; xmm0... for `double`)."""
-    usdt = getattr(target, "usdt", None)
-    if usdt is not None:
-        raws = usdt.arguments(regs, memory.read, target.module.load_bias)
-        kinds = list(types or ()) + ["int"] * max(0, len(raws) - len(types or ()))
-        return [_typed(kind, raw, memory) for kind, raw in zip(kinds, raws)]
-    if not types:
-        return []
-    out: list[Any] = []
-    ints = floats = 0
-    for kind in types:
-        if kind == "double":
-            if floats >= FLOAT_ARGUMENTS:
-                raise ValueError("more double arguments than xmm registers")
-            out.append(struct.unpack_from("<d", get_xmm(tid, floats))[0])
-            floats += 1
-            continue
-        if ints >= len(INTEGER_ARGUMENTS):
-            raise ValueError(f"more than {len(INTEGER_ARGUMENTS)} integer arguments: the rest are on the stack")
-        out.append(_typed(kind, getattr(regs, INTEGER_ARGUMENTS[ints]), memory))
-        ints += 1
-    return out

@@ -9,6 +9,7 @@ Probes are read once per ElfFile (the ElfFile cache holds one per file identity)
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import weakref
@@ -19,6 +20,7 @@ from ..errors import PyprobesError
 from ..x86.registers import RegisterPart, register_part
 from .elf import ElfFile
 from .headers import bounded_reader, read_headers, section_data
+from .maps import modules
 from .notes import stapsdt_notes
 
 __all__ = ["UsdtArg", "UsdtError", "UsdtListing", "UsdtProbe", "parse_arg", "parse_args", "usdt_probes",
@@ -197,7 +199,7 @@ def usdt_probes(elf: ElfFile) -> list[UsdtProbe]:
     return out
 
 
-def _read_notes(path: str):
+def _read_notes(path: str) -> tuple[list, int | None]:
     fd = os.open(path, os.O_RDONLY)
     try:
         read = bounded_reader(fd, os.fstat(fd).st_size, path)
@@ -230,7 +232,6 @@ class UsdtListing:
 
 
 def _matches(probe: UsdtProbe, pattern: str | None) -> bool:
-    import fnmatch
     return pattern is None or fnmatch.fnmatchcase(probe.full_name, pattern) \
         or fnmatch.fnmatchcase(probe.name, pattern)
 
@@ -245,7 +246,6 @@ def usdt_probes_of_binary(path: str, pattern: str | None = None) -> list[UsdtLis
 
 def usdt_probes_of_process(pid: int, pattern: str | None = None) -> list[UsdtListing]:
     """The USDT probes of every module process PID maps, at runtime addresses."""
-    from .maps import modules
     out, seen = [], set()
     for mod in modules(pid):
         if mod.path in seen:
