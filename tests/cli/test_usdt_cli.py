@@ -82,6 +82,8 @@ def test_usdt_errors(usdt_exe):
     one_line_error(cli("trace", "usdt:usdt_fx:tick(int,float)", "--", str(usdt_exe), "1"), 2,
                    "bad type list", "unknown type 'float'")
     one_line_error(cli("trace", "usdt:onlyone", "--", str(usdt_exe), "1"), 2, "bad USDT spec")
+    one_line_error(cli("trace", "usdt:usdt_fx:gated(int,int)", "--", str(usdt_exe), "1"), 2,
+                   "bad type list", "usdt_fx:gated in usdt_probes has 1 arguments (-4@%edi)")
 
 
 def test_pending_usdt_in_a_library_loaded_later(build):

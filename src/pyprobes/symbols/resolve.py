@@ -395,6 +395,9 @@ def _resolve_usdt(pid: int, spec: Spec, mods: list[Module]) -> list[Target]:
         seen.add(mod.path)
         for probe in usdt_probes(mod.elf):
             if provider(probe.provider) and name(probe.name):
+                if spec.types is not None and len(spec.types) > len(probe.args):
+                    raise SymbolError(f"bad type list in {spec.text!r}: {probe.full_name} in {mod.name} "
+                                      f"has {len(probe.args)} arguments ({probe.args_text or 'none'})")
                 address = mod.to_runtime(probe.address)
                 sym = mod.elf.function_containing(probe.address)
                 t = _target(mod, sym, address, spec)
