@@ -1,11 +1,13 @@
-"""Per-hit cost of a jump-optimised count probe (issue 11) beside a boosted one and bpftrace.
+"""Per-hit cost of a jump-optimised count and record probe (issue 11) beside a boosted one and bpftrace.
 
     .venv/bin/python -m bench.optimized [--calls N] [--threads T] [--repeats R]
 
 On bench/work.c's workload (hit: a 5-byte nop, push %rbx, lea, a volatile store), one table:
 the unprobed run, pyprobes count probes with action="count" jump-optimised at hit (the nop5:
 the kernel's best case) and at hit+6 (the lea: the kernel single-steps it), a boosted
-pyprobes count at hit+5 (push, one ptrace stop per hit), and, where bpftrace runs, its
+pyprobes count at hit+5 (push, one ptrace stop per hit), a record probe at hit (drained
+every 5 ms: its lost records, and the records per second of the consumer's own time, copying
+them out of the ring and decoding them into Records), and, where bpftrace runs, its
 `count()` on hit. Per hit = the workload's own ns per call minus the unprobed median; every
 row's count is checked equal to the workload's own counter. Fewer calls are made where a hit
 costs microseconds (--calls / 50 for the boosted and bpftrace rows).
@@ -62,6 +64,48 @@ def pyprobes_count(work: str, n: int, threads: int, spec: str, action: str | Non
     return ns, probe.hits, probe.mode
 
 
+RECORD_RING = 1 << 16  # records (5 MiB): drained every RECORD_TICK by the record rows' consumer
+BIG_RING = 1 << 21     # records (160 MiB): the other record row's ring, all of them fit at 2M calls
+RECORD_TICK = 0.005
+
+
+def pyprobes_record(work: str, n: int, threads: int, spec: str,
+                    capacity: int) -> tuple[float, int, str, int, tuple[float, float]]:
+    """(ns per call, records, mode, lost, the consumer's records per second copying them out of
+    the ring and decoding them): action="record",
+    drained every RECORD_TICK while the workload runs; records + lost checked against its count."""
+    import pyprobes
+
+    r, w = os.pipe()
+    saved = os.dup(1)
+    os.dup2(w, 1)
+    try:
+        proc = pyprobes.spawn([work, str(n), str(threads)])
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(w)
+    records = 0
+    with proc:
+        proc.ring_capacity = capacity
+        probe = proc.probe(spec, action="record")
+        code = None
+        while proc.alive:
+            code = proc.run(timeout=RECORD_TICK)
+            records += len(proc.records())
+        records += len(proc.records())
+        lost = proc.lost_records
+        drain = proc.engine.optimizer.ring.stats
+    out = os.read(r, 65536).decode()
+    os.close(r)
+    calls, own, ns = _parse(out)
+    if code != 0 or probe.hits != own or records + lost != own or own != calls:
+        raise RuntimeError(f"{spec}: exit {code}, {probe.hits} hits, {records} records + {lost} lost, "
+                           f"workload ran {own} of {calls}")
+    rates = tuple(drain[n] / max(drain[t], 1) * 1e9 for n, t in (("drained", "drain_ns"), ("decoded", "decode_ns")))
+    return ns, records, probe.mode, lost, rates
+
+
 def bpftrace_count(work: str, n: int, threads: int) -> tuple[float, int] | str:
     if shutil.which("bpftrace") is None:
         return "bpftrace is not installed"
@@ -100,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             (f"pyprobes count, boosted (push at hit+{PUSH_OFF})", f"hit+{PUSH_OFF}", None, slow, base_slow)):
         samples, ns = median(pyprobes_count, work, calls, t, spec, action)
         rows.append((label, samples[0][2], f"{ns:.1f}", f"{ns - floor:.1f}", f"{samples[0][1]:,}"))
+    for ring in (BIG_RING, RECORD_RING):
+        samples, ns = median(pyprobes_record, work, n, t, "hit", ring)
+        _, records, mode, lost, rate = samples[0]
+        copy = statistics.median(s[4][0] for s in samples) / 1e6
+        decode = statistics.median(s[4][1] for s in samples) / 1e6
+        rows.append((f"pyprobes record, optimized (nop5 at hit; ring {ring:,}: {lost:,} lost; consumer: "
+                     f"{copy:.1f} M records/s out of the ring, {decode:.2f} M/s decoded)", mode,
+                     f"{ns:.1f}", f"{ns - base:.1f}", f"{records + lost:,}"))
     got = bpftrace_count(work, slow, t)
     if isinstance(got, str):
         rows.append(("bpftrace count() on hit (nop5)", "", "", got, ""))

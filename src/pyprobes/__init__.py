@@ -11,11 +11,12 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _HOME = {  # where each public name lives
-    "DEFAULT_BUSY_WAIT_US": ".engine", "FunctionPlan": ".engine", "PendingProbe": ".engine", "Probe": ".engine",
-    "ProbeError": ".engine", "Process": ".engine", "ReturnProbe": ".engine", "attach": ".engine",
+    "DEFAULT_BUSY_WAIT_US": ".engine", "Frame": ".engine", "FunctionPlan": ".engine", "PendingProbe": ".engine",
+    "Probe": ".engine", "ProbeError": ".engine", "Process": ".engine", "Record": ".engine", "ReturnProbe": ".engine",
+    "attach": ".engine",
     "functions_of_binary": ".engine", "functions_of_process": ".engine", "spawn": ".engine",
     "PyprobesError": ".errors",
-    "ElfError": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",
+    "ElfError": ".symbols", "FunctionInfo": ".symbols", "NoDebugInfo": ".symbols", "debug_info_for": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",
     "ProcessExited": ".tracee",
     "usdt_probes_of_binary": ".symbols.usdt", "usdt_probes_of_process": ".symbols.usdt",
 }

@@ -117,7 +117,7 @@ def test_command_killed_by_a_signal(pie):
 
 # ---------------------------------------------------------------------------------- trace
 def test_trace_json_shows_the_arguments(pie):
-    r = cli("trace", "--json", "cli_add", "--", str(pie), "5")
+    r = cli("trace", "--json", "--raw", "cli_add", "--", str(pie), "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected_output(5)
     hits = [json.loads(x) for x in r.stderr.strip().splitlines()]
@@ -128,7 +128,7 @@ def test_trace_json_shows_the_arguments(pie):
 
 
 def test_trace_text_and_args_count(pie):
-    r = cli("trace", "--args", "2", "cli_add", "--", str(pie), "3")
+    r = cli("trace", "--raw", "--args", "2", "cli_add", "--", str(pie), "3")
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "cli_add(" in x]
     assert len(lines) == 3
@@ -156,7 +156,7 @@ def test_attach_then_leave_cleanly(pie, how):
     pp = None
     try:
         assert fx.stdout.readline() == "ready\n"
-        extra = ["-d", "0.5"] if how == "duration" else []
+        extra = ["-d", "0.5"] if how == "duration" else ["-i", "0.1"]
         pp = subprocess.Popen([*CLI, "count", "--json", "-v", "-p", str(fx.pid), *extra, "cli_add",
                                "libc:getppid"], stderr=subprocess.PIPE, text=True)
         placed = 0
@@ -165,7 +165,13 @@ def test_attach_then_leave_cleanly(pie, how):
             assert line, "pyprobes ended before placing its probes"
             placed += " -> " in line
         if how != "duration":
-            time.sleep(0.4)
+            # Signalled once a tick says both probes were hit (not after a sleep that a loaded
+            # machine can spend before the first hit).
+            while True:
+                line = pp.stderr.readline()
+                assert line, "pyprobes ended before its probes were hit"
+                if line.startswith("{") and all(p["hits"] for p in json.loads(line)["probes"]):
+                    break
             pp.send_signal(getattr(signal, how))
         _, err = pp.communicate(timeout=10)
         assert pp.returncode == 0, err

@@ -64,7 +64,7 @@ def test_verbose_says_when_armed_and_dropped(plug, loader):
 
 def test_return_values_of_a_dlopened_function(plug, loader):
     n = 5
-    r = cli("trace", "--json", "libcli2plug:plug_fn", "libcli2plug:plug_fn%return", "--",
+    r = cli("trace", "--json", "--raw", "libcli2plug:plug_fn", "libcli2plug:plug_fn%return", "--",
             str(loader), str(plug), str(n), "1")
     assert r.returncode == 0, r.stderr
     hits = json_lines(r.stderr)

@@ -27,7 +27,7 @@ def ret(build):
 
 def test_trace_json_return_values_are_exact(ret):
     n = 9
-    r = cli("trace", "--json", "ret_val%return", "--", str(ret), str(n))
+    r = cli("trace", "--json", "--raw", "ret_val%return", "--", str(ret), str(n))
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"sum={sum(expected(i) + 1 for i in range(n)) & MASK}\n"
     hits = json_lines(r.stderr)
@@ -38,7 +38,7 @@ def test_trace_json_return_values_are_exact(ret):
 
 
 def test_trace_text_calls_and_returns_nest(ret):
-    r = cli("trace", "--args", "1", "ret_outer", "ret_outer%return", "ret_val%return", "--", str(ret), "2")
+    r = cli("trace", "--raw", "--args", "1", "ret_outer", "ret_outer%return", "ret_val%return", "--", str(ret), "2")
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if ":ret_" in x]
     shapes = [re.sub(r"^\s*[\d.]+\s+\d+\s+\S+:", "", x) for x in lines]

@@ -97,3 +97,36 @@ def test_pending_usdt_in_a_library_loaded_later(build):
     hits = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     assert [h["args"] for h in hits] == [[i] for i in range(N)]
     assert "pending" in r.stderr
+
+
+def test_trace_usdt_among_recorded_and_dwarf_probes(usdt_exe):
+    # Merged with DWARF arguments and records: a USDT probe stays a breakpoint (it reads its
+    # note's arguments at a stop) while, with --raw, `work` is recorded in the process.
+    r = cli("trace", "--json", "--raw", "usdt:usdt_fx:gated", "work", "--", str(usdt_exe), str(N))
+    assert r.returncode == 0, r.stderr
+    hits = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert [h["args"] for h in hits if h["probe"].endswith("usdt_fx:gated")] == [[i] for i in range(N)]
+    assert [h["args"][0] for h in hits if h["probe"].endswith(":work")] == list(range(N))
+    # Without --raw `work` is typed by its DWARF, a type list wins over it.
+    r = cli("trace", "--json", "work", "--", str(usdt_exe), "1")
+    (hit,) = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert hit["args"] == {"i": 0, "scratch": -100}
+    r = cli("trace", "--json", "work(hex)", "--", str(usdt_exe), "1")
+    (hit,) = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert hit["args"] == ["0x0"]
+
+
+def test_trace_usdt_with_stack(usdt_exe):
+    r = cli("trace", "--json", "--stack", "usdt:usdt_fx:gated", "--", str(usdt_exe), "2")
+    assert r.returncode == 0, r.stderr
+    hits = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert [h["args"] for h in hits] == [[0], [1]]
+    for h in hits:
+        assert ":gated+" in h["stack"][0] and any(":main+" in f for f in h["stack"]), h["stack"]
+
+
+def test_list_usdt_and_args_are_exclusive(usdt_exe):
+    one_line_error(cli("list", "--usdt", "--args", str(usdt_exe)), 2, "--usdt and --args")
+    r = cli("list", "--args", str(usdt_exe), "work")
+    assert r.returncode == 0, r.stderr
+    assert "work" in r.stdout and "scratch" in r.stdout

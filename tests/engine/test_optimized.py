@@ -53,7 +53,7 @@ def test_count_action_takes_no_handlers(procs, fixture):
     with pytest.raises(ProbeError, match="no handlers"):
         proc.probe("opt_lea", action="count", pre=lambda tid, regs: None)
     with pytest.raises(ProbeError, match="unknown probe action"):
-        proc.probe("opt_lea", action="record")
+        proc.probe("opt_lea", action="bogus")
     # A probe with a handler beside a count probe: the point stays a breakpoint.
     counted = proc.probe("opt_push", action="count")
     seen = []

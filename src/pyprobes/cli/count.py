@@ -8,6 +8,7 @@ from pyprobes import ReturnProbe
 
 from .output import CliError, Histogram, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
+from .stacks import StackCounts
 
 HELP = "count hits per probe"
 MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
@@ -20,6 +21,8 @@ examples:
   pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
   pyprobes count --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
+  pyprobes count --stacks 'libc:malloc' -- ./prog   the distinct user stacks of each probe's hits
+  pyprobes count --folded -o out.folded f -- ./prog flame-graph folded stacks: root;...;leaf COUNT
 
 PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*');
 SYMBOL%return counts returns. An entry probe is jump-optimised where the function's entry
@@ -28,12 +31,15 @@ says where and why not); the others are breakpoints (boosted, emulated or steppe
 %return probes and every probe with --no-optimize. A PROBE in a library that is not loaded
 yet is pending (mode "pending") until the program loads it; probes of a library it unloads
 show mode "unloaded".
+--stacks and --folded unwind each hit's stack with the modules' .eh_frame, so every probe
+is a breakpoint (mode "... +stack"); --folded writes only the folded stacks, whose counts
+add up to the hits.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--no-optimize] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("count", help=HELP, usage='%(prog)s [-p PID] [-d SECONDS] [-i INTERVAL] [--latency] [--json] [-o FILE] [-v] [--no-optimize] [--stacks] [--folded] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
@@ -52,6 +58,10 @@ def add_parser(sub) -> None:
                         "wherever its function's entry allows it: mode 'optimized', no stop per hit)")
     p.add_argument("--optimize", dest="optimize", action="store_true",
                    help="the default, accepted for compatibility")
+    p.add_argument("--stacks", action="store_true",
+                   help="count the distinct user stacks of each probe's hits (unwound with .eh_frame)")
+    p.add_argument("--folded", action="store_true",
+                   help="write flame-graph folded stacks (root;...;leaf COUNT) instead of the table")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to count")
     p.set_defaults(func=run)
@@ -97,8 +107,18 @@ def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[di
 
 
 def show(session: Session, report: Report, args, final: bool, exit_code=None,
-         hists: dict[str, Histogram] | None = None) -> None:
+         hists: dict[str, Histogram] | None = None, stacks: StackCounts | None = None) -> None:
+    if stacks is not None and getattr(args, "folded", False):
+        if final:
+            report.write(stacks.folded())
+            report.flush()
+        return
     table_rows = rows(session, hists)
+    if stacks is not None:
+        for row in table_rows:
+            if row["mode"] not in ("pending", "unloaded", "return"):
+                row["mode"] += " +stack"  # a stack needs a stop: a breakpoint, never optimised
+            row["stacks"] = stacks.as_json(row["probe"])
     if args.json:
         report.json({"probes": table_rows, "duration_s": round(session.duration, 6),
                      "exit_code": exit_code, **({} if final else {"final": False})})
@@ -120,6 +140,9 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
             hist = hists.get(row["probe"])
             if hist is not None and hist.count:
                 report.write(histogram_text(f"{row['probe']} latency (ns)", hist))
+        report.flush()
+    if stacks is not None and final:
+        report.write(stacks.text())
         report.flush()
 
 
@@ -146,16 +169,17 @@ def run(args, command: list[str], on_done=None) -> int:
             return on_return
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
+    stacks = StackCounts() if getattr(args, "stacks", False) or getattr(args, "folded", False) else None
     # Ctrl-C, SIGTERM and SIGHUP are ours from the start: one that comes while the probes go
     # in ends the session right after, cleanly (never a KeyboardInterrupt mid-placement).
     session.install_signals()
     try:
         session.open()
-        session.place(args.probes, ret_for=ret_for,
-                      action="count" if getattr(args, "optimize", True) else None)
+        session.place(args.probes, pre_for=stacks.pre_for(session) if stacks else None, ret_for=ret_for,
+                      action="count" if getattr(args, "optimize", True) and stacks is None else None)
         session.go()
         session.run(args.duration, args.interval,
-                    tick=lambda: show(session, report, args, final=False, hists=hists))
+                    tick=lambda: show(session, report, args, final=False, hists=hists, stacks=stacks))
     finally:
         session.close()
         session.restore_signals()
@@ -168,7 +192,7 @@ def run(args, command: list[str], on_done=None) -> int:
     exit_code = None
     if session.spawned and session.child_status is not None:
         exit_code = session.child_status
-    show(session, report, args, final=True, exit_code=exit_code, hists=hists)
+    show(session, report, args, final=True, exit_code=exit_code, hists=hists, stacks=stacks)
     if on_done is not None:
         totals: dict[str, int] = {}
         for p in session.probes:

@@ -20,6 +20,7 @@ examples:
   pyprobes list -p 1234                every function of its executable
   pyprobes list --usdt /usr/bin/python3.11   its USDT probes and their argument specs
   pyprobes list --usdt -p 1234 'python:*'    USDT probes of a running process's modules
+  pyprobes list --args ./prog 'open*'  signatures from ./prog's debug info (DWARF)
 
 PROBE column: boosted (one stop per hit), emulated (one stop, no slot), stepped (two
 stops per hit), or refused with the reason. OPTIMIZED column: "yes" where `pyprobes count`
@@ -31,12 +32,13 @@ HEADER = ("MODULE", "ADDRESS", "SIZE", "FUNCTION", "PROBE", "FIRST INSTRUCTION",
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] [--usdt] (-p PID [PATTERN] | BINARY [PATTERN])', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] (-p PID [PATTERN] | [--args] BINARY [PATTERN] | --usdt (-p PID [PATTERN] | BINARY [PATTERN]))', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="list functions of this running process")
     p.add_argument("-o", "--output", metavar="FILE", help="write the list to FILE instead of stdout")
     p.add_argument("--usdt", action="store_true",
                    help="list USDT probes (PROVIDER:NAME, semaphore, argument specs) instead of functions")
+    p.add_argument("--args", action="store_true", help="BINARY's function signatures from its debug info (DWARF)")
     p.add_argument("where", nargs="*", metavar="BINARY|PATTERN",
                    help="BINARY [PATTERN] without -p; [PATTERN] with -p ([MODULE:]GLOB)")
     p.set_defaults(func=run)
@@ -106,9 +108,13 @@ def run(args, command: list[str]) -> int:
     if command:
         raise CliError("list takes no command", 2)
     if args.usdt:
+        if args.args:
+            raise CliError("--usdt and --args list different things: give one", 2)
         return _write(args, USDT_HEADER, usdt_rows(args))
     where = args.where
     if args.pid is not None:
+        if args.args:
+            raise CliError("--args lists a BINARY's signatures: give the BINARY, not -p PID", 2)
         if len(where) > 1:
             raise CliError("with -p PID give at most one PATTERN", 2)
         rows = rows_for_pid(args.pid, where[0] if where else None)
@@ -117,6 +123,9 @@ def run(args, command: list[str]) -> int:
             raise CliError("give -p PID or a BINARY to list (see pyprobes list --help)", 2)
         if len(where) > 2:
             raise CliError("give a BINARY and at most one PATTERN", 2)
+        if args.args:
+            from .typed import list_signatures
+            return list_signatures(_binary_path(where[0]), where[1] if len(where) > 1 else None, args.output)
         rows = rows_for_binary(where[0], where[1] if len(where) > 1 else None)
     rows = [(f.module, f"{f.address:#x}", str(f.size), f.name, f.probe, f.instruction,
              "yes" if f.optimized else f"no: {f.not_optimized}") for f in rows]

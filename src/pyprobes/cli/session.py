@@ -187,6 +187,10 @@ class Session:
             if (line := resolver_note(spec, pp.probes)) is not None:
                 note(line)
             self._note_skipped(pp)
+        try:
+            proc.optimize()  # in the placement's freeze: the clock starts with the jumps in place
+        except ProcessExited:
+            pass  # run() reports how it ended
         return self.pendings
 
     def _note_skipped(self, pp: PendingProbe, already: int = 0) -> None:

@@ -5,10 +5,12 @@ import argparse
 import json
 import time
 
-from pyprobes import parse_spec
+from pyprobes import PyprobesError, parse_spec
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
+from .stacks import frame_lines, frames_of
+from .typed import DebugInfoLookup, call_json, call_text, json_value, text_value
 
 ARG_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 FLUSH_EVERY = 0.2  # seconds: lines are buffered, never held longer than this while hits come
@@ -23,31 +25,57 @@ examples:
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes trace 'usdt:python:function__entry(str,str,int)' -- python3 x.py   a USDT probe, typed
   pyprobes trace 'work(int,str,double)' -- ./prog   a function's arguments typed (int uint hex str ptr double)
+  pyprobes trace --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
+  pyprobes trace --stack 'libc:getpid' -- ./prog    each hit's user stack under its line
 
 Each line: seconds since the probes went in, thread id, probe, arguments in hex
 (rdi, rsi, rdx, rcx, r8, r9: integer and pointer arguments of the System V ABI).
+A function whose module has debug info (DWARF, in the file or its -dbg package) shows
+every parameter by name and type instead: open_file(path="/etc/hosts", flags=0), and
+its JSON "args" is an object, {"path": "/etc/hosts", "flags": 0}; strings are read up
+to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out;
+--raw shows the registers as above (--args applies to them only).
 A USDT probe (usdt:[MODULE:]PROVIDER:NAME) shows the arguments its note declares, as integers
-of their size and sign. A type list, SPEC(T1,T2,...), shows each argument as its type says:
-int, uint, hex, ptr, str (a C string read from the program, at most 256 bytes, "..." when cut)
-or double (xmm0, xmm1... for a function). In JSON, "args" holds these typed values.
-A return (SYMBOL%return): the return value (rax) in hex and the time since the call;
-JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+of their size and sign. A type list, SPEC(T1,T2,...), shows each argument as its type says
+(it wins over the debug info): int, uint, hex, ptr, str (a C string read from the program, at
+most 256 bytes, "..." when cut) or double (xmm0, xmm1... for a function). In JSON, "args"
+holds these typed values. Both need a stop to read memory: those probes are breakpoints.
+A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
+and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
+Other entry probes record each hit inside the process where the entry allows it (a ring in
+shared memory, read every 0.2 s: lines come in batches, in time order within each); "N records
+lost" at the end when the ring was full at times (the program never waits for pyprobes). Typed
+arguments need a stop to read memory, so those probes are breakpoints; with a %return probe, or
+--no-optimize, every probe is a breakpoint (calls and returns print in order).
+--stack: the hit's frames (module:symbol+0xoff), unwound with the modules' .eh_frame;
+JSON: "stack": [frames, innermost first]. A probe with a stack is a breakpoint.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [-d SECONDS] [--json] [-o FILE] [-v] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--stack] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
                    help="show the first N arguments, 0 to 6 (default 3)")
+    p.add_argument("--raw", action="store_true",
+                   help="registers in hex (--args N of them) even where debug info names and types the arguments")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("--json", action="store_true", help="write JSON Lines instead of text")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
+    p.add_argument("--stack", action="store_true",
+                   help="print each hit's user stack under its line (unwound with .eh_frame)")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="breakpoints only: a stop per hit (by default entry hits are recorded inside the "
+                        "process, with no stop per hit, where the function's entry allows it)")
+    p.add_argument("--optimize", dest="optimize", action="store_true", default=True,
+                   help=argparse.SUPPRESS)  # the default; kept so that older command lines still work
+    p.add_argument("--ring", type=int, metavar="RECORDS",
+                   help="the ring's size in records, a power of two (default 8192)")
     add_speed_options(p)
     p.add_argument("probes", nargs="+", metavar="PROBE", help="where to trace")
     p.set_defaults(func=run)
@@ -65,33 +93,130 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
+    # Records reach the report in batches; a return's line is written at its stop. With both,
+    # entries stay breakpoints, so that calls and returns are printed in the order they happened.
+    with_stack = args.stack  # a stack needs a stop: every probe is a breakpoint then
+    optimize = args.optimize and not with_stack \
+        and not any(spec.strip().endswith("%return") for spec in args.probes)
+    lookup: list[DebugInfoLookup] = []  # made once the process exists
+
+    def function_of(target):
+        if not lookup:
+            lookup.append(DebugInfoLookup(session.proc))
+        return lookup[0].function_of(target)
 
     def pre_for(target):
         name = target.name
-        # A USDT probe's arguments come from its note; a type list (SPEC(T,...)) types them.
-        typed = target.usdt is not None or parse_spec(target.spec).types is not None
-        proc = session.proc
+        if spec_typed(target):
+            return spec_typed_pre(target)
+        function = None if args.raw else function_of(target)
+        if function is not None:
+            return typed_pre(name, function)
 
         def on_hit(tid, regs):
             now = time.monotonic()
-            if typed:
-                values = proc.args(target, tid, regs)
-                shown = ", ".join(json.dumps(v) if isinstance(v, str) or v is None else str(v) for v in values)
-            else:
-                values = [getattr(regs, r) for r in registers]
-                shown = ", ".join(f"{v:#x}" for v in values)
+            values = [getattr(regs, r) for r in registers]
+            frames = frames_of(session, tid, regs) if with_stack else None
             if as_json:
                 write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": values}) + "\n")
+                                  "probe": name, "args": values,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
             else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name}({shown})\n")
+                write(f"{now - session.start:12.6f} {tid:>7} {name}"
+                      f"({', '.join(f'{v:#x}' for v in values)})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
             if now - last_flush[0] >= FLUSH_EVERY:
                 last_flush[0] = now
                 report.flush()
         return on_hit
 
+    def write_record(record):
+        probe = record.probe
+        name = probe.target.name if probe.target is not None else probe.name
+        seconds = record.time_ns / 1e9 - session.start
+        values = list(record.args[: len(registers)])
+        if as_json:
+            write(json.dumps({"time_s": round(seconds, 6), "tid": record.tid,
+                              "probe": name, "args": values}) + "\n")
+        else:
+            write(f"{seconds:12.6f} {record.tid:>7} {name}"
+                  f"({', '.join(f'{v:#x}' for v in values)})\n")
+
+    def show_records():
+        if session.proc is not None:
+            for record in sorted(session.proc.records(), key=lambda r: r.time_ns):
+                write_record(record)
+        report.flush()
+
+    def spec_typed(target):
+        """A USDT probe (arguments from its note) or SPEC(T,...) (a type list types them)."""
+        return target.usdt is not None or parse_spec(target.spec).types is not None
+
+    def spec_typed_pre(target):
+        name = target.name
+        read = session.proc.args
+
+        def on_hit(tid, regs):
+            now = time.monotonic()
+            values = read(target, tid, regs)
+            frames = frames_of(session, tid, regs) if with_stack else None
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
+                                  "probe": name, "args": values,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
+            else:
+                shown = ", ".join(json.dumps(v) if isinstance(v, str) or v is None else str(v) for v in values)
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({shown})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_hit
+
+    def typed_pre(name, function):
+        read = session.proc.read_arguments
+
+        def on_hit(tid, regs):
+            now = time.monotonic()
+            values = read(tid, regs, function)
+            frames = frames_of(session, tid, regs) if with_stack else None
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
+                                  "probe": name, "args": call_json(function, values),
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({call_text(function, values)})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_hit
+
+    def typed_ret(name, type_):
+        typed = session.proc.typed_return
+
+        def on_return(tid, retval, elapsed_ns, data):
+            now = time.monotonic()
+            value = typed(tid, retval, type_)
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
+                                  "retval": json_value(value), "latency_ns": elapsed_ns}) + "\n")
+            else:
+                write(f"{now - session.start:12.6f} {tid:>7} {name} = {text_value(value, type_.kind)}"
+                      f" ({elapsed_ns / 1000:.3f} us)\n")
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_return
+
     def ret_for(target):
         name = target.name + "%return"
+        function = None if args.raw else function_of(target)
+        if function is not None and function.return_type is not None:
+            return typed_ret(name, function.return_type)
 
         def on_return(tid, retval, elapsed_ns, data):
             now = time.monotonic()
@@ -109,15 +234,36 @@ def run(args, command: list[str]) -> int:
     session.install_signals()  # from the start: see count.run
     try:
         session.open()
-        session.place(args.probes, pre_for, ret_for)
+        if optimize and args.ring is not None:
+            try:
+                session.proc.ring_capacity = args.ring
+            except PyprobesError as e:
+                raise CliError(str(e), 2) from None
+        if optimize:
+            # Recorded in the process, unless the arguments are typed (by a USDT note, a type
+            # list or the debug info): a stop reads them.
+            def typed_only(target):
+                if spec_typed(target):
+                    return spec_typed_pre(target)
+                function = None if args.raw else function_of(target)
+                return None if function is None else typed_pre(target.name, function)
+
+            session.place(args.probes, typed_only, ret_for, action="record")
+        else:
+            session.place(args.probes, pre_for, ret_for)
         if not as_json:
             report.line(f"{'TIME(s)':>12} {'TID':>7} PROBE(ARGS)")
         session.go()
-        session.run(args.duration, FLUSH_EVERY, tick=report.flush)
+        session.run(args.duration, FLUSH_EVERY, tick=show_records if optimize else report.flush)
     finally:
         session.close()
         session.restore_signals()
+        if optimize:
+            show_records()
         report.flush()
+    if optimize and session.proc is not None and session.proc.lost_records:
+        from .output import note
+        note(f"{session.proc.lost_records} records lost (the ring was full)")
     missed = sum(p.missed for p in session.probes)
     if missed:
         from .output import note

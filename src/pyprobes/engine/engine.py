@@ -29,7 +29,7 @@ from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, Relocation
 from .ifunc import follow_ifuncs
 from .loader import LoaderEvents
 from .optimizer import Optimizer
-from .probe import Handler, Probe, ProbeError, ProbePoint
+from .probe import Handler, Probe, ProbeError, ProbePoint, check_action
 from .rescue import Rescue
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
@@ -85,19 +85,18 @@ class Engine:
 
     def add_probe(self, target: Target, pre: Handler | None = None, post: Handler | None = None,
                   boost: bool = True, action: str | None = None) -> Probe:
-        """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py)."""
-        if action not in (None, "count"):
-            raise ProbeError(f"unknown probe action {action!r}: only 'count'")
-        if action is not None and (pre is not None or post is not None):
-            raise ProbeError(f"a probe with action={action!r} has no handlers")
+        """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py);
+        "record": it also appends a record per hit to the ring (ring.py) when optimised."""
         point = self.points.get(target.address)
+        check_action(target, point, action, pre, post)
         if point is None:
             if self.optimizer.optimized:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
-        semaphore = self.semaphores.hold_for(target)  # a USDT probe's, once its site is accepted
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
-        probe.semaphore = semaphore
+        probe.semaphore = self.semaphores.hold_for(target)  # a USDT probe's, its site accepted
+        if action == "record":  # while (or where) it is a breakpoint, the tracer records its hits
+            probe.pre = self.optimizer.ring.breakpoint_handler(probe)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)

@@ -35,7 +35,9 @@ from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
                    reached_addresses, stack_pointer, stack_words)
+from ..x86.record import record_trampoline
 from .probe import ProbePoint
+from .ring import Ring
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -125,6 +127,7 @@ class Optimizer:
         self._live: dict[int, ProbePoint] = {}      # trampoline address -> the point it serves
         self._trampolines: dict[int, Trampoline] = {}  # trampoline address -> code (garbage too)
         self.stats = {"optimized": 0, "unoptimized": 0, "retries": 0}
+        self.ring = Ring(host, tracee)  # the record action's ring and routine (ring.py)
         # module path -> (its ElfFile, every address a branch or RIP-relative operand reaches)
         self._reached: dict[str, tuple[object, list[int]]] = {}
 
@@ -138,8 +141,8 @@ class Optimizer:
             self.waiting[point.address] = point
 
     def contains(self, address: int) -> bool:
-        """Whether ADDRESS is in a trampoline page."""
-        return self.cache.contains(address)
+        """Whether ADDRESS is in a trampoline page or the record routine."""
+        return self.cache.contains(address) or self.ring.contains(address)
 
     def _refuse(self, point: ProbePoint, reason: str) -> None:
         point.not_optimized = reason
@@ -165,6 +168,7 @@ class Optimizer:
         unused: list[Slot] = []
         snapshot = self.tracee.freeze()
         try:
+            self.ring.learn(snapshot)
             stacks = {tid: stack_words(self._stack(stack_pointer(regs)))
                       for tid, regs in snapshot.regs.items()}
             for point, region, slot, trampoline, counter in ready:
@@ -210,15 +214,28 @@ class Optimizer:
             return None
         counter = self.host.counter(slot)
         try:
-            trampoline = count_trampoline(region, slot.address, counter)
+            if point.probes[0].action == "record":
+                trampoline = self._record_trampoline(point, region, slot, counter)
+            else:
+                trampoline = count_trampoline(region, slot.address, counter)
             if len(trampoline.code) > self.cache.slot_size:
                 raise RelocationError(f"its trampoline takes {len(trampoline.code)} bytes, more "
                                       f"than a {self.cache.slot_size}-byte slot")
-        except RelocationError as e:
+        except (RelocationError, SlotMapError) as e:
             self.cache.free(slot, dirty=False)
             self._refuse(point, str(e))
             return None
         return region, slot, trampoline, counter
+
+    def _record_trampoline(self, point: ProbePoint, region: Region, slot: Slot,
+                           counter: int) -> Trampoline:
+        """The record action's trampoline: it calls the ring's routine through the last word
+        of its counter page."""
+        routine = self.ring.ensure(region.start)
+        pointer = PAGE_SIZE - COUNTER_SIZE
+        _COUNTER.pack_into(self.host.views[slot.page], pointer, routine)
+        return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + pointer,
+                                 self.ring.probe_id(point.probes[0]))
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a
@@ -326,6 +343,7 @@ class Optimizer:
         """sync_point() for every optimised point (from our view of the counters: no syscall)."""
         for point in self.optimized.values():
             self.sync_point(point)
+        self.ring.drain()
 
     # ------------------------------------------------------------------ unoptimising
     def unoptimize(self, point: ProbePoint) -> None:
@@ -396,8 +414,12 @@ class Optimizer:
         tracee = self.tracee
         pc = tracee.get_rip(tid)
         moved = False
-        while self.cache.contains(pc):
+        while self.cache.contains(pc) or self.ring.contains(pc):
             moved = True
+            if self.ring.contains(pc):  # the record routine returns to its trampoline's action
+                tracee.step(tid)
+                pc = tracee.get_rip(tid)
+                continue
             slot = self.cache.slot_at(pc)
             trampoline = self._trampolines.get(slot.address)
             live = self._live.get(slot.address) is not None
@@ -444,6 +466,7 @@ class Optimizer:
         self.sync()
         for point in self.optimized.values():
             point.optimized = None
+        self.ring.forget()
         self.host.forget()
         self.cache = SlotCache(self.host, slot_size=TRAMPOLINE_SLOT_SIZE)
         self.waiting.clear()
@@ -454,3 +477,4 @@ class Optimizer:
     def release(self) -> None:
         """Detach, after unoptimize_all and migration: unmap every trampoline and counter page."""
         self.cache.release_all()
+        self.ring.release()

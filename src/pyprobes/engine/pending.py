@@ -336,7 +336,9 @@ class PendingProbes:
             handler = pp.handler_for(target) if pp.handler_for is not None else pp.handler
             return engine.returns.add(target, handler, entry=pp.entry, maxactive=pp.maxactive)
         pre = pp.pre_for(target) if pp.pre_for is not None else pp.pre
-        return engine.add_probe(target, pre=pre, post=pp.post, boost=pp.boost, action=pp.action)
+        # A factory's handler for this target makes it a breakpoint probe; without one, the action.
+        action = pp.action if pre is None and pp.post is None else None
+        return engine.add_probe(target, pre=pre, post=pp.post, boost=pp.boost, action=action)
 
     # ------------------------------------------------------------------ exec
     def _on_exec(self) -> None:

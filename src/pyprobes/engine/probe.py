@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from ..errors import PyprobesError
 from ..slots import Slot
 from ..x86 import Emulation, Insn, Kind, SlotCopy
-from .args import parse_types, typed_args
+from .typed_args import parse_types, typed_args
 
 if TYPE_CHECKING:
     from ..symbols import Target
@@ -99,7 +99,8 @@ class ProbePoint:
         if not self.probes:
             return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
-        self.may_optimize = all(p.action == "count" for p in self.probes)
+        actions = {p.action for p in self.probes}
+        self.may_optimize = len(actions) == 1 and actions <= {"count", "record"}
         if not self.may_boost:
             self.boosted = False
 
@@ -203,3 +204,21 @@ class Probe:
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("enabled" if self.enabled else "disabled")
         return f"<Probe {self.name} at {self.address:#x} {self.mode} {state} hits={self.hits}>"
+
+
+def check_action(target: Any, point: ProbePoint | None, action: str | None,
+                 pre: Handler | None, post: Handler | None) -> None:
+    """ProbeError unless a probe with ACTION (and PRE, POST) may go at TARGET, whose point
+    (None if new) is POINT."""
+    if action not in (None, "count", "record"):
+        raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record'")
+    if action is not None and (pre is not None or post is not None):
+        raise ProbeError(f"a probe with action={action!r} has no handlers")
+    # A probe with handlers (action None) keeps the point a breakpoint, where each probe
+    # does its own (a record probe records from the tracer): they mix. Two actions could
+    # only share a trampoline that does both, which there is not.
+    actions = {action, *(p.action for p in point.probes)} if point is not None else set()
+    if "record" in actions and len(actions - {None}) > 1:
+        raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "
+                         f"action={action!r} cannot join theirs "
+                         f"({', '.join(sorted({repr(p.action) for p in point.probes}))})")

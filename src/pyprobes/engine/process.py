@@ -15,15 +15,18 @@ from typing import Sequence
 
 from ..errors import PyprobesError
 from ..slots import SlotCache
-from ..symbols import AT_ENTRY, Symbol, Target, auxv_value, modules, symbolize
+from ..symbols import AT_ENTRY, FunctionInfo, Symbol, Target, TypeInfo, auxv_value, debug_info_for, modules, symbolize
 from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
 from ..tracee.procfs import pending_signals
+from .args import read_arguments, typed_value
 from .engine import Engine
 from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
+from .ring import Record
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
-from .args import parse_types, typed_args
+from .stack import MAX_DEPTH, Frame, Unwinder
+from .typed_args import parse_types, typed_args
 
 
 DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000
@@ -38,6 +41,7 @@ class Process:
         self._stop_requested = False
         self._pending: PendingProbes | None = None
         self._affinity: dict[int, set[int]] | None = None  # share_cpu(): what to give back at detach
+        self._unwinder: Unwinder | None = None
 
     @property
     def pid(self) -> int:
@@ -75,6 +79,9 @@ class Process:
     def probe(self, spec: str | int, pre: Handler | None = None, post: Handler | None = None,
               boost: bool = True, pending: bool = False, action: str | None = None) -> Probe | PendingProbe:
         """One probe at SPEC ([MODULE:]SYMBOL[+OFFSET], MODULE:0xADDR, or a runtime address).
+
+        action="record": as "count", and once optimised each hit also appends a Record (time,
+        thread, probe, argument registers) to a ring in shared memory: see records().
 
         action="count": the probe only counts (no handlers). It goes in as a breakpoint; at the
         next run() it is jump-optimised where it can be (mode "optimized": counted inside the
@@ -132,6 +139,11 @@ class Process:
         as the program can tell: no thread hits one placed a moment ago while the next one is
         still being placed (with a slot page mapped by a system call injected in a thread, say)."""
         self.tracee.freeze()
+
+    def optimize(self) -> int:
+        """Jump-optimise now every probe waiting for it (run() does it at its start anyway), under
+        one freeze, or under the pause's while paused; return how many were."""
+        return self.engine.optimizer.optimize_waiting()
 
     def run_to_entry(self) -> None:
         """Run a process spawned stopped at its exec until the dynamic loader has mapped and
@@ -192,6 +204,26 @@ class Process:
         for tid in arrived:
             tracee.release(tid, resume=False)  # paused now: the next run() lets it go
 
+    def function_info(self, target: Target) -> FunctionInfo | None:
+        """TARGET's function as its module's DWARF describes it (parameters, their types and
+        locations at entry; the return type); None when TARGET is inside a function or the
+        debug info does not describe it. Raises NoDebugInfo when the module has no debug info."""
+        if target.symbol is None or target.offset:
+            return None
+        info = debug_info_for(getattr(target.module.elf, "path", None) or target.module.path)
+        return info.function_at(target.module.to_link(target.symbol_address))
+
+    def read_arguments(self, tid: int, regs, function: FunctionInfo) -> list:
+        """FUNCTION's parameter values at a hit on its entry (inside an entry handler only):
+        numbers, bools, floats, str for `char *`, addresses for other pointers, and an
+        Unavailable (a str) where there is no value. See engine/args.py."""
+        return read_arguments(self.tracee, tid, regs, function)
+
+    def typed_return(self, tid: int, retval, type_: TypeInfo):
+        """A return probe's RETVAL (rax, with .xmm0) as TYPE_ (a function's return_type)."""
+        vector = retval.xmm0 if type_.kind == "float" else None
+        return typed_value(self.tracee, type_, int(retval), vector)
+
     def was_sent(self, sig: int) -> bool:
         """Whether signal SIG reached the program while traced: it stopped for it (pyprobes then
         delivers it, or holds it until the thread is out of a slot), or it is pending now.
@@ -215,6 +247,10 @@ class Process:
         if self._stop_requested:  # a stop() that came before run() (a signal, say) still counts
             self._stop_requested = False
             return None
+        try:
+            self.optimize()  # one freeze for every point waiting (optimizer.py), before the clock starts
+        except ProcessExited:
+            return self.exit_code
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
         previous = None
@@ -222,10 +258,6 @@ class Process:
             previous = _signal.signal(_signal.SIGALRM, lambda *_: tracee.wake())
             _signal.setitimer(_signal.ITIMER_REAL, max(timeout, 0.001))
         block = deadline is None or in_main
-        try:
-            engine.optimizer.optimize_waiting()  # one freeze for every point waiting (optimizer.py)
-        except ProcessExited:
-            return self.exit_code
         tracee.thaw()
         try:
             while True:
@@ -258,6 +290,32 @@ class Process:
                 _signal.setitimer(_signal.ITIMER_REAL, 0)
                 _signal.signal(_signal.SIGALRM, previous)
             self.sync_counters()
+
+    def records(self) -> "list[Record]":
+        """The records of action="record" probes that arrived since the last call: each a
+        Record(time_ns, tid, probe, args), oldest first per thread. run() drains the ring
+        whenever it returns; call run(timeout) in a loop so the ring does not fill."""
+        return self.engine.optimizer.ring.take()
+
+    @property
+    def lost_records(self) -> int:
+        """Records dropped because the ring was full (the program never waits for pyprobes)."""
+        return self.engine.optimizer.ring.lost
+
+    @property
+    def ring_capacity(self) -> int:
+        return self.engine.optimizer.ring.capacity
+
+    @ring_capacity.setter
+    def ring_capacity(self, records: int) -> None:
+        """The ring's size in records (a power of two), before the first record probe is optimised."""
+        ring = self.engine.optimizer.ring
+        if ring.address:
+            raise ProbeError("the record ring is made already: set ring_capacity before run()")
+        if records <= 0 or records & (records - 1):
+            raise ProbeError(f"ring_capacity {records} is not a power of two")
+        ring.capacity = records
+        ring.size = ring.size_for(records)
 
     def sync_counters(self) -> None:
         """Bring the hits of jump-optimised probes up to date (they are counted in the process)."""
@@ -316,6 +374,22 @@ class Process:
             except OSError:
                 pass
         os.sched_setaffinity(0, tracer)
+
+    def stack(self, tid: int, regs, max_depth: int = MAX_DEPTH) -> list[Frame]:
+        """The user stack of thread TID, which a pre-handler was given with REGS, innermost frame first,
+        unwound with the modules' .eh_frame (engine/stack.py): call it from the handler, while
+        the thread is stopped. A probe whose handler calls it must be a breakpoint (not
+        action="count")."""
+        if self._unwinder is None:
+            self._unwinder = Unwinder(self.pid, self.tracee.memory,
+                                      real_return=self.engine.returns.real_return_address,
+                                      generation=lambda: self.engine.loader.reports)
+            if self._forget_unwinder not in self.engine.exec_hooks:
+                self.engine.exec_hooks.append(self._forget_unwinder)
+        return self._unwinder.unwind(tid, regs, max_depth)
+
+    def _forget_unwinder(self) -> None:
+        self._unwinder = None  # a new image: its modules and pcs are not the old ones
 
     def detach(self) -> None:
         """Remove every probe and let the process run on untraced, exactly as it was."""

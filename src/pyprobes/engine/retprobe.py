@@ -227,6 +227,15 @@ class ReturnProbes:
         if return_address != self.trampoline:
             memory.write_u64(slot, self.trampoline)
 
+    def real_return_address(self, tid: int, slot: int, value: int) -> int:
+        """The return address thread TID's stack slot SLOT really holds: the hijacked caller
+        when VALUE is the trampoline (a stack unwound under a return probe, engine/stack.py)."""
+        if value == self.trampoline:
+            for entry in self.stacks.get(tid, ()):
+                if entry.stack_slot == slot:
+                    return entry.return_address
+        return value
+
     def on_trampoline(self, tid: int, report: bool = True) -> None:
         """A thread returned into the trampoline: send it to its real caller and report.
 

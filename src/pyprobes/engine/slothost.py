@@ -19,6 +19,7 @@ from .probe import ProbeError
 HEAP_MARGIN = 1 << 30
 STACK_MARGIN = 64 << 20
 MAX_TRIES = 16
+MAP_POPULATE = 0x8000
 T = TypeVar("T")
 
 
@@ -45,17 +46,17 @@ def _gaps(pid: int) -> list[tuple[int, int]]:
     return gaps
 
 
-def page_candidates(gaps: list[tuple[int, int]], near: int) -> list[int]:
-    """Page addresses in free gaps within REACH of NEAR, nearest first."""
-    lo, hi = near - REACH + PAGE_SIZE, near + REACH - PAGE_SIZE
+def page_candidates(gaps: list[tuple[int, int]], near: int, size: int = PAGE_SIZE) -> list[int]:
+    """Page addresses in free gaps within REACH of NEAR, nearest first, SIZE bytes free from each."""
+    lo, hi = near - REACH + size, near + REACH - size
     candidates = []
     for start, end in gaps:
         start = max(start, lo)
         end = min(end, hi)
         start = (start + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        if end - start < PAGE_SIZE:
+        if end - start < size:
             continue
-        page = min(max(near & ~(PAGE_SIZE - 1), start), end - PAGE_SIZE)
+        page = min(max(near & ~(PAGE_SIZE - 1), start), end - size)
         candidates.append(page)
     candidates.sort(key=lambda p: abs(p - near))
     return candidates
@@ -140,10 +141,10 @@ class TraceeSlotHost:
                         raise
         raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for instruction slots")
 
-    def map_shared_page(self, near: int, name: str) -> tuple[int, _mmap.mmap]:
-        """A rw- page within REACH of NEAR that the tracer maps too (a memfd the tracee keeps no
-        descriptor of): the tracee's address, and the tracer's view, which outlives the
-        tracee's mapping (an exec, the process's exit)."""
+    def map_shared_page(self, near: int, name: str, size: int = PAGE_SIZE) -> tuple[int, _mmap.mmap]:
+        """A rw- page (SIZE bytes: pages) within REACH of NEAR that the tracer maps too (a memfd
+        the tracee keeps no descriptor of): the tracee's address, and the tracer's view, which
+        outlives the tracee's mapping (an exec, the process's exit)."""
         with self._stopped_thread() as tid:
             try:
                 fd = syscalls.memfd_create(self.tracee, tid, name)
@@ -151,17 +152,18 @@ class TraceeSlotHost:
                 raise SlotPagesRefused(f"{e.reason}: pyprobes cannot map counter pages in it; "
                                        "only emulated probes can be placed") from None
             try:
-                syscalls.ftruncate(self.tracee, tid, fd, PAGE_SIZE)
+                syscalls.ftruncate(self.tracee, tid, fd, size)
                 ours = os.open(f"/proc/{self.tracee.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    view = _mmap.mmap(ours, PAGE_SIZE)
+                    view = _mmap.mmap(ours, size)
                 finally:
                     os.close(ours)
                 prot = syscalls.PROT_READ | syscalls.PROT_WRITE
-                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE
-                for page in page_candidates(_gaps(self.tracee.pid), near)[:MAX_TRIES]:
+                # populated: a record ring's pages are not faulted in one by one on the hit path
+                flags = syscalls.MAP_SHARED | syscalls.MAP_FIXED_NOREPLACE | MAP_POPULATE
+                for page in page_candidates(_gaps(self.tracee.pid), near, size)[:MAX_TRIES]:
                     try:
-                        return syscalls.mmap(self.tracee, tid, page, PAGE_SIZE, prot, flags, fd), view
+                        return syscalls.mmap(self.tracee, tid, page, size, prot, flags, fd), view
                     except OSError as e:
                         if e.errno not in (errno.EEXIST, errno.ENOMEM, errno.EPERM):
                             view.close()
@@ -171,10 +173,10 @@ class TraceeSlotHost:
                 syscalls.close(self.tracee, tid, fd)
         raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for counters")
 
-    def unmap_page(self, address: int) -> None:
+    def unmap_page(self, address: int, size: int = PAGE_SIZE) -> None:
         with self._stopped_thread() as tid:
             try:
-                syscalls.munmap(self.tracee, tid, address, PAGE_SIZE)
+                syscalls.munmap(self.tracee, tid, address, size)
             except SyscallRefused:
                 pass  # a filter that lets mmap through but not munmap: the idle page stays, harmless
 

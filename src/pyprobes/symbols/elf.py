@@ -134,16 +134,22 @@ class ElfFile:
         self.frame_functions  # noqa: B018 - reads .eh_frame on first use
         return self._frame_error
 
-    def _read_frames(self) -> list[Symbol]:
+    def eh_frame_bytes(self) -> tuple[bytes | None, int, int]:
+        """(.eh_frame's bytes, its link-time address, the DW_EH_PE_datarel base); None bytes without one."""
         if self._eh_frame is None or not self.segments:
-            return []  # a relocatable file's FDEs hold unrelocated addresses
+            return None, 0, 0  # a relocatable file's FDEs hold unrelocated addresses
         vaddr, offset, size = self._eh_frame
         with open(self.path, "rb") as f:
             self._check_identity(f)
-            data = self._reader(f.fileno())(".eh_frame", size, offset)
+            return self._reader(f.fileno())(".eh_frame", size, offset), vaddr, self._got
+
+    def _read_frames(self) -> list[Symbol]:
+        data, vaddr, got = self.eh_frame_bytes()
+        if data is None:
+            return []
         ranges = []
         try:
-            ranges.extend(fde_ranges(data, vaddr, self._got))
+            ranges.extend(fde_ranges(data, vaddr, got))
         except ElfError as e:
             self._frame_error = f"{self.path}: {e}"
         code = [(seg.vaddr, seg.vaddr + seg.memsz) for seg in self.segments if seg.flags & PF_X]

@@ -56,6 +56,17 @@ class Memory:
                     raise
         raise AssertionError("unreachable")
 
+    def read_upto(self, address: int, size: int) -> bytes:
+        """Up to SIZE bytes at ADDRESS, stopping at the first unreadable page, in one
+        process_vm_readv: a slice of a stack whose mapping's end is not known."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                return ptrace.process_vm_readv_upto(self._tid, address, size)
+            except ProcessLookupError:
+                if attempt == _ATTEMPTS - 1 or not self._use_live_thread():
+                    raise
+        raise AssertionError("unreachable")
+
     def _read(self, address: int, size: int) -> bytes:
         try:
             return ptrace.process_vm_readv(self._tid, address, size)

@@ -59,6 +59,9 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         # Signal-delivery stops seen, by signal (SIGTRAP of breakpoints and steps aside): what the
         # program has been sent, whether pyprobes delivered it yet or holds it.
         self.signals_reported: Counter[int] = Counter()
+        # tid -> its thread pointer (fs_base), read at each new thread's first stop and at its
+        # exit: what a record's thread key (%fs:0) is, for threads gone when records are read
+        self.thread_pointers: dict[int, int] = {}
         self._syscall_insn: int | None = None
         # The owner's handlers for a breakpoint hit (tid, address) and a finished single-step
         # (tid); each must resume the thread. Unset, those traps come out of wait() as events.

@@ -186,17 +186,17 @@ XMM0_OFFSET = 160  # in struct user_fpregs_struct (the FXSAVE image): xmm_space 
 
 def get_xmm0(tid: int) -> bytes:
     """The 16 bytes of xmm0 (where the SysV ABI returns a float or double)."""
-    image = ctypes.create_string_buffer(512)
-    _call(PTRACE_GETFPREGS, tid, None, image)
-    return image.raw[XMM0_OFFSET:XMM0_OFFSET + 16]
+    return get_xmm(tid, 0)
 
 
 def get_xmm(tid: int, n: int) -> bytes:
-    """The 16 bytes of xmm register N (0..15)."""
+    """The 16 bytes of xmmN, 0 <= N < 16 (the SysV ABI passes floating arguments in xmm0..7)."""
+    if not 0 <= n < 16:
+        raise ValueError(f"no register xmm{n}")
     image = ctypes.create_string_buffer(512)
     _call(PTRACE_GETFPREGS, tid, None, image)
-    at = XMM0_OFFSET + 16 * n
-    return image.raw[at:at + 16]
+    start = XMM0_OFFSET + 16 * n
+    return image.raw[start:start + 16]
 
 
 def peekuser(tid: int, offset: int) -> int:
@@ -302,6 +302,21 @@ def process_vm_readv(pid: int, address: int, size: int) -> bytes:
     if n != size:
         raise OSError(14, f"process_vm_readv({pid}, {address:#x}, {size}): short read of {n} bytes")
     return buf.raw[:size]
+
+
+def process_vm_readv_upto(pid: int, address: int, size: int) -> bytes:
+    """Up to SIZE bytes at ADDRESS of PID in one system call: the kernel stops at the first
+    unmapped page, so this is what is readable there (b"" if nothing); OSError otherwise."""
+    buf = ctypes.create_string_buffer(size)
+    local = _IoVec(ctypes.addressof(buf), size)
+    remote = _IoVec(address, size)
+    n = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        err = ctypes.get_errno()
+        if err == 14:  # EFAULT: not even the first page is there
+            return b""
+        raise OSError(err, f"process_vm_readv({pid}, {address:#x}, {size}): {os.strerror(err)}")
+    return buf.raw[:n]
 
 
 # System call numbers (x86-64, asm/unistd_64.h) of the two calls libc has no wrapper for.

@@ -50,6 +50,7 @@ class StopDecoder:
     _early: dict[int, int]
     _wake_requested: bool
     signals_reported: Counter[int]
+    thread_pointers: dict[int, int]
     # and, from the other parts: _resume_quietly (signals.py), _release_fork_child and
     # _after_exec (lifecycle.py).
 
@@ -68,6 +69,11 @@ class StopDecoder:
         if t is None:
             self._early[tid] = status  # a new thread's (or fork child's) stop before its parent's event
             return None
+        if t.state is ThreadState.NEW and not t.vfork_child:
+            try:
+                self.thread_pointers[tid] = ptrace.getregs(tid).fs_base
+            except OSError:
+                pass  # killed meanwhile: it records nothing more
         t.state = ThreadState.STOPPED
         event = status >> 16
         if event == 0:
@@ -185,6 +191,10 @@ class StopDecoder:
 
     def _exiting(self, t: Thread, sig: int) -> Event:
         t.exiting = True
+        try:
+            self.thread_pointers[t.tid] = ptrace.getregs(t.tid).fs_base  # for records read later
+        except OSError:
+            pass
         exiting = Event(EventKind.EXITING, t.tid, exit_code=exit_code_of(ptrace.geteventmsg(t.tid)))
         if self._queue_all:
             self._queue.append(exiting)

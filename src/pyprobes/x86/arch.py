@@ -16,6 +16,8 @@ plays arch/x86/kernel/kprobes/core.c. The engine names no register and no opcode
       regs_return_value in the kernel);
   MAX_INSTRUCTION_LENGTH
       how many bytes past an address to read to decode the instruction there;
+  DWARF_REGISTERS, DWARF_STACK_POINTER, DWARF_RETURN_ADDRESS
+      the registers of a `Regs` by their DWARF number (call frame information, unwinding);
   return_address_slot / popped_return_slot, BREAKPOINT, BREAKPOINT_LENGTH
       what return probes need to hijack a return and to know it came back
       (arch_prepare_kretprobe, the kretprobe trampoline).
@@ -32,10 +34,17 @@ from .relocate import RelocationError, SlotCode, pushed_flags_fixup, relocate, r
 from .rescue import with_jmp_back
 
 __all__ = [
+    "DWARF_REGISTERS",
+    "DWARF_RETURN_ADDRESS",
+    "DWARF_STACK_POINTER",
     "BREAKPOINT",
     "BREAKPOINT_LENGTH",
+    "ENTRY_CFA_OFFSET",
+    "INTEGER_ARGUMENT_REGISTERS",
+    "SSE_ARGUMENT_REGISTERS",
     "MAX_INSTRUCTION_LENGTH",
     "SlotCopy",
+    "STACK_POINTER",
     "StackMemory",
     "ThreadRegisters",
     "instruction_pointer",
@@ -45,13 +54,25 @@ __all__ = [
     "return_value",
     "set_instruction_pointer",
     "stack_pointer",
+    "vector_register_index",
 ]
 
 MAX_INSTRUCTION_LENGTH = 15
+# 16 in DWARF_REGISTERS (below) is the return address column, the caller's rip.
+DWARF_STACK_POINTER = 7
+DWARF_RETURN_ADDRESS = 16
 BREAKPOINT = b"\xcc"  # int3
 BREAKPOINT_LENGTH = len(BREAKPOINT)  # a trap on it reports the program counter this far past it
 RETURN_ADDRESS_SIZE = 8
 _TRAP_FLAG = 0x100  # RFLAGS.TF
+# The x86-64 psABI's DWARF register numbers (3.6.2), as Regs field names; xmmN are not in Regs.
+DWARF_REGISTERS = {0: "rax", 1: "rdx", 2: "rcx", 3: "rbx", 4: "rsi", 5: "rdi", 6: "rbp", 7: "rsp",
+                   **{n: f"r{n}" for n in range(8, 16)}, 16: "rip", **{17 + n: f"xmm{n}" for n in range(16)}}
+STACK_POINTER = "rsp"
+# SysV psABI 3.2.3: INTEGER-class arguments in these, in order; SSE-class ones in xmm0..7.
+INTEGER_ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+SSE_ARGUMENT_REGISTERS = tuple(f"xmm{n}" for n in range(8))
+ENTRY_CFA_OFFSET = 8  # at a function's first instruction the CFA is rsp + 8 (just above the return address)
 
 
 class ThreadRegisters(Protocol):
@@ -165,3 +186,8 @@ def return_address_slot(regs: Any) -> int:
 def popped_return_slot(regs: Any) -> int:
     """Just after a `ret`: where the return address it popped was."""
     return regs.rsp - RETURN_ADDRESS_SIZE
+
+
+def vector_register_index(name: str) -> int | None:
+    """N for "xmmN" (read from the FP registers, not Regs); None for a general register."""
+    return int(name[3:]) if name.startswith("xmm") else None

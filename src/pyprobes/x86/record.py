@@ -1,0 +1,223 @@
+"""The ``record`` action of jump-optimised probes (issue 11): a ring buffer record per hit, no stop.
+
+A record trampoline is the count trampoline (optimize.py) with a call into one shared *record
+routine* between its ``lock inc`` and its ``popfq``, so that it still fits a 64-byte slot::
+
+    lea rsp,[rsp-128]          ; step over the red zone
+    pushfq
+    lock inc qword [rip+C]     ; the probe's counter: Probe.hits stays exact, drops included
+    push r11
+    mov r11d, PROBE_ID
+    call qword [rip+P]         ; P: the routine's address, a word of the counter page
+    pop r11
+    popfq
+    lea rsp,[rsp+128]
+    <the region's instructions, relocated>
+    jmp region.end
+
+The routine (record_routine), one per process, in an r-x page of its own, clobbers nothing
+but the flags (saved by the trampoline)::
+
+    reserve:  head -> rax; while head - tail < capacity: lock cmpxchg head, head+1
+              full: lock inc lost; return            (a producer never blocks or waits)
+    write:    rdi rsi rdx rcx r8 r9, the probe id, %fs:0 (the thread's TCB pointer), rdtsc
+    publish:  the commit word last: index + 1 (a plain store: x86 stores are not reordered)
+
+Reservation is a compare-and-swap, not a ``lock xadd``: an xadd that finds the ring full has
+already taken an index, and the record that index stands for would never be committed, so
+the consumer would wait on it forever. A failed cmpxchg means another thread reserved: the
+loop makes progress whenever any producer does.
+
+The ring (one memfd, shared with the tracer): a HEADER_SIZE-byte header, then CAPACITY
+records of RECORD_SIZE bytes; record i lives at slot i % CAPACITY and is published when its
+commit word equals i + 1 (so a slot's previous lap never reads as committed).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+from typing import Any
+
+from iced_x86 import Code, Instruction, MemoryOperand, Register
+
+from .optimize import Region, Trampoline, _assemble, _encode, _rel32
+from .relocate import RelocationError
+
+__all__ = [
+    "RECORD",
+    "RECORD_SIZE",
+    "RING_HEADER",
+    "RING_HEADER_SIZE",
+    "RING_MAGIC",
+    "RING_VERSION",
+    "TSC_READER",
+    "record_routine",
+    "record_trampoline",
+    "argument_registers",
+    "thread_key",
+]
+
+RING_MAGIC = 0x474E_4952_4250_5950  # "PYPBRING", little-endian
+RING_VERSION = 1
+RING_HEADER_SIZE = 256
+# magic, version, record size, capacity, ns per TSC tick (double), TSC and ns of calibration;
+# head, tail and lost each on a cache line of their own (producers and the consumer write them).
+RING_HEADER = struct.Struct("<QQQQdQQ")
+HEAD_OFFSET = 64
+TAIL_OFFSET = 128
+LOST_OFFSET = 192
+# commit word, TSC, thread key (%fs:0), probe id, rdi rsi rdx rcx r8 r9
+RECORD = struct.Struct("<QQQQ6Q")
+RECORD_SIZE = RECORD.size  # 80
+_TSC, _KEY, _ID, _ARGS = 8, 16, 24, 32
+ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+
+# rdtsc; shl rdx,32; or rax,rdx; ret: the tracer's own clock for calibration (System V ABI).
+TSC_READER = bytes.fromhex("0f31 48c1e220 4809d0 c3".replace(" ", ""))
+
+_ACTION_PUSHF = 5
+_CALL_RIP_LENGTH = 6
+
+
+def _assemble_list(items: list, address: int) -> bytes:
+    """Encode ITEMS (Instructions, or ("label", name) markers) at ADDRESS; a branch's target is
+    given as a label name in ``branches``. Two passes: every branch is rel32, so lengths do not
+    depend on targets."""
+    labels: dict[str, int] = {}
+    for final in (False, True):
+        code = b""
+        for item in items:
+            here = address + len(code)
+            if isinstance(item, tuple) and item[0] == "label":
+                labels[item[1]] = here
+                continue
+            if isinstance(item, tuple):
+                kind, name = item
+                target = labels.get(name, here) if final else here
+                code += _encode(Instruction.create_branch(kind, target), here)
+                continue
+            code += _encode(item, here)
+    return code
+
+
+def _mem(base: Register, displ: int) -> MemoryOperand:
+    return MemoryOperand(base, displ=displ)
+
+
+def record_routine(address: int, ring_address: int, capacity: int) -> bytes:
+    """The shared record routine, placed at ADDRESS, appending to the ring at RING_ADDRESS of
+    CAPACITY records (a power of two). Called with the probe id in r11 (which the caller saves)
+    and the flags saved: it preserves every other register."""
+    if capacity <= 0 or capacity & (capacity - 1) or capacity >= 1 << 31:
+        raise ValueError(f"ring capacity {capacity} is not a power of two below 2**31")
+    R10, R11, RAX, RDX = Register.R10, Register.R11, Register.RAX, Register.RDX
+    data = RING_HEADER_SIZE
+    mov_store = Code.MOV_RM64_R64
+    locked_cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _mem(R10, HEAD_OFFSET), R11)
+    locked_cmpxchg.has_lock_prefix = True
+    locked_inc = Instruction.create_mem(Code.INC_RM64, _mem(R10, LOST_OFFSET))
+    locked_inc.has_lock_prefix = True
+    thread_key = Instruction.create_reg_mem(Code.MOV_R64_RM64, RAX,
+                                            MemoryOperand(displ=0, displ_size=8, seg=Register.FS))
+    items = [
+        Instruction.create_reg(Code.PUSH_R64, R11),   # the probe id, read back below
+        Instruction.create_reg(Code.PUSH_R64, RDX),
+        Instruction.create_reg(Code.PUSH_R64, RAX),
+        Instruction.create_reg(Code.PUSH_R64, R10),
+        Instruction.create_reg_u64(Code.MOV_R64_IMM64, R10, ring_address),
+        Instruction.create_reg_mem(Code.MOV_R64_RM64, RAX, _mem(R10, HEAD_OFFSET)),
+        ("label", "retry"),
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, R11, RAX),
+        Instruction.create_reg_mem(Code.SUB_R64_RM64, R11, _mem(R10, TAIL_OFFSET)),
+        Instruction.create_reg_i32(Code.CMP_RM64_IMM32, R11, capacity),
+        (Code.JAE_REL32_64, "full"),
+        Instruction.create_reg_mem(Code.LEA_R64_M, R11, MemoryOperand(RAX, displ=1)),
+        locked_cmpxchg,                                # rax = head again when another thread won
+        (Code.JNE_REL32_64, "retry"),
+        # rax = our index; r11 = the record's address - data
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, R11, RAX),
+        Instruction.create_reg_i32(Code.AND_RM64_IMM32, R11, capacity - 1),
+        Instruction.create_reg_reg_i32(Code.IMUL_R64_RM64_IMM32, R11, R11, RECORD_SIZE),
+        Instruction.create_reg_reg(Code.ADD_R64_RM64, R11, R10),
+    ]
+    for i, name in enumerate(ARGUMENT_REGISTERS):
+        reg = getattr(Register, name.upper())
+        if name == "rdx":  # the caller's rdx, saved above
+            items.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, _mem(Register.RSP, 16)))
+        items.append(Instruction.create_mem_reg(mov_store, _mem(R11, data + _ARGS + 8 * i), reg))
+    items += [
+        Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, _mem(Register.RSP, 24)),  # probe id
+        Instruction.create_mem_reg(mov_store, _mem(R11, data + _ID), RDX),
+        Instruction.create_reg_mem(Code.LEA_R64_M, R10, MemoryOperand(RAX, displ=1)),
+        thread_key,
+        Instruction.create_mem_reg(mov_store, _mem(R11, data + _KEY), RAX),
+        Instruction.create(Code.RDTSC),
+        Instruction.create_reg_i32(Code.SHL_RM64_IMM8, RDX, 32),
+        Instruction.create_reg_reg(Code.OR_R64_RM64, RAX, RDX),
+        Instruction.create_mem_reg(mov_store, _mem(R11, data + _TSC), RAX),
+        Instruction.create_mem_reg(mov_store, _mem(R11, data), R10),  # publish: commit = index + 1
+        (Code.JMP_REL32_64, "done"),
+        ("label", "full"),
+        locked_inc,
+        ("label", "done"),
+        Instruction.create_reg(Code.POP_R64, R10),
+        Instruction.create_reg(Code.POP_R64, RAX),
+        Instruction.create_reg(Code.POP_R64, RDX),
+        Instruction.create_reg(Code.POP_R64, R11),
+        Instruction.create(Code.RETNQ),
+    ]
+    return _assemble_list(items, address)
+
+
+def _record_action(address: int, counter_address: int, pointer_address: int,
+                   probe_id: int) -> tuple[bytes, int]:
+    """The trampoline's action at ADDRESS and the offset of its popfq."""
+    R11 = Register.R11
+    increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter_address))
+    increment.has_lock_prefix = True
+    call = Instruction.create_mem(Code.CALL_RM64, MemoryOperand(Register.RIP, displ=pointer_address))
+    items = [
+        Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, MemoryOperand(Register.RSP, displ=-128)),
+        Instruction.create(Code.PUSHFQ),
+        increment,
+        Instruction.create_reg(Code.PUSH_R64, R11),
+        Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.R11D, probe_id),
+        call,
+        Instruction.create_reg(Code.POP_R64, R11),
+    ]
+    code = b""
+    for item in items:
+        here = address + len(code)
+        if item is increment or item is call:
+            target = counter_address if item is increment else pointer_address
+            if _rel32(here + (8 if item is increment else _CALL_RIP_LENGTH), target) is None:
+                raise RelocationError(f"counter page {target:#x} is beyond ±2 GiB of trampoline "
+                                      f"{address:#x}: place it near the trampoline")
+        code += _encode(item, here)
+    popf = len(code)
+    code += _encode(Instruction.create(Code.POPFQ), address + len(code))
+    code += _encode(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
+                                               MemoryOperand(Register.RSP, displ=128)), address + len(code))
+    return code, popf
+
+
+def record_trampoline(region: Region, address: int, counter_address: int, pointer_address: int,
+                      probe_id: int) -> Trampoline:
+    """The ``record`` trampoline for REGION at ADDRESS: counts in COUNTER_ADDRESS and calls the
+    record routine whose address is the word at POINTER_ADDRESS (both within ±2 GiB) with
+    PROBE_ID (below 2**32)."""
+    if not 0 <= probe_id < 1 << 32:
+        raise ValueError(f"probe id {probe_id} does not fit 32 bits")
+    action, popf = _record_action(address, counter_address, pointer_address, probe_id)
+    return replace(_assemble(region, address, action), counted_offset=popf)
+
+
+def thread_key(regs: Any) -> int:
+    """A thread's key in its records: %fs:0, the TCB's pointer to itself, is fs_base (glibc and
+    musl keep the two equal)."""
+    return regs.fs_base
+
+
+def argument_registers(regs: Any) -> tuple[int, ...]:
+    """The six integer argument registers of the System V ABI, as a record holds them."""
+    return (regs.rdi, regs.rsi, regs.rdx, regs.rcx, regs.r8, regs.r9)
