@@ -18,6 +18,7 @@ _HOME = {  # where each public name lives
     "PyprobesError": ".errors",
     "ElfError": ".symbols", "FunctionInfo": ".symbols", "NoDebugInfo": ".symbols", "debug_info_for": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",
     "ProcessExited": ".tracee",
+    "usdt_probes_of_binary": ".symbols.usdt", "usdt_probes_of_process": ".symbols.usdt",
 }
 __all__ = sorted(_HOME) + ["__version__"]
 

@@ -7,6 +7,7 @@ import shutil
 import sys
 
 from pyprobes import ElfError, FunctionPlan, SymbolError, functions_of_binary, functions_of_process
+from pyprobes import usdt_probes_of_binary, usdt_probes_of_process
 
 from .output import CliError
 
@@ -17,6 +18,8 @@ examples:
   pyprobes list /lib/x86_64-linux-gnu/libc.so.6 'str*'
   pyprobes list -p 1234 'libc:mem*'    functions of a running process (runtime addresses)
   pyprobes list -p 1234                every function of its executable
+  pyprobes list --usdt /usr/bin/python3.11   its USDT probes and their argument specs
+  pyprobes list --usdt -p 1234 'python:*'    USDT probes of a running process's modules
   pyprobes list --args ./prog 'open*'  signatures from ./prog's debug info (DWARF)
 
 PROBE column: boosted (one stop per hit), emulated (one stop, no slot), stepped (two
@@ -29,10 +32,12 @@ HEADER = ("MODULE", "ADDRESS", "SIZE", "FUNCTION", "PROBE", "FIRST INSTRUCTION",
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] (-p PID [PATTERN] | [--args] BINARY [PATTERN])', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("list", help=HELP, usage='%(prog)s [-o FILE] (-p PID [PATTERN] | [--args] BINARY [PATTERN] | --usdt (-p PID [PATTERN] | BINARY [PATTERN]))', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="list functions of this running process")
     p.add_argument("-o", "--output", metavar="FILE", help="write the list to FILE instead of stdout")
+    p.add_argument("--usdt", action="store_true",
+                   help="list USDT probes (PROVIDER:NAME, semaphore, argument specs) instead of functions")
     p.add_argument("--args", action="store_true", help="BINARY's function signatures from its debug info (DWARF)")
     p.add_argument("where", nargs="*", metavar="BINARY|PATTERN",
                    help="BINARY [PATTERN] without -p; [PATTERN] with -p ([MODULE:]GLOB)")
@@ -77,9 +82,35 @@ def rows_for_pid(pid: int, pattern: str | None) -> list[FunctionPlan]:
         raise CliError(f"not permitted to read the memory map of PID {pid}", 1) from None
 
 
+USDT_HEADER = ("MODULE", "ADDRESS", "PROBE", "SEMAPHORE", "ARGUMENTS")
+
+
+def usdt_rows(args) -> list[tuple[str, ...]]:
+    where = args.where
+    if len(where) > (1 if args.pid is not None else 2) or (args.pid is None and not where):
+        raise CliError("give --usdt BINARY [PATTERN] or --usdt -p PID [PATTERN]", 2)
+    try:
+        if args.pid is not None:
+            found = usdt_probes_of_process(args.pid, where[0] if where else None)
+        else:
+            found = usdt_probes_of_binary(_binary_path(where[0]), where[1] if len(where) > 1 else None)
+    except (ElfError, SymbolError) as e:
+        raise CliError(str(e), 2) from None
+    except ProcessLookupError:
+        raise CliError(f"no process with PID {args.pid}", 1) from None
+    except OSError as e:
+        raise CliError(f"cannot read: {e.strerror}", 1) from None
+    return [(u.module, f"{u.address:#x}", f"{u.provider}:{u.name}",
+             f"{u.semaphore:#x}" if u.semaphore else "-", u.args) for u in found]
+
+
 def run(args, command: list[str]) -> int:
     if command:
         raise CliError("list takes no command", 2)
+    if args.usdt:
+        if args.args:
+            raise CliError("--usdt and --args list different things: give one", 2)
+        return _write(args, USDT_HEADER, usdt_rows(args))
     where = args.where
     if args.pid is not None:
         if args.args:
@@ -98,6 +129,11 @@ def run(args, command: list[str]) -> int:
         rows = rows_for_binary(where[0], where[1] if len(where) > 1 else None)
     rows = [(f.module, f"{f.address:#x}", str(f.size), f.name, f.probe, f.instruction,
              "yes" if f.optimized else f"no: {f.not_optimized}") for f in rows]
+    return _write(args, HEADER, rows)
+
+
+def _write(args, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> int:
+    right = {"ADDRESS", "SIZE"}
     if args.output:
         try:
             out = open(args.output, "w")
@@ -105,12 +141,11 @@ def run(args, command: list[str]) -> int:
             raise CliError(f"cannot write {args.output}: {e.strerror}", 2) from None
     else:
         out = sys.stdout
-    widths = [max(len(r[i]) for r in rows + [HEADER]) for i in range(len(HEADER) - 1)]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
     try:
-        for r in [HEADER] + rows:
-            cells = [r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2]),
-                     r[3].ljust(widths[3]), r[4].ljust(widths[4]), r[5].ljust(widths[5]), r[6]]
-            out.write("  ".join(cells).rstrip() + "\n")
+        for r in [header] + rows:
+            cells = [(r[i].rjust(w) if header[i] in right else r[i].ljust(w)) for i, w in enumerate(widths)]
+            out.write("  ".join(cells + [r[-1]]).rstrip() + "\n")
         out.flush()
     except BrokenPipeError:
         # `pyprobes list ... | head`: the reader is gone, which is fine.

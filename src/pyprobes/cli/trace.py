@@ -5,7 +5,7 @@ import argparse
 import json
 import time
 
-from pyprobes import PyprobesError
+from pyprobes import PyprobesError, parse_spec
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
@@ -23,6 +23,8 @@ examples:
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
+  pyprobes trace 'usdt:python:function__entry(str,str,int)' -- python3 x.py   a USDT probe, typed
+  pyprobes trace 'work(int,str,double)' -- ./prog   a function's arguments typed (int uint hex str ptr double)
   pyprobes trace --no-optimize 'libc:malloc' -- ./prog   breakpoints only: a stop per hit
   pyprobes trace --stack 'libc:getpid' -- ./prog    each hit's user stack under its line
 
@@ -33,6 +35,11 @@ every parameter by name and type instead: open_file(path="/etc/hosts", flags=0),
 its JSON "args" is an object, {"path": "/etc/hosts", "flags": 0}; strings are read up
 to 256 bytes ("..." marks a cut), <unavailable> where the value is optimised out;
 --raw shows the registers as above (--args applies to them only).
+A USDT probe (usdt:[MODULE:]PROVIDER:NAME) shows the arguments its note declares, as integers
+of their size and sign. A type list, SPEC(T1,T2,...), shows each argument as its type says
+(it wins over the debug info): int, uint, hex, ptr, str (a C string read from the program, at
+most 256 bytes, "..." when cut) or double (xmm0, xmm1... for a function). In JSON, "args"
+holds these typed values. Both need a stop to read memory: those probes are breakpoints.
 A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
 and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
 Other entry probes record each hit inside the process where the entry allows it (a ring in
@@ -100,6 +107,8 @@ def run(args, command: list[str]) -> int:
 
     def pre_for(target):
         name = target.name
+        if spec_typed(target):
+            return spec_typed_pre(target)
         function = None if args.raw else function_of(target)
         if function is not None:
             return typed_pre(name, function)
@@ -139,6 +148,32 @@ def run(args, command: list[str]) -> int:
             for record in sorted(session.proc.records(), key=lambda r: r.time_ns):
                 write_record(record)
         report.flush()
+
+    def spec_typed(target):
+        """A USDT probe (arguments from its note) or SPEC(T,...) (a type list types them)."""
+        return target.usdt is not None or parse_spec(target.spec).types is not None
+
+    def spec_typed_pre(target):
+        name = target.name
+        read = session.proc.args
+
+        def on_hit(tid, regs):
+            now = time.monotonic()
+            values = read(target, tid, regs)
+            frames = frames_of(session, tid, regs) if with_stack else None
+            if as_json:
+                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
+                                  "probe": name, "args": values,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
+            else:
+                shown = ", ".join(json.dumps(v) if isinstance(v, str) or v is None else str(v) for v in values)
+                write(f"{now - session.start:12.6f} {tid:>7} {name}({shown})\n")
+                if frames is not None:
+                    write(frame_lines(frames))
+            if now - last_flush[0] >= FLUSH_EVERY:
+                last_flush[0] = now
+                report.flush()
+        return on_hit
 
     def typed_pre(name, function):
         read = session.proc.read_arguments
@@ -205,8 +240,11 @@ def run(args, command: list[str]) -> int:
             except PyprobesError as e:
                 raise CliError(str(e), 2) from None
         if optimize:
-            # Recorded in the process, unless the debug info types the arguments (a stop reads them).
+            # Recorded in the process, unless the arguments are typed (by a USDT note, a type
+            # list or the debug info): a stop reads them.
             def typed_only(target):
+                if spec_typed(target):
+                    return spec_typed_pre(target)
                 function = None if args.raw else function_of(target)
                 return None if function is None else typed_pre(target.name, function)
 

@@ -29,10 +29,11 @@ from ..x86 import (MAX_INSTRUCTION_LENGTH, Kind, MidInstructionError, Relocation
 from .ifunc import follow_ifuncs
 from .loader import LoaderEvents
 from .optimizer import Optimizer
-from .probe import Handler, Probe, ProbeError, ProbePoint
+from .probe import Handler, Probe, ProbeError, ProbePoint, check_action
 from .rescue import Rescue
 from .retprobe import ReturnProbes
 from .slothost import TraceeSlotHost
+from .usdt import Semaphores
 
 UNSIZED_FUNCTION_BYTES = 256
 
@@ -47,6 +48,7 @@ class Engine:
         self.slots = SlotCache(self.host)
         self.rescue = Rescue(tracee, self.host)  # the program survives our death (engine/rescue.py)
         self.optimizer = Optimizer(self, tracee, self.host)  # jump-optimised points (issue 11)
+        self.semaphores = Semaphores(tracee.memory)  # USDT semaphores our probes hold (usdt.py)
         self.stats = {"threads_migrated": 0, "signals_held": 0, "faults_in_slots": 0}
         self._stepping: dict[int, ProbePoint] = {}  # tid -> the point whose slot it is single-stepping
         self._slot_origin: dict[int, ProbePoint] = {}  # slot address -> the point whose copy it holds
@@ -64,6 +66,7 @@ class Engine:
         tracee.breakpoint_handler = self.on_breakpoint
         tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
+        tracee.fork_hooks.append(self.semaphores.restore_forked_child)
         # Called with no arguments at the end of on_exec, before the exec'ing thread resumes:
         # the new image's loader has not run a line yet (pending probes re-arm from there).
         self.exec_hooks: list[Callable[[], None]] = []
@@ -84,24 +87,14 @@ class Engine:
                   boost: bool = True, action: str | None = None) -> Probe:
         """ACTION "count": the probe only counts, and may be jump-optimised (optimizer.py);
         "record": it also appends a record per hit to the ring (ring.py) when optimised."""
-        if action not in (None, "count", "record"):
-            raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record'")
-        if action is not None and (pre is not None or post is not None):
-            raise ProbeError(f"a probe with action={action!r} has no handlers")
         point = self.points.get(target.address)
-        # A probe with handlers (action None) keeps the point a breakpoint, where each probe
-        # does its own (a record probe records from the tracer): they mix. Two actions could
-        # only share a trampoline that does both, which there is not.
-        actions = {action, *(p.action for p in point.probes)} if point is not None else set()
-        if "record" in actions and len(actions - {None}) > 1:
-            raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "
-                             f"action={action!r} cannot join theirs "
-                             f"({', '.join(sorted({repr(p.action) for p in point.probes}))})")
+        check_action(target, point, action, pre, post)
         if point is None:
             if self.optimizer.optimized:
                 self.optimizer.clear_for(target.address)
             point = self._new_point(target)
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
+        probe.semaphore = self.semaphores.hold_for(target)  # a USDT probe's, its site accepted
         if action == "record":  # while (or where) it is a breakpoint, the tracer records its hits
             probe.pre = self.optimizer.ring.breakpoint_handler(probe)
         point.probes.append(probe)
@@ -178,6 +171,8 @@ class Engine:
     def remove_probe(self, probe: Probe) -> None:
         probe.removed = True
         probe.enabled = False
+        if probe.semaphore is not None:
+            self.semaphores.release(probe.semaphore)
         point = probe.point
         point.probes.remove(probe)
         if probe in self.probes:
@@ -195,6 +190,7 @@ class Engine:
         nothing written back (its library was unmapped: whatever is there now is not ours).
         Returns how many probes went."""
         dropped = 0
+        self.semaphores.forget_in(inside)
         for point in [p for p in self.points.values() if inside(p.address)]:
             self.optimizer.abandon(point)
             if point.armed:
@@ -456,6 +452,7 @@ class Engine:
         self._slot_origin.clear()
         self.slots = SlotCache(self.host)
         self.optimizer.forget()
+        self.semaphores.forget()
         self.loader.forget()
         self.returns.forget()
         self.rescue.forget()
@@ -485,6 +482,7 @@ class Engine:
                         self.returns.on_trampoline(tid)
                 self._stepping.clear()
                 self.returns.restore_all()
+                self.semaphores.release_all()
                 self.slots.release_all()
                 self.optimizer.release()
                 self.returns.release()

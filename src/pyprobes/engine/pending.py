@@ -253,7 +253,7 @@ class PendingProbes:
         pp._resolved_once = True
         try:
             spec = pp.parsed
-            if not raising and spec.symbol is not None and not spec.is_glob:
+            if not raising and spec.symbol is not None and not spec.is_glob and not spec.is_usdt:
                 # From inside the program's loader event: no did-you-mean search over every
                 # symbol (0.1-0.4 s) for a name that is simply not there.
                 search = within if within is not None else mods

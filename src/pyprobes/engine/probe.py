@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from ..errors import PyprobesError
 from ..slots import Slot
 from ..x86 import Emulation, Insn, Kind, SlotCopy
+from .typed_args import parse_types, typed_args
 
 if TYPE_CHECKING:
     from ..symbols import Target
@@ -23,6 +24,9 @@ class ProbeOwner(Protocol):
     def update_point(self, point: "ProbePoint") -> None: ...
 
     def remove_probe(self, probe: "Probe") -> None: ...
+
+    memory: Any  # the tracee's memory (Probe.args reads strings through it)
+    tracee: Any
 
 
 class ProbePlacer(Protocol):
@@ -122,10 +126,34 @@ class Probe:
         self.hits = 0
         self.missed = 0
         self.last_error: BaseException | None = None
+        self.semaphore: int | None = None  # the runtime USDT semaphore this probe holds raised
+        self._types: tuple[str, ...] | None | bool = False  # the spec's type list, parsed on first use
 
     @property
     def address(self) -> int:
         return self.point.address
+
+    @property
+    def types(self) -> tuple[str, ...] | None:
+        """The type list the spec ends in ("usdt:python:function__entry(str,str,int)"), or None."""
+        if self._types is False:
+            self._types = parse_types(self.spec)
+        return self._types  # type: ignore[return-value]
+
+    def args(self, tid: int, regs: Any) -> list[Any]:
+        """The hit's arguments, for a pre handler given (TID, REGS): a USDT probe's from its note
+        (converted to each one's size and sign), a function's from the ABI's registers, as
+        many as the spec's type list names; each shown as its type says (str read from the
+        tracee, at most STRING_LIMIT bytes, "..." when cut)."""
+        return typed_args(self.target, self.types, tid, regs, self._owner.memory,
+                          self._owner.tracee.get_xmm)
+
+    def usdt_args(self, regs: Any) -> list[int]:
+        """A USDT probe's arguments as the note gives them (integers of their size and sign)."""
+        usdt = self.target.usdt if self.target is not None else None
+        if usdt is None:
+            raise ProbeError(f"{self.name} is not a USDT probe")
+        return usdt.arguments(regs, self._owner.memory.read, self.target.module.load_bias)
 
     @property
     def name(self) -> str:
@@ -176,3 +204,21 @@ class Probe:
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("enabled" if self.enabled else "disabled")
         return f"<Probe {self.name} at {self.address:#x} {self.mode} {state} hits={self.hits}>"
+
+
+def check_action(target: Any, point: ProbePoint | None, action: str | None,
+                 pre: Handler | None, post: Handler | None) -> None:
+    """ProbeError unless a probe with ACTION (and PRE, POST) may go at TARGET, whose point
+    (None if new) is POINT."""
+    if action not in (None, "count", "record"):
+        raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record'")
+    if action is not None and (pre is not None or post is not None):
+        raise ProbeError(f"a probe with action={action!r} has no handlers")
+    # A probe with handlers (action None) keeps the point a breakpoint, where each probe
+    # does its own (a record probe records from the tracer): they mix. Two actions could
+    # only share a trampoline that does both, which there is not.
+    actions = {action, *(p.action for p in point.probes)} if point is not None else set()
+    if "record" in actions and len(actions - {None}) > 1:
+        raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "
+                         f"action={action!r} cannot join theirs "
+                         f"({', '.join(sorted({repr(p.action) for p in point.probes}))})")

@@ -26,6 +26,7 @@ from .probe import Handler, Probe, ProbeError
 from .ring import Record
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 from .stack import MAX_DEPTH, Frame, Unwinder
+from .typed_args import parse_types, typed_args
 
 
 DEFAULT_BUSY_WAIT_US = DEFAULT_BUSY_WAIT_NS / 1000
@@ -124,6 +125,14 @@ class Process:
         if len(targets) != 1:
             raise ProbeError(f"{spec!r} matches {len(targets)} functions: a return probe needs exactly one")
         return self.engine.returns.add(targets[0], handler, entry=entry, maxactive=maxactive)
+
+    def args(self, target: Target, tid: int, regs, types: "tuple[str, ...] | None" = None) -> list:
+        """A hit's arguments at TARGET as typed values, for a handler given (TID, REGS): a USDT
+        probe's from its note, a function's from the ABI's registers (as many as TYPES names;
+        TYPES defaults to the type list TARGET's spec ends in). See Probe.args."""
+        if types is None:
+            types = parse_types(target.spec)
+        return typed_args(target, types, tid, regs, self.engine.memory, self.tracee.get_xmm)
 
     def pause(self) -> None:
         """Stop every thread until the next run(). Probes placed meanwhile go in at once, as far

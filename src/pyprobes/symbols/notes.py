@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-__all__ = ["gnu_build_id", "iter_notes", "parse_debuglink"]
+__all__ = ["StapsdtNote", "gnu_build_id", "iter_notes", "parse_debuglink", "stapsdt_notes"]
 
 _NT_GNU_BUILD_ID = 3
 
@@ -46,3 +47,33 @@ def parse_debuglink(data: bytes) -> tuple[str, int] | None:
         return None
     (crc,) = struct.unpack_from("<I", data, crc_at)
     return data[:end].decode("utf-8", "replace"), crc
+
+
+_NT_STAPSDT = 3
+
+
+@dataclass(frozen=True)
+class StapsdtNote:
+    """One SystemTap SDT note (owner "stapsdt", type 3), addresses as linked."""
+
+    pc: int  # the probe site, a nop
+    base: int  # the .stapsdt.base address at link time, for prelink adjustment
+    semaphore: int  # 0 when the probe has none
+    provider: str
+    name: str
+    args: str  # the argument specs, e.g. "-4@%edi 8@-16(%rbp)"
+
+
+def stapsdt_notes(data: bytes) -> list[StapsdtNote]:
+    """The SDT notes in the notes DATA (ELF64); malformed ones are skipped."""
+    out = []
+    for owner, ntype, desc in iter_notes(data):
+        if owner != b"stapsdt" or ntype != _NT_STAPSDT or len(desc) < 24:
+            continue
+        pc, base, semaphore = struct.unpack_from("<QQQ", desc)
+        strings = desc[24:].split(b"\0")
+        if len(strings) < 3:
+            continue
+        provider, name, args = (s.decode("utf-8", "replace") for s in strings[:3])
+        out.append(StapsdtNote(pc, base, semaphore, provider, name, args))
+    return out

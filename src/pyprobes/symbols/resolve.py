@@ -5,6 +5,9 @@ Grammar (kprobes-like)::
     [MODULE:]SYMBOL[+OFFSET][%return]    SYMBOL may be a glob: * ? [...]
     MODULE:0xADDR[+OFFSET][%return]      a link-time address in MODULE
     0xADDR | 1234 | an int               a runtime address
+    usdt:[MODULE:]PROVIDER:NAME          a USDT probe site (symbols/usdt.py); globs in all three
+
+Any spec may end in a type list, SPEC(T1,T2,...), T one of TYPES: how to show its arguments.
 """
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from ..errors import PyprobesError
 from . import maps as _maps
 from .elf import Symbol, preference
 from .maps import Module
+from .usdt import UsdtProbe, usdt_probes
 
-__all__ = ["SymbolError", "Spec", "Target", "parse_spec", "resolve", "find_module", "symbolize"]
+__all__ = ["SymbolError", "Spec", "Target", "TYPES", "parse_spec", "resolve", "find_module", "symbolize"]
+
+TYPES = ("int", "uint", "hex", "str", "ptr", "double")
 
 
 class SymbolError(PyprobesError, LookupError):
@@ -37,10 +43,16 @@ class Spec:
     address: int | None = None  # link-time if module is set, else runtime
     offset: int = 0
     is_return: bool = False
+    provider: str | None = None  # set for a USDT spec; symbol is then the probe's name
+    types: tuple[str, ...] | None = None  # the spec's type list, if it has one
 
     @property
     def is_glob(self) -> bool:
         return self.symbol is not None and any(c in self.symbol for c in "*?[")
+
+    @property
+    def is_usdt(self) -> bool:
+        return self.provider is not None
 
 
 @dataclass(frozen=True)
@@ -55,11 +67,14 @@ class Target:
     spec: str
     is_return: bool = False
     ifunc: Symbol | None = None  # the IFUNC whose selected implementation this is (engine/ifunc.py)
+    usdt: UsdtProbe | None = None  # the USDT probe whose site this is
 
     @property
     def name(self) -> str:
         """Human name: "libc.so.6:puts+0x4", "prog:0x1139" with no enclosing function, or
         "libc.so.6:strlen -> __strlen_avx2" for the implementation the loader chose for an IFUNC."""
+        if self.usdt is not None:
+            return f"usdt:{self.module.name}:{self.usdt.full_name}"
         if self.symbol is None:
             return f"{self.module.name}:0x{self.module.to_link(self.address):x}"
         if self.ifunc is not None:
@@ -98,6 +113,9 @@ def parse_spec(spec: str | int) -> Spec:
     body = spec.strip()
     if not body:
         raise SymbolError("empty probe spec")
+    body, types = _type_list(body, text)
+    if body.startswith(_USDT):
+        return _usdt_spec(body[len(_USDT):], text, types)
     is_return = False
     if "%" in body:
         body, pct, flag = body.partition("%")
@@ -123,10 +141,45 @@ def parse_spec(spec: str | int) -> Spec:
         if not _NUMBER.match(target):
             raise SymbolError(f"bad address {target!r} in {text!r}: expected a decimal or 0x-hex number")
         address = _number(target)
-        return Spec(text, module or None, None, address + offset, 0, is_return)
+        return Spec(text, module or None, None, address + offset, 0, is_return, types=types)
     if not _SYMBOL.match(target):
         raise SymbolError(f"bad symbol name {target!r} in {text!r}")
-    return Spec(text, module or None, target, None, offset, is_return)
+    return Spec(text, module or None, target, None, offset, is_return, types=types)
+
+
+_USDT = "usdt:"
+_USDT_NAME = re.compile(r"[A-Za-z0-9_.*?\[\]!^-]+\Z")
+
+
+def _type_list(body: str, text: str) -> tuple[str, tuple[str, ...] | None]:
+    if not body.endswith(")"):
+        if "(" in body or ")" in body:
+            raise SymbolError(f"bad type list in {text!r}: expected SPEC(T1,T2,...)")
+        return body, None
+    head, paren, inner = body[:-1].partition("(")
+    if not paren or "(" in inner or ")" in inner or not head:
+        raise SymbolError(f"bad type list in {text!r}: expected SPEC(T1,T2,...)")
+    types = tuple(t.strip() for t in inner.split(",")) if inner.strip() else ()
+    bad = [t for t in types if t not in TYPES]
+    if bad:
+        raise SymbolError(f"bad type list in {text!r}: unknown type {bad[0]!r}; types are {', '.join(TYPES)}")
+    return head.rstrip(), types
+
+
+def _usdt_spec(body: str, text: str, types: tuple[str, ...] | None) -> Spec:
+    parts = body.split(":")
+    if len(parts) == 2:
+        module, provider, name = None, parts[0], parts[1]
+    elif len(parts) >= 3:
+        module, provider, name = ":".join(parts[:-2]), parts[-2], parts[-1]
+    else:
+        raise SymbolError(f"bad USDT spec {text!r}: expected usdt:[MODULE:]PROVIDER:NAME")
+    for part in (provider, name):
+        if not _USDT_NAME.match(part):
+            raise SymbolError(f"bad USDT spec {text!r}: expected usdt:[MODULE:]PROVIDER:NAME")
+    if module is not None and not module:
+        raise SymbolError(f"bad probe spec {text!r}: empty module name before ':'")
+    return Spec(text, module, name, provider=provider, types=types)
 
 
 # ----------------------------------------------------------------- modules
@@ -303,6 +356,8 @@ def resolve(pid: int, spec: str | int | Spec, modules: list[Module] | None = Non
     """
     s = spec if isinstance(spec, Spec) else parse_spec(spec)
     mods = modules if modules is not None else _maps.modules(pid)
+    if s.is_usdt:
+        return _resolve_usdt(pid, s, mods)
     if s.address is not None:
         targets = _resolve_address(pid, s, mods)
     else:
@@ -323,3 +378,38 @@ def resolve(pid: int, spec: str | int | Spec, modules: list[Module] | None = Non
             if t.symbol is None or t.offset:
                 raise SymbolError(f"{s.text}: %return needs a function entry, and 0x{t.address:x} is not one")
     return targets
+
+
+def _resolve_usdt(pid: int, spec: Spec, mods: list[Module]) -> list[Target]:
+    assert spec.provider is not None and spec.symbol is not None
+    if spec.module is not None:
+        search, where = [find_module(mods, spec.module)], spec.module
+    else:
+        search, where = list(dict.fromkeys(_search_order(pid, mods))), f"process {pid}"
+    provider = re.compile(fnmatch.translate(spec.provider)).match
+    name = re.compile(fnmatch.translate(spec.symbol)).match
+    out, seen = [], set()
+    for mod in search:
+        if mod.path in seen:
+            continue
+        seen.add(mod.path)
+        for probe in usdt_probes(mod.elf):
+            if provider(probe.provider) and name(probe.name):
+                if spec.types is not None and len(spec.types) > len(probe.args):
+                    raise SymbolError(f"bad type list in {spec.text!r}: {probe.full_name} in {mod.name} "
+                                      f"has {len(probe.args)} arguments ({probe.args_text or 'none'})")
+                address = mod.to_runtime(probe.address)
+                sym = mod.elf.function_containing(probe.address)
+                t = _target(mod, sym, address, spec)
+                out.append(Target(t.address, t.module, t.symbol, t.symbol_address, t.offset, spec.text,
+                                  usdt=probe))
+    if not out:
+        known = sorted({p.full_name for m in search for p in usdt_probes(m.elf)})
+        msg = f"no USDT probe {spec.provider}:{spec.symbol} in {where}"
+        near = difflib.get_close_matches(f"{spec.provider}:{spec.symbol}", known, n=5, cutoff=0.6)
+        if near:
+            msg += "; did you mean: " + ", ".join(near) + "?"
+        elif not known:
+            msg += " (it declares none)"
+        raise SymbolError(msg)
+    return out
