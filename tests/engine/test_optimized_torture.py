@@ -34,10 +34,19 @@ def park(proc, where, hold: bool = True, move=None) -> int:
     given, hold it there (unless not HOLD) and queue SIGUSR1 to it, thaw; its tid. Not held,
     it stops for the signal as it resumes, before it runs another instruction."""
     tracee = proc.tracee
-    tracee.freeze()
+    for _ in range(100):
+        tracee.freeze()
+        # A worker whose stop the freeze did not queue an event for (all of them may just have
+        # trapped on a probe's int3: let those be handled, and freeze again).
+        tid = next((t.tid for t in tracee.threads.values()
+                    if t.tid != proc.pid and t.event_pending is None and not t.exiting), None)
+        if tid is not None:
+            break
+        tracee.thaw()
+        proc.run(timeout=0.005)
+    else:
+        raise AssertionError("no worker thread stopped without an event to handle")
     try:
-        tid = next(t.tid for t in tracee.threads.values()
-                   if t.tid != proc.pid and t.event_pending is None and not t.exiting)
         for _ in range(MAX_STEPS):
             if where(tracee.get_rip(tid)):
                 break
