@@ -40,16 +40,14 @@ def test_counts_exact_at_every_budget(procs, fixture, workload, busy_wait_us):
     caught, missed, skipped = stats["caught"], stats["timed_out"], stats["skipped"]
     if busy_wait_us == 0:
         assert (caught, missed, skipped) == (0, 0, 0)
-    elif threads >= CPUS:
-        # No CPU left over, where a poll would take the CPU a resumed thread needs: polls only
-        # while the process was single-threaded (before its second thread, after it ended).
-        assert caught + missed + skipped <= 10, run.proc.tracee.poll_stats
-    elif workload != "sparse" and busy_wait_us >= 100_000:
+    elif threads < CPUS and workload != "sparse" and busy_wait_us >= 100_000:
         # A budget far longer than any gap of a dense workload: the polls are used and catch stops.
         assert caught > 0, run.proc.tracee.poll_stats
-    # How many polls catch a stop at the default budget, and the back-off when they time out
-    # (sparse: 1, 3, 7 ... 63 waits without a poll after each miss), depend on the machine's
-    # speed: python -m bench.busy_wait shows them next to the budget-0 reference.
+    # How many polls catch a stop at the default budget, the back-off when they time out
+    # (sparse: 1, 3, 7 ... 63 waits without a poll after each miss), and how few polls a process
+    # with as many threads as CPUs gets (only while it runs on one thread: how long that lasts is
+    # the scheduler's), depend on the machine's speed: python -m bench.busy_wait shows them next
+    # to the budget-0 reference.
 
 
 def test_timeout_and_stop_end_a_polling_run(procs, fixture):
