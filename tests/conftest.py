@@ -4,10 +4,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# The suite's processes get the signals an interactive shell gives: a run started in the
+# background (SIGINT ignored, as a non-interactive shell does for `cmd &`) would otherwise pass
+# SIG_IGN on to every process a test starts, and pyprobes rightly keeps an ignored SIGINT ignored.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CACHE = Path(os.environ.get("PYPROBES_FIXTURE_CACHE", Path(__file__).parent / ".fixture-cache"))

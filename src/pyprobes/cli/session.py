@@ -235,8 +235,12 @@ class Session:
             self.proc.stop()
 
     def install_signals(self) -> None:
+        # A signal ignored when pyprobes starts (SIGINT for a background job, SIGHUP under nohup)
+        # stays ignored, as shells leave it: for pyprobes, and so for the command it starts,
+        # which inherits the ignore across exec (a handler would be reset to the default).
         for sig in SIGNAL_STOPS:
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def restore_signals(self) -> None:
         for sig, old in self._old_handlers.items():

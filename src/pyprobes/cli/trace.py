@@ -134,7 +134,10 @@ def run(args, command: list[str]) -> int:
     def write_record(record):
         probe = record.probe
         name = probe.target.name if probe.target is not None else probe.name
-        seconds = record.time_ns / 1e9 - session.start
+        # The TSC read on the traced thread's CPU and the tracer's clock can disagree by up to a
+        # few hundred µs on a VM (vCPUs' TSC offsets): a record from just after the start would
+        # show a negative time. It is shown at the start instead.
+        seconds = max(record.time_ns / 1e9 - session.start, 0.0)
         values = list(record.args[: len(registers)])
         if as_json:
             write(json.dumps({"time_s": round(seconds, 6), "tid": record.tid,
