@@ -105,31 +105,62 @@ def run(args, command: list[str]) -> int:
             lookup.append(DebugInfoLookup(session.proc))
         return lookup[0].function_of(target)
 
-    def pre_for(target):
-        name = target.name
-        if spec_typed(target):
-            return spec_typed_pre(target)
-        function = None if args.raw else function_of(target)
-        if function is not None:
-            return typed_pre(name, function)
+    def emit(seconds, tid, fields, text, frames=None):
+        """One hit or return: a JSON object (time, tid, FIELDS, the stack) or a text line (and the
+        stack's lines under it)."""
+        if as_json:
+            write(json.dumps({"time_s": round(seconds, 6), "tid": tid, **fields,
+                              **({"stack": list(frames)} if frames is not None else {})}) + "\n")
+        else:
+            write(f"{seconds:12.6f} {tid:>7} {text}\n")
+            if frames is not None:
+                write(frame_lines(frames))
 
+    def flush_due(now):
+        if now - last_flush[0] >= FLUSH_EVERY:
+            last_flush[0] = now
+            report.flush()
+
+    def hex_text(values):
+        return ", ".join(f"{v:#x}" for v in values)
+
+    def entry_handler(name, read, json_args, text_args):
+        """A breakpoint probe's pre-handler: READ(tid, regs) gives its arguments, shown by
+        JSON_ARGS / TEXT_ARGS."""
         def on_hit(tid, regs):
             now = time.monotonic()
-            values = [getattr(regs, r) for r in registers]
+            values = read(tid, regs)
             frames = frames_of(session, tid, regs) if with_stack else None
-            if as_json:
-                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": values,
-                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
-            else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name}"
-                      f"({', '.join(f'{v:#x}' for v in values)})\n")
-                if frames is not None:
-                    write(frame_lines(frames))
-            if now - last_flush[0] >= FLUSH_EVERY:
-                last_flush[0] = now
-                report.flush()
+            emit(now - session.start, tid, {"probe": name, "args": json_args(values)},
+                 f"{name}({text_args(values)})", frames)
+            flush_due(now)
         return on_hit
+
+    def return_handler(name, value_of, json_value_of, text_value_of):
+        def on_return(tid, retval, elapsed_ns, data):
+            now = time.monotonic()
+            value = value_of(tid, retval)
+            emit(now - session.start, tid,
+                 {"probe": name, "retval": json_value_of(value), "latency_ns": elapsed_ns},
+                 f"{name} = {text_value_of(value)} ({elapsed_ns / 1000:.3f} us)")
+            flush_due(now)
+        return on_return
+
+    def typed_pre_for(target):
+        """The pre-handler of a probe whose arguments are typed (by a USDT note, a type list or
+        the debug info), which a stop reads; None for the others."""
+        name = target.name
+        if spec_typed(target):
+            read = session.proc.args
+            return entry_handler(name, lambda tid, regs: read(target, tid, regs), lambda values: values,
+                                 lambda values: ", ".join(json.dumps(v) if isinstance(v, str) or v is None
+                                                          else str(v) for v in values))
+        function = None if args.raw else function_of(target)
+        return None if function is None else typed_pre(name, function)
+
+    def pre_for(target):
+        return typed_pre_for(target) or entry_handler(
+            target.name, lambda tid, regs: [getattr(regs, r) for r in registers], lambda values: values, hex_text)
 
     def write_record(record):
         probe = record.probe
@@ -139,12 +170,7 @@ def run(args, command: list[str]) -> int:
         # show a negative time. It is shown at the start instead.
         seconds = max(record.time_ns / 1e9 - session.start, 0.0)
         values = list(record.args[: len(registers)])
-        if as_json:
-            write(json.dumps({"time_s": round(seconds, 6), "tid": record.tid,
-                              "probe": name, "args": values}) + "\n")
-        else:
-            write(f"{seconds:12.6f} {record.tid:>7} {name}"
-                  f"({', '.join(f'{v:#x}' for v in values)})\n")
+        emit(seconds, record.tid, {"probe": name, "args": values}, f"{name}({hex_text(values)})")
 
     def show_records():
         if session.proc is not None:
@@ -156,83 +182,20 @@ def run(args, command: list[str]) -> int:
         """A USDT probe (arguments from its note) or SPEC(T,...) (a type list types them)."""
         return target.usdt is not None or parse_spec(target.spec).types is not None
 
-    def spec_typed_pre(target):
-        name = target.name
-        read = session.proc.args
-
-        def on_hit(tid, regs):
-            now = time.monotonic()
-            values = read(target, tid, regs)
-            frames = frames_of(session, tid, regs) if with_stack else None
-            if as_json:
-                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": values,
-                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
-            else:
-                shown = ", ".join(json.dumps(v) if isinstance(v, str) or v is None else str(v) for v in values)
-                write(f"{now - session.start:12.6f} {tid:>7} {name}({shown})\n")
-                if frames is not None:
-                    write(frame_lines(frames))
-            if now - last_flush[0] >= FLUSH_EVERY:
-                last_flush[0] = now
-                report.flush()
-        return on_hit
-
     def typed_pre(name, function):
         read = session.proc.read_arguments
-
-        def on_hit(tid, regs):
-            now = time.monotonic()
-            values = read(tid, regs, function)
-            frames = frames_of(session, tid, regs) if with_stack else None
-            if as_json:
-                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid,
-                                  "probe": name, "args": call_json(function, values),
-                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
-            else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name}({call_text(function, values)})\n")
-                if frames is not None:
-                    write(frame_lines(frames))
-            if now - last_flush[0] >= FLUSH_EVERY:
-                last_flush[0] = now
-                report.flush()
-        return on_hit
-
-    def typed_ret(name, type_):
-        typed = session.proc.typed_return
-
-        def on_return(tid, retval, elapsed_ns, data):
-            now = time.monotonic()
-            value = typed(tid, retval, type_)
-            if as_json:
-                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
-                                  "retval": json_value(value), "latency_ns": elapsed_ns}) + "\n")
-            else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name} = {text_value(value, type_.kind)}"
-                      f" ({elapsed_ns / 1000:.3f} us)\n")
-            if now - last_flush[0] >= FLUSH_EVERY:
-                last_flush[0] = now
-                report.flush()
-        return on_return
+        return entry_handler(name, lambda tid, regs: read(tid, regs, function),
+                             lambda values: call_json(function, values), lambda values: call_text(function, values))
 
     def ret_for(target):
         name = target.name + "%return"
         function = None if args.raw else function_of(target)
         if function is not None and function.return_type is not None:
-            return typed_ret(name, function.return_type)
-
-        def on_return(tid, retval, elapsed_ns, data):
-            now = time.monotonic()
-            if as_json:
-                write(json.dumps({"time_s": round(now - session.start, 6), "tid": tid, "probe": name,
-                                  "retval": int(retval), "latency_ns": elapsed_ns}) + "\n")
-            else:
-                write(f"{now - session.start:12.6f} {tid:>7} {name} = {int(retval):#x}"
-                      f" ({elapsed_ns / 1000:.3f} us)\n")
-            if now - last_flush[0] >= FLUSH_EVERY:
-                last_flush[0] = now
-                report.flush()
-        return on_return
+            type_, typed = function.return_type, session.proc.typed_return
+            return return_handler(name, lambda tid, retval: typed(tid, retval, type_), json_value,
+                                  lambda value: text_value(value, type_.kind))
+        return return_handler(name, lambda tid, retval: int(retval), lambda value: value,
+                              lambda value: f"{value:#x}")
 
     session.install_signals()  # from the start: see count.run
     try:
@@ -243,15 +206,8 @@ def run(args, command: list[str]) -> int:
             except PyprobesError as e:
                 raise CliError(str(e), 2) from None
         if optimize:
-            # Recorded in the process, unless the arguments are typed (by a USDT note, a type
-            # list or the debug info): a stop reads them.
-            def typed_only(target):
-                if spec_typed(target):
-                    return spec_typed_pre(target)
-                function = None if args.raw else function_of(target)
-                return None if function is None else typed_pre(target.name, function)
-
-            session.place(args.probes, typed_only, ret_for, action="record")
+            # Recorded in the process, unless the arguments are typed: a stop reads them.
+            session.place(args.probes, typed_pre_for, ret_for, action="record")
         else:
             session.place(args.probes, pre_for, ret_for)
         if not as_json:
