@@ -50,6 +50,7 @@ __all__ = [
     "RING_HEADER_SIZE",
     "RING_MAGIC",
     "RING_VERSION",
+    "ROUTINE_FRAME",
     "TSC_READER",
     "record_routine",
     "record_trampoline",
@@ -77,6 +78,10 @@ TSC_READER = bytes.fromhex("0f31 48c1e220 4809d0 c3".replace(" ", ""))
 
 _ACTION_PUSHF = 5
 _CALL_RIP_LENGTH = 6
+# What a routine called by a record trampoline finds between its stack pointer and the probed
+# instruction's: the call's return address, r11, the flags image and the red zone. A routine
+# reads the probed function's return-address slot at rsp + ROUTINE_FRAME (x86/shadow.py).
+ROUTINE_FRAME = 8 + 8 + 8 + 128
 
 
 def _assemble_list(items: list, address: int) -> bytes:
