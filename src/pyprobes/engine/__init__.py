@@ -6,9 +6,9 @@ from .plan import FunctionPlan, functions_of_binary, functions_of_process
 from .probe import Probe, ProbeError, ProbePoint
 from .process import DEFAULT_BUSY_WAIT_US, Process, attach, spawn
 from .retprobe import ReturnProbe
-from .ring import Record
+from .ring import Record, ReturnRecord
 from .stack import Frame
 
 __all__ = ["DEFAULT_BUSY_WAIT_US", "Engine", "Frame", "FunctionPlan", "LoaderEvents", "PendingProbe", "Probe",
-           "ProbeError", "ProbePoint", "Process", "Record", "ReturnProbe", "attach", "functions_of_binary",
+           "ProbeError", "ProbePoint", "Process", "Record", "ReturnProbe", "ReturnRecord", "attach", "functions_of_binary",
            "functions_of_process", "spawn"]

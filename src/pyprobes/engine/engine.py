@@ -62,7 +62,7 @@ class Engine:
         self.handler_errors: list[tuple[Probe, BaseException]] = []
         self.on_handler_error: Callable[[Probe, BaseException], None] | None = None
         self.loader = LoaderEvents(self, tracee)
-        self.returns = ReturnProbes(self, tracee, self.host, self.loader)
+        self.returns = ReturnProbes(self, tracee, self.host, self.loader, self.optimizer.ring)
         tracee.breakpoint_handler = self.on_breakpoint
         tracee.step_handler = self.on_step
         tracee.fork_hooks.append(self.returns.restore_forked_child)
@@ -95,8 +95,8 @@ class Engine:
             point = self._new_point(target)
         probe = Probe(self, point, target, target.spec, pre, post, boost, action)
         probe.semaphore = self.semaphores.hold_for(target)  # a USDT probe's, its site accepted
-        if action == "record":  # while (or where) it is a breakpoint, the tracer records its hits
-            probe.pre = self.optimizer.ring.breakpoint_handler(probe)
+        if action in ("record", "return"):  # while (or where) a breakpoint: the tracer does the action
+            probe.pre = self.optimizer.breakpoint_handler(probe)
         point.probes.append(probe)
         self.probes.append(probe)
         self.update_point(point)

@@ -28,7 +28,7 @@ import struct
 from bisect import bisect_right
 from mmap import mmap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
 from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
@@ -41,6 +41,7 @@ from .ring import Ring
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .probe import Probe
     from .slothost import TraceeSlotHost
 
 COUNTER_SIZE = 8
@@ -141,8 +142,19 @@ class Optimizer:
             self.waiting[point.address] = point
 
     def contains(self, address: int) -> bool:
-        """Whether ADDRESS is in a trampoline page or the record routine."""
-        return self.cache.contains(address) or self.ring.contains(address)
+        """Whether ADDRESS is in a trampoline page, the record routine or the in-process return
+        probes' code (their entry routine and return trampoline)."""
+        return self.cache.contains(address) or self._in_routine(address)
+
+    def _in_routine(self, address: int) -> bool:
+        """Whether ADDRESS is in shared code a trampoline calls (or a return lands on)."""
+        return self.ring.contains(address) or self.engine.returns.inprocess.contains(address)
+
+    def breakpoint_handler(self, probe: "Probe") -> Callable[[int, Any], None]:
+        """The pre-handler of PROBE (action "record" or "return") while its point is a breakpoint."""
+        if probe.action == "return":
+            return self.engine.returns.inprocess.breakpoint_handler(probe)
+        return self.ring.breakpoint_handler(probe)
 
     def _refuse(self, point: ProbePoint, reason: str) -> None:
         point.not_optimized = reason
@@ -214,8 +226,8 @@ class Optimizer:
             return None
         counter = self.host.counter(slot)
         try:
-            if point.probes[0].action == "record":
-                trampoline = self._record_trampoline(point, region, slot, counter)
+            if point.probes[0].action in ("record", "return"):
+                trampoline = self._calling_trampoline(point, region, slot, counter)
             else:
                 trampoline = count_trampoline(region, slot.address, counter)
             if len(trampoline.code) > self.cache.slot_size:
@@ -227,15 +239,20 @@ class Optimizer:
             return None
         return region, slot, trampoline, counter
 
-    def _record_trampoline(self, point: ProbePoint, region: Region, slot: Slot,
-                           counter: int) -> Trampoline:
-        """The record action's trampoline: it calls the ring's routine through the last word
-        of its counter page."""
-        routine = self.ring.ensure(region.start)
-        pointer = PAGE_SIZE - COUNTER_SIZE
-        _COUNTER.pack_into(self.host.views[slot.page], pointer, routine)
-        return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + pointer,
-                                 self.ring.probe_id(point.probes[0]))
+    def _calling_trampoline(self, point: ProbePoint, region: Region, slot: Slot,
+                            counter: int) -> Trampoline:
+        """The record and return actions' trampoline: it calls a shared routine through a word of
+        its counter page (the record routine's the last, the in-process return probes' entry
+        routine's the one before: both kinds share pages) with a probe id."""
+        probe = point.probes[0]
+        if probe.action == "record":
+            routine, word, probe_id = self.ring.ensure(region.start), COUNTER_SIZE, self.ring.probe_id(probe)
+        else:
+            returns = self.engine.returns.inprocess
+            routine, word, probe_id = returns.entry_routine, 2 * COUNTER_SIZE, returns.shadow_id(probe)
+        _COUNTER.pack_into(self.host.views[slot.page], PAGE_SIZE - word, routine)
+        return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + PAGE_SIZE - word,
+                                 probe_id)
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a
@@ -344,6 +361,7 @@ class Optimizer:
         for point in self.optimized.values():
             self.sync_point(point)
         self.ring.drain()
+        self.engine.returns.inprocess.sync()
 
     # ------------------------------------------------------------------ unoptimising
     def unoptimize(self, point: ProbePoint) -> None:
@@ -414,9 +432,10 @@ class Optimizer:
         tracee = self.tracee
         pc = tracee.get_rip(tid)
         moved = False
-        while self.cache.contains(pc) or self.ring.contains(pc):
+        while self.cache.contains(pc) or self._in_routine(pc):
             moved = True
-            if self.ring.contains(pc):  # the record routine returns to its trampoline's action
+            if self._in_routine(pc):  # a routine returns to its trampoline's action, a return
+                # trampoline to the real caller
                 tracee.step(tid)
                 pc = tracee.get_rip(tid)
                 continue

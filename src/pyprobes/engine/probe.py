@@ -100,7 +100,7 @@ class ProbePoint:
             return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
         actions = {p.action for p in self.probes}
-        self.may_optimize = len(actions) == 1 and actions <= {"count", "record"}
+        self.may_optimize = len(actions) == 1 and actions <= {"count", "record", "return"}
         if not self.may_boost:
             self.boosted = False
 
@@ -210,7 +210,7 @@ def check_action(target: Any, point: ProbePoint | None, action: str | None,
                  pre: Handler | None, post: Handler | None) -> None:
     """ProbeError unless a probe with ACTION (and PRE, POST) may go at TARGET, whose point
     (None if new) is POINT."""
-    if action not in (None, "count", "record"):
+    if action not in (None, "count", "record", "return"):  # "return": an in-process return probe's entry
         raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record'")
     if action is not None and (pre is not None or post is not None):
         raise ProbeError(f"a probe with action={action!r} has no handlers")

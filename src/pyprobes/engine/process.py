@@ -23,7 +23,7 @@ from .engine import Engine
 from .loader import RT_CONSISTENT
 from .pending import PendingProbe, PendingProbes
 from .probe import Handler, Probe, ProbeError
-from .ring import Record
+from .ring import Record, ReturnRecord
 from .retprobe import DEFAULT_MAXACTIVE, EntryHandler, ReturnHandler, ReturnProbe
 from .stack import MAX_DEPTH, Frame, Unwinder
 from .typed_args import parse_types, typed_args
@@ -112,19 +112,33 @@ class Process:
 
     def return_probe(self, spec: str | int, handler: "ReturnHandler | None" = None,
                      entry: "EntryHandler | None" = None, maxactive: int = DEFAULT_MAXACTIVE,
-                     pending: bool = False) -> ReturnProbe | PendingProbe:
+                     pending: bool = False, action: str | None = None) -> ReturnProbe | PendingProbe:
         """A probe on the return of the function at SPEC: handler(tid, retval, elapsed_ns, data),
         where data is what entry(tid, regs) returned at the call. At most MAXACTIVE calls per
-        thread are followed at once; deeper ones count as missed. pending=True: as for probe()."""
+        thread are followed at once; deeper ones count as missed. pending=True: as for probe().
+
+        action="count", "hist" or "record" (no handlers): the calls are followed inside the
+        process with no stop once the entry is jump-optimised at the next run() (mode
+        "optimized"; else the stop-based way, not_optimized says why). Its hits, missed and
+        dropped are brought up to date when run() returns; .histogram gives the latencies
+        ("hist" and "record"; overhead subtracted); "record" also puts a ReturnRecord(time_ns,
+        tid, probe, retval, latency_ns, args) per return into records()."""
+        if action is not None:
+            if handler is not None or entry is not None or pending:
+                raise ProbeError(f"a return probe with action={action!r} has no handlers and is not pending")
+            return self.engine.returns.inprocess.add(self._one_function(spec), action, maxactive)
         if pending:
             return self.pending_probes.add(spec, kind="return", handler=handler, entry=entry,
                                            maxactive=maxactive)
+        return self.engine.returns.add(self._one_function(spec), handler, entry=entry, maxactive=maxactive)
+
+    def _one_function(self, spec: str | int) -> Target:
         if isinstance(spec, str) and spec.endswith("%return"):
             spec = spec[: -len("%return")]
         targets = self.engine.targets(spec)
         if len(targets) != 1:
             raise ProbeError(f"{spec!r} matches {len(targets)} functions: a return probe needs exactly one")
-        return self.engine.returns.add(targets[0], handler, entry=entry, maxactive=maxactive)
+        return targets[0]
 
     def args(self, target: Target, tid: int, regs, types: "tuple[str, ...] | None" = None) -> list:
         """A hit's arguments at TARGET as typed values, for a handler given (TID, REGS): a USDT
@@ -291,9 +305,10 @@ class Process:
                 _signal.signal(_signal.SIGALRM, previous)
             self.sync_counters()
 
-    def records(self) -> "list[Record]":
+    def records(self) -> "list[Record | ReturnRecord]":
         """The records of action="record" probes that arrived since the last call: each a
-        Record(time_ns, tid, probe, args), oldest first per thread. run() drains the ring
+        Record(time_ns, tid, probe, args), or a ReturnRecord for a return probe's return,
+        oldest first per thread. run() drains the ring
         whenever it returns; call run(timeout) in a loop so the ring does not fill."""
         return self.engine.optimizer.ring.take()
 

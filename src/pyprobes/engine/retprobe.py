@@ -33,6 +33,7 @@ from .probe import ProbeError, ProbePlacer
 
 if TYPE_CHECKING:
     from .loader import LoaderEvents
+    from .ring import Ring
     from .probe import Probe
 
 ReturnHandler = Callable[[int, "ReturnValue", int, Any], Any]
@@ -122,7 +123,9 @@ class ReturnProbe:
 class ReturnProbes:
     """Every return probe of one process, the trampoline, and each thread's shadow stack."""
 
-    def __init__(self, placer: ProbePlacer, tracee: Tracee, pages: PageMapper, loader: "LoaderEvents") -> None:
+    def __init__(self, placer: ProbePlacer, tracee: Tracee, pages: PageMapper, loader: "LoaderEvents",
+                 ring: "Ring") -> None:
+        from .inprocess_returns import InProcessReturns  # it builds on ReturnProbe: imported late
         self._placer = placer
         self._tracee = tracee
         self._memory = tracee.memory
@@ -136,6 +139,7 @@ class ReturnProbes:
         self._unwind_seen: set[int] = set()  # addresses of unwinder entries already probed
         self._unwinder_found = False
         self.restored_for_unwind = 0
+        self.inprocess = InProcessReturns(self, tracee, pages, ring)  # probes with no stop (issue 12)
 
     # ------------------------------------------------------------------ placing
     def add(self, target: Target, handler: ReturnHandler | None, entry: EntryHandler | None = None,
@@ -144,14 +148,20 @@ class ReturnProbes:
             raise ProbeError(f"a return probe goes on a function's entry, not {target.name}")
         if maxactive < 1:
             raise ProbeError("maxactive must be at least 1")
-        self._ensure_trampoline()
+        self.ensure_trampoline()
         rp = ReturnProbe(self, target, handler, entry, maxactive)
-        rp.entry_probe = self._placer.add_probe(target, pre=lambda tid, regs: self._on_entry(rp, tid, regs),
-                                               boost=True)
+        rp.entry_probe = self.place_entry(rp)
         self.probes.append(rp)
         return rp
 
-    def _ensure_trampoline(self) -> None:
+    def place_entry(self, rp: ReturnProbe, action: str | None = None) -> "Probe":
+        """RP's entry probe: a breakpoint whose pre-handler follows the call; action="return":
+        one the optimizer makes in-process (inprocess_returns.py; a breakpoint until then)."""
+        if action is not None:
+            return self._placer.add_probe(rp.target, action=action)
+        return self._placer.add_probe(rp.target, pre=lambda tid, regs: self.on_entry(rp, tid, regs), boost=True)
+
+    def ensure_trampoline(self) -> None:
         if self.trampoline is not None:
             return
         page = self._pages.map_page(_anchor(self._tracee.pid))
@@ -191,7 +201,7 @@ class ReturnProbes:
             self._loader.unsubscribe(self._on_library_change)
 
     # ------------------------------------------------------------------ the two hits
-    def _on_entry(self, rp: ReturnProbe, tid: int, regs: Any) -> None:
+    def on_entry(self, rp: ReturnProbe, tid: int, regs: Any) -> None:
         if rp.removed:
             return
         slot = return_address_slot(regs)
@@ -233,8 +243,9 @@ class ReturnProbes:
         if value == self.trampoline:
             for entry in self.stacks.get(tid, ()):
                 if entry.stack_slot == slot:
-                    return entry.return_address
-        return value
+                    value = entry.return_address
+                    break
+        return self.inprocess.real_return_address(tid, slot, value)
 
     def on_trampoline(self, tid: int, report: bool = True) -> None:
         """A thread returned into the trampoline: send it to its real caller and report.
@@ -283,6 +294,7 @@ class ReturnProbes:
 
     def _on_unwind(self, tid: int, regs: Any) -> None:
         self.restore_thread(tid, self._memory)
+        self.inprocess.restore_thread(regs.fs_base)
 
     # ------------------------------------------------------------------ giving frames back
     def restore_thread(self, tid: int, memory: Memory) -> None:
@@ -302,6 +314,7 @@ class ReturnProbes:
 
     def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
         """A forked child copied the forking thread's stack, hijacked slots included."""
+        self.inprocess.restore_forked_child(memory, parent_tid)
         for entry in self.stacks.get(parent_tid, ()):
             self._write_back(memory, entry)
 
@@ -324,10 +337,12 @@ class ReturnProbes:
         for tid in list(self.stacks):
             for entry in self.stacks.pop(tid):
                 self._write_back(self._memory, entry)
+        self.inprocess.restore_all()
 
     def thread_exited(self, tid: int) -> None:
         for entry in self.stacks.pop(tid, ()):
             self._drop(entry)
+        self.inprocess.thread_exited(tid)
 
     def forget(self) -> None:
         """After exec: the old image, its stacks and the trampoline page are gone."""
@@ -339,9 +354,11 @@ class ReturnProbes:
         self._unwind_probes.clear()
         self._unwind_seen.clear()
         self._unwinder_found = False
+        self.inprocess.forget()
 
     def release(self) -> None:
         """Unmap the trampoline page (only after restore_all, with every thread frozen)."""
+        self.inprocess.release()
         if self.trampoline is not None and self._tracee.alive:
             try:
                 self._pages.unmap_page(self.trampoline)

@@ -27,6 +27,7 @@ from ..x86.record import (RECORD, RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RI
                           RING_VERSION, TSC_READER, argument_registers, record_routine,
                           thread_key)
 from ..x86.record import HEAD_OFFSET, LOST_OFFSET, TAIL_OFFSET
+from ..x86.shadow import RETURN_RECORD_FLAG
 
 if TYPE_CHECKING:
     from ..tracee import Snapshot, Tracee
@@ -45,6 +46,21 @@ class Record(NamedTuple):
     time_ns: int
     tid: int
     probe: Any
+    args: tuple[int, ...]
+
+
+class ReturnRecord(NamedTuple):
+    """One return of an in-process return probe with action="record" (inprocess_returns.py):
+    when it returned (CLOCK_MONOTONIC ns), which thread, which ReturnProbe, the return value
+    (rax), the call's latency in ns (entry to return, the trampolines' measured overhead
+    subtracted: it started at about time_ns - latency_ns) and the call's first four integer
+    arguments (rdi, rsi, rdx, rcx) as they were at entry."""
+
+    time_ns: int
+    tid: int
+    probe: Any
+    retval: int
+    latency_ns: int
     args: tuple[int, ...]
 
 
@@ -109,6 +125,7 @@ class Ring:
         # recorded at breakpoints (lists)
         self._batches: list[bytes | list[Record]] = []
         self.lost_before = 0              # lost by rings of images gone (exec)
+        self.returns: Any = None  # the in-process return probes, which decode return records
         # the consumer's work: records copied out of the ring and decoded, time spent at each
         self.stats = {"drained": 0, "drain_ns": 0, "decoded": 0, "decode_ns": 0}
 
@@ -148,11 +165,15 @@ class Ring:
         """PROBE's pre-handler while its point is a breakpoint (before the optimizer's freeze,
         or where no jump fits): the tracer records the hit itself, so records stay exact."""
         def record(tid: int, regs: Any) -> None:
-            batches = self._batches
-            if not batches or type(batches[-1]) is bytes:
-                batches.append([])
-            batches[-1].append(Record(time.monotonic_ns(), tid, probe, argument_registers(regs)))
+            self.append(Record(time.monotonic_ns(), tid, probe, argument_registers(regs)))
         return record
+
+    def append(self, record: Any) -> None:
+        """A record made by the tracer (at a breakpoint), handed out in order with the ring's."""
+        batches = self._batches
+        if not batches or type(batches[-1]) is bytes:
+            batches.append([])
+        batches[-1].append(record)
 
     def contains(self, address: int) -> bool:
         """Whether ADDRESS is in the record routine (a thread there returns to a trampoline)."""
@@ -234,9 +255,28 @@ class Ring:
         times = [int(base + tsc * scale) for tsc in words[1::step].tolist()]
         owners = self.probes
         args = zip(*(words[i::step].tolist() for i in range(4, 10)))
+        ids = words[3::step].tolist()
+        if ids and max(ids) & RETURN_RECORD_FLAG:
+            return self._with_returns(words[1::step].tolist(), times, thread_keys, ids, list(args))
         return list(map(tuple.__new__, repeat(Record),
                         zip(times, map(keys.__getitem__, thread_keys),
-                            map(owners.__getitem__, words[3::step].tolist()), args)))
+                            map(owners.__getitem__, ids), args)))
+
+    def _with_returns(self, tscs: list[int], times: list[int], thread_keys: list[int],
+                      ids: list[int], args: list[tuple[int, ...]]) -> list[Any]:
+        """Records some of which are return records (the probe id's RETURN_RECORD_FLAG): one at a time."""
+        scale, base = self.ns_per_tick, self.ns0 - self.tsc0 * self.ns_per_tick
+
+        def to_ns(tsc: int) -> int:
+            return int(base + tsc * scale)
+        out: list[Any] = []
+        for tsc, when, key, pid, a in zip(tscs, times, thread_keys, ids, args):
+            tid = self.keys[key]
+            if pid & RETURN_RECORD_FLAG:
+                out.append(self.returns.return_record(tsc, tid, self.probes[pid & ~RETURN_RECORD_FLAG], a, to_ns))
+            else:
+                out.append(Record(when, tid, self.probes[pid], a))
+        return out
 
     def _resolve(self) -> None:
         """Learn the keys of new threads (read at their first stop) and, with a freeze, those of

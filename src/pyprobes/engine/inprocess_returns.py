@@ -1,0 +1,404 @@
+"""Return probes inside the process (issue 12): the engine side of x86/shadow.py's area and routines.
+
+A return probe placed with an action (count, hist, record) and no Python handler follows its
+calls with no stop. Its entry probe is a jump-optimised probe of action "return": the record
+trampoline's call goes to the shared *entry routine* (through the counter page's second word
+from its end, so record and return trampolines share counter pages) with the probe's shadow
+id; the routine pushes a frame on the thread's shadow stack in the area and hijacks the return
+slot; the function's ``ret`` lands on the *return trampoline*, which pops the frame, adds the
+latency to the probe page and jumps to the real caller. The tracer only reads: statistics and
+histograms through its own view of the area (a memfd both map), records through the ring.
+
+Until the optimizer's next freeze (or for good, where no jump fits, where the area cannot be
+made, where the depth asked differs from the area's, or when a second return probe shares the
+function) the entry probe is a breakpoint and its calls are followed the stop-based way
+(retprobe.py), into the same probe object: counts stay exact. Why a probe is not in-process:
+``ReturnProbe.not_optimized``.
+
+What the tracer does to the area, always with the owning thread stopped (a thread claims and
+alone touches its table entry while it runs):
+
+* a thread's exit: its entry's depth set to 0, its frames counted as ``dropped``;
+* a C++ throw (the unwinder's probe, retprobe.py): every frame of the thread written back into
+  its stack and dropped, so the unwinder reads real return addresses;
+* a fork: the forking thread's real return addresses written into the *child's* stack (the area
+  is MAP_SHARED: the child's table is ours, so it is never touched on the child's behalf);
+* detach: with every thread frozen and stepped out of the code page (optimizer.migrate), every
+  frame's real return address written back, then the area and the code page unmapped;
+* exec: everything forgotten (the statistics read last stay with the probes).
+
+A tracer killed leaves the program working: the patch, trampolines, routines and area are the
+program's own memory and need no tracer. What it cannot do then: a C++ exception through a
+hijacked frame (no unwinder probe to give the return addresses back; std::terminate).
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..slots import PAGE_SIZE, SlotMapError
+from ..tracee import Memory, Regs, Tracee
+from ..x86 import shadow as sx
+from .probe import ProbeError
+from .ring import ReturnRecord, _TscClock
+from .retprobe import ReturnProbe, _anchor
+
+if TYPE_CHECKING:
+    from ..symbols import Target
+    from .probe import Probe
+    from .retprobe import ReturnProbes
+    from .ring import Ring
+
+ACTIONS = ("count", "hist", "record")
+RETURN_TRAMPOLINE_OFFSET = PAGE_SIZE // 2  # in the code page; the entry routine at its start
+_WORD = struct.Struct("<Q")
+_FIXED_ONE = 1 << 32
+
+
+class InProcessReturnProbe(ReturnProbe):
+    """A return probe followed in the process: hits (returns), missed (depth or thread table
+    exhausted), dropped (frames left without returning) come from its probe page, synced when
+    run() returns; histogram: latency buckets (x86/shadow.py latency_bucket)."""
+
+    def __init__(self, returns: "ReturnProbes", target: "Target", action: str, maxactive: int) -> None:
+        super().__init__(returns, target, None, None, maxactive)
+        self.action = action
+        self.shadow_id: int | None = None   # its probe page; None: followed the stop-based way
+        self.reason = ""                     # why it is not in-process
+        self._stats = (0, 0, 0, 0, 0)        # the page's returns, missed, dropped, sum, max at the last sync
+        self._page_buckets: list[int] = [0] * sx.BUCKETS  # kept when the page goes (exec)
+        self._stop_buckets: list[int] = [0] * sx.BUCKETS  # returns seen the stop-based way
+        self._stop_sum = self._stop_max = 0
+        self._inprocess: "InProcessReturns | None" = None
+        self.handler = self._stop_return
+        if action == "record":
+            self.entry = _entry_arguments
+
+    @property
+    def mode(self) -> str:
+        """"optimized" when calls are followed in the process, else the entry breakpoint's mode."""
+        return self.entry_probe.mode if self.entry_probe is not None else "pending"
+
+    @property
+    def not_optimized(self) -> str:
+        if self.reason:
+            return self.reason
+        return self.entry_probe.not_optimized if self.entry_probe is not None else ""
+
+    def _buckets(self) -> list[int]:
+        owner = self._inprocess
+        page = owner.buckets(self) if owner is not None else None
+        return [a + b for a, b in zip(page or self._page_buckets, self._stop_buckets)]
+
+    @property
+    def histogram(self) -> list[tuple[int, int, int]]:
+        """(low ns, high ns, returns) of each non-empty latency bucket [low, high), lowest first.
+        In-process latencies have the trampolines' measured overhead subtracted (README)."""
+        return [(*sx.bucket_bounds(i), n) for i, n in enumerate(self._buckets()) if n]
+
+    @property
+    def total_latency_ns(self) -> int:
+        return self._stats[3] + self._stop_sum
+
+    @property
+    def max_latency_ns(self) -> int:
+        return max(self._stats[4], self._stop_max)
+
+    def _stop_return(self, tid: int, value: int, ns: int, data: Any) -> None:
+        """A return seen the stop-based way (its entry was a breakpoint): the same action."""
+        self._stop_buckets[sx.latency_bucket(ns)] += 1
+        self._stop_sum += ns
+        self._stop_max = max(self._stop_max, ns)
+        if self.action == "record" and self._inprocess is not None:
+            self._inprocess.ring.append(ReturnRecord(time.monotonic_ns(), tid, self, int(value), ns, data))
+
+    def __repr__(self) -> str:
+        return (f"<ReturnProbe {self.name} {self.action} {self.mode} hits={self.hits} "
+                f"missed={self.missed} dropped={self.dropped}>")
+
+
+def _entry_arguments(tid: int, regs: Any) -> tuple[int, int, int, int]:
+    return (regs.rdi, regs.rsi, regs.rdx, regs.rcx)
+
+
+class InProcessReturns:
+    """The area, the code page and the in-process return probes of one process image."""
+
+    def __init__(self, returns: "ReturnProbes", tracee: Tracee, pages: Any, ring: "Ring",
+                 layout: sx.ShadowLayout | None = None) -> None:
+        self.returns = returns
+        self.tracee = tracee
+        self.memory = tracee.memory
+        self.pages = pages        # the slot host: map_page, map_shared_page, unmap_page
+        self.ring = ring
+        self.layout = layout or sx.ShadowLayout()
+        self.area = 0             # the area in the tracee (0: not made)
+        self.code = 0             # the r-x page of the two routines
+        self.view: Any = None     # the tracer's view of the area
+        self.probes: list[InProcessReturnProbe] = []  # shadow id -> probe
+        self._by_entry: dict[Any, InProcessReturnProbe] = {}
+        self.unavailable = ""     # why the area could not be made (then every probe is stop-based)
+        self.ns_per_tick = 1.0
+        self.overhead_ticks = 0
+        self._regs = Regs()
+
+    # ------------------------------------------------------------------ making
+    @property
+    def entry_routine(self) -> int:
+        return self.code
+
+    @property
+    def trampoline(self) -> int:
+        return self.code + RETURN_TRAMPOLINE_OFFSET if self.code else 0
+
+    def contains(self, address: int) -> bool:
+        """Whether ADDRESS is in the code page (the entry routine or the return trampoline)."""
+        return bool(self.code) and self.code <= address < self.code + PAGE_SIZE
+
+    def _ensure(self) -> str:
+        """Make the area and the code page at the first in-process probe: "" or why not."""
+        if self.area or self.unavailable:
+            return self.unavailable
+        layout = self.layout
+        try:
+            near = _anchor(self.tracee.pid)
+            code_page = 0  # generated before mapping anything: a missing generator maps nothing
+            entry = sx.shadow_entry_routine(0x1000_0000, 0x2000_0000, layout)
+            back = sx.return_trampoline(0x1000_0000 + RETURN_TRAMPOLINE_OFFSET, 0x2000_0000, layout)
+            if len(entry) > RETURN_TRAMPOLINE_OFFSET or len(back) > PAGE_SIZE - RETURN_TRAMPOLINE_OFFSET:
+                raise ProbeError(f"the shadow routines take {len(entry)} and {len(back)} bytes: more than a page")
+            self.ns_per_tick = self.ring.ns_per_tick if self.ring.address else _TscClock.calibrate()[0]
+            area, view = self.pages.map_shared_page(near, "pyprobes-returns", layout.size)
+            try:
+                code_page = self.pages.map_page(near)
+            except BaseException:
+                view.close()
+                self.pages.unmap_page(area, layout.size)
+                raise
+        except NotImplementedError as e:
+            self.unavailable = f"no in-process return probes yet ({e})"
+            return self.unavailable
+        except (ProbeError, SlotMapError, OSError, ValueError) as e:
+            self.unavailable = f"no room for the return probes' area: {e}"
+            return self.unavailable
+        self.overhead_ticks = _measured_overhead(self.ns_per_tick)
+        self.area, self.code, self.view = area, code_page, view
+        sx.HEADER.pack_into(view, 0, sx.SHADOW_MAGIC, sx.SHADOW_VERSION, layout.threads, layout.depth,
+                            sx.FRAME_SIZE, self.trampoline, round(self.ns_per_tick * _FIXED_ONE),
+                            self.overhead_ticks, 0, layout.probes)
+        self.memory.write(code_page, sx.shadow_entry_routine(code_page, area, layout))
+        self.memory.write(self.trampoline, sx.return_trampoline(self.trampoline, area, layout))
+        return ""
+
+    def add(self, target: "Target", action: str, maxactive: int) -> InProcessReturnProbe:
+        """A return probe at TARGET doing ACTION in the process where it can, else stop-based."""
+        if action not in ACTIONS:
+            raise ProbeError(f"unknown return probe action {action!r}: " + ", ".join(map(repr, ACTIONS)))
+        if target.symbol is None or target.offset != 0:
+            raise ProbeError(f"a return probe goes on a function's entry, not {target.name}")
+        if maxactive < 1:
+            raise ProbeError("maxactive must be at least 1")
+        returns = self.returns
+        returns.ensure_trampoline()  # the stop-based path (before optimisation, fallback), the unwinder probe
+        rp = InProcessReturnProbe(returns, target, action, maxactive)
+        rp._inprocess = self
+        rp.reason = self._refusal(target, maxactive)
+        if rp.reason:
+            rp.entry_probe = returns.place_entry(rp)
+        else:
+            rp.shadow_id = len(self.probes)
+            self.probes.append(rp)
+            offset = self.layout.probe_offset(rp.shadow_id)
+            sx.STATS.pack_into(self.view, offset, *([0] * 8))
+            if action == "record":
+                self._record_returns(rp, offset)
+            rp.entry_probe = returns.place_entry(rp, action="return")
+            self._by_entry[rp.entry_probe] = rp
+        returns.probes.append(rp)
+        return rp
+
+    def _refusal(self, target: "Target", maxactive: int) -> str:
+        if maxactive != self.layout.depth:
+            return f"maxactive {maxactive}: the in-process shadow stacks are {self.layout.depth} deep"
+        reason = self._ensure()
+        if reason:
+            return reason
+        if len(self.probes) >= self.layout.probes:
+            return f"all {self.layout.probes} in-process return probe pages are in use"
+        if any(rp.address == target.address and not rp.removed for rp in self.probes):
+            return "another in-process return probe is on this function (both are followed with stops)"
+        return ""
+
+    def _record_returns(self, rp: InProcessReturnProbe, offset: int) -> None:
+        """RP's return trampoline appends a ReturnRecord to the ring (made now if need be)."""
+        routine = self.ring.ensure(self.area)
+        _WORD.pack_into(self.view, sx.HEADER_RECORD_ROUTINE, routine)
+        _WORD.pack_into(self.view, offset + 40, sx.RECORD_RETURN)  # STATS: flags
+        _WORD.pack_into(self.view, offset + 56, self.ring.probe_id(rp))  # STATS: return records' id
+        self.ring.returns = self
+
+    def breakpoint_handler(self, probe: "Probe") -> Callable[[int, Any], None]:
+        """The entry probe's pre-handler while it is a breakpoint: the stop-based entry."""
+        def entry(tid: int, regs: Any) -> None:
+            rp = self._by_entry.get(probe)
+            if rp is not None:
+                self.returns.on_entry(rp, tid, regs)
+        return entry
+
+    def shadow_id(self, probe: "Probe") -> int:
+        """The shadow probe id of the return probe whose entry probe is PROBE."""
+        return self._by_entry[probe].shadow_id
+
+    # ------------------------------------------------------------------ reading
+    def sync(self) -> None:
+        """Add what each probe page counted since the last sync to its probe (no system call)."""
+        if self.view is None:
+            return
+        for rp in self.probes:
+            stats = sx.STATS.unpack_from(self.view, self.layout.probe_offset(rp.shadow_id))[:5]
+            old = rp._stats
+            rp.hits += stats[0] - old[0]
+            rp.missed += stats[1] - old[1]
+            rp.dropped += stats[2] - old[2]
+            rp._stats = stats
+
+    def buckets(self, rp: InProcessReturnProbe) -> list[int] | None:
+        if self.view is None or rp.shadow_id is None or rp._inprocess is not self:
+            return None
+        start = self.layout.probe_offset(rp.shadow_id) + sx.PROBE_BUCKETS_OFFSET
+        return list(memoryview(self.view)[start:start + 8 * sx.BUCKETS].cast("Q"))
+
+    def return_record(self, tsc: int, tid: int, probe: Any, args: tuple[int, ...],
+                      to_ns: Callable[[int], int]) -> ReturnRecord:
+        """A return record of the ring (args: rax, entry TSC, rdi, rsi, rdx, rcx) decoded."""
+        ticks = max(tsc - args[1] - self.overhead_ticks, 0)
+        return ReturnRecord(to_ns(tsc), tid, probe, args[0], int(ticks * self.ns_per_tick), tuple(args[2:]))
+
+    # ------------------------------------------------------------------ thread entries
+    def _entries(self) -> list[tuple[int, int, int]]:
+        """(offset, key, depth) of every claimed table entry."""
+        layout, view, out = self.layout, self.view, []
+        for i in range(layout.threads):
+            offset = layout.thread_offset(i)
+            key, depth = struct.unpack_from("<QQ", view, offset)
+            if key:
+                out.append((offset, key, min(depth, layout.depth)))
+        return out
+
+    def _entry(self, key: int) -> tuple[int, int] | None:
+        for offset, k, depth in self._entries() if self.view is not None and key else ():
+            if k == key:
+                return offset, depth
+        return None
+
+    def frames(self, key: int) -> list[tuple[int, ...]]:
+        """The frames of the thread whose TCB is KEY, outermost first: (ret, slot, tsc, probe id, args...)."""
+        found = self._entry(key)
+        if found is None:
+            return []
+        offset, depth = found
+        base = offset + sx.THREAD_HEADER
+        return [sx.FRAME.unpack_from(self.view, base + i * sx.FRAME_SIZE) for i in range(depth)]
+
+    def _empty(self, key: int, memory: Memory | None) -> None:
+        """Drop every frame of KEY's entry (its thread stopped or gone), writing each real return
+        address back into the stack in MEMORY first (None: the stack is gone)."""
+        found = self._entry(key)
+        if found is None:
+            return
+        for frame in self.frames(key):
+            if memory is not None:
+                self._write_back(memory, frame)
+            if frame[3] < len(self.probes):
+                self.probes[frame[3]].dropped += 1
+        _WORD.pack_into(self.view, found[0] + 8, 0)
+
+    def _write_back(self, memory: Memory, frame: tuple[int, ...]) -> None:
+        ret, slot = frame[0], frame[1]
+        if ret == self.trampoline:
+            return  # a chained frame: the outer one on this slot holds the real caller
+        try:
+            if memory.read_u64(slot) == self.trampoline:
+                memory.write_u64(slot, ret)
+        except OSError:
+            pass  # the stack is gone
+
+    def _key(self, tid: int) -> int:
+        try:
+            return self.tracee.get_regs(tid, self._regs).fs_base
+        except OSError:
+            return self.tracee.thread_pointers.get(tid, 0)
+
+    # ------------------------------------------------------------------ giving frames back
+    def real_return_address(self, tid: int, slot: int, value: int) -> int:
+        if not self.code or value != self.trampoline:
+            return value
+        for frame in self.frames(self._key(tid)):
+            if frame[1] == slot and frame[0] != self.trampoline:
+                return frame[0]
+        return value
+
+    def restore_thread(self, key: int) -> None:
+        """A C++ throw in the thread whose TCB is KEY (stopped at the unwinder's entry)."""
+        self._empty(key, self.memory)
+
+    def thread_exited(self, tid: int) -> None:
+        key = self.tracee.thread_pointers.get(tid, 0)
+        if key:
+            self._empty(key, None)
+
+    def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
+        """The child of PARENT_TID's fork copied its hijacked slots: the real callers, in its
+        memory only (its table is ours: MAP_SHARED)."""
+        if self.view is None:
+            return
+        for frame in self.frames(self._key(parent_tid)):
+            self._write_back(memory, frame)
+
+    def restore_all(self) -> None:
+        """Detach (every thread frozen and out of the code page): every frame returns to its
+        real caller later."""
+        if self.view is None:
+            return
+        self.sync()
+        for offset, key, depth in self._entries():
+            for frame in self.frames(key):
+                self._write_back(self.memory, frame)
+            _WORD.pack_into(self.view, offset + 8, 0)
+
+    def forget(self) -> None:
+        """After exec (or at release): the area is gone from the tracee; the last statistics stay."""
+        if self.view is not None:
+            self.sync()
+            for rp in self.probes:
+                rp._page_buckets = self.buckets(rp) or rp._page_buckets
+                rp._inprocess = None
+            self.view.close()
+        for rp in self.probes:
+            rp.removed = True
+        self.view = None
+        self.area = self.code = 0
+        self.unavailable = ""
+        self.probes.clear()
+        self._by_entry.clear()
+
+    def release(self) -> None:
+        """Detach, after restore_all: unmap the area and the code page."""
+        area, code = self.area, self.code
+        self.forget()
+        if area and self.tracee.alive:
+            try:
+                self.pages.unmap_page(code)
+                self.pages.unmap_page(area, self.layout.size)
+            except OSError:
+                pass
+
+
+def _measured_overhead(ns_per_tick: float) -> int:
+    """The trampolines' constant cost in TSC ticks, subtracted from every latency: measured by
+    x86/shadow.py when it provides a measurement, else 0 (nothing subtracted)."""
+    measure = getattr(sx, "measure_overhead", None)
+    if measure is None:
+        return 0
+    return int(measure())
