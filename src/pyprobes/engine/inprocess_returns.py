@@ -344,8 +344,13 @@ class InProcessReturns:
         self._empty(key, self.memory)
 
     def thread_exited(self, tid: int) -> None:
-        key = self.tracee.thread_pointers.get(tid, 0)
-        if key:
+        """TID is gone: its entry emptied, unless a new thread already runs with its TCB (once
+        the exiting thread was let go past its exit stop, glibc may give a new thread its TCB
+        before we reap it): the entry is the new thread's then, whose routine drops the dead
+        frames by stack pointer as it goes."""
+        pointers = self.tracee.thread_pointers
+        key = pointers.get(tid, 0)
+        if key and not any(pointers.get(other) == key for other in self.tracee.threads if other != tid):
             self._empty(key, None)
 
     def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
