@@ -210,3 +210,23 @@ def test_unknown_action_is_refused(procs, fixture):
         run.proc.return_probe("ret_sq", action="sum")
     with pytest.raises(Exception, match="no handlers"):
         run.proc.return_probe("ret_sq", lambda *a: None, action="count")
+
+
+def test_detach_while_8_threads_call_probed_functions(procs, fixture):
+    """Detach mid-run: threads anywhere (in a trampoline, the entry routine, the return
+    trampoline, between) are stepped out, every hijacked slot gets its caller back, and the
+    program finishes with every value right."""
+    exe = fixture("ret_inproc")
+    run = procs.spawn(exe, 3_000_000, 8)
+    proc = run.proc
+    rps = [proc.return_probe("ret_outer", action="hist"), proc.return_probe("ret_sq", action="count")]
+    _in_process(proc, *rps)
+    for _ in range(3):
+        proc.run(timeout=0.1)
+    assert all(rp.hits > 0 for rp in rps)
+    code, area = proc.engine.returns.inprocess.code, proc.engine.returns.inprocess.area
+    proc.detach()
+    assert text_differences(run.pid, exe) == []
+    assert not any(start <= code < end or start <= area < end for start, end, _, _ in maps(run.pid))
+    assert run.wait_exit() == 0, run.text
+    assert _calls(run.text) == (24_000_000, 24_000_000, 0)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE, SlotMapError
 from ..tracee import Memory, Regs, Tracee
+from ..x86 import decode_function, pushed_flags_fixup
 from ..x86 import shadow as sx
 from .probe import ProbeError
 from .ring import ReturnRecord, _TscClock
@@ -54,6 +55,7 @@ ACTIONS = ("count", "hist", "record")
 RETURN_TRAMPOLINE_OFFSET = PAGE_SIZE // 2  # in the code page; the entry routine at its start
 _WORD = struct.Struct("<Q")
 _FIXED_ONE = 1 << 32
+TRAP_FLAG = 0x100  # RFLAGS.TF
 
 
 class InProcessReturnProbe(ReturnProbe):
@@ -142,6 +144,8 @@ class InProcessReturns:
         self.ns_per_tick = 1.0
         self.overhead_ticks = 0
         self._regs = Regs()
+        self.flag_pushes: dict[int, int] = {}  # routine address of a pushf -> its image's width
+        self.flag_pops: set[int] = set()       # routine addresses of a popfq
 
     # ------------------------------------------------------------------ making
     @property
@@ -187,9 +191,37 @@ class InProcessReturns:
         sx.HEADER.pack_into(view, 0, sx.SHADOW_MAGIC, sx.SHADOW_VERSION, layout.threads, layout.depth,
                             sx.FRAME_SIZE, self.trampoline, round(self.ns_per_tick * _FIXED_ONE),
                             self.overhead_ticks, 0, layout.probes)
-        self.memory.write(code_page, sx.shadow_entry_routine(code_page, area, layout))
-        self.memory.write(self.trampoline, sx.return_trampoline(self.trampoline, area, layout))
+        self.flag_pushes.clear()
+        self.flag_pops.clear()
+        for address, code in ((code_page, sx.shadow_entry_routine(code_page, area, layout)),
+                              (self.trampoline, sx.return_trampoline(self.trampoline, area, layout))):
+            self.memory.write(address, code)
+            for insn in decode_function(code, address):
+                if pushed_flags_fixup(insn):
+                    self.flag_pushes[insn.address] = pushed_flags_fixup(insn)
+                elif insn.text.split()[0] == "popfq":
+                    self.flag_pops.add(insn.address)
         return ""
+
+    def step(self, tid: int, pc: int) -> None:
+        """Move a stopped thread at PC in a routine on by one instruction (migration). A popfq
+        is done here, never single-stepped (the kernel would take the TF it loads for the
+        program's and leave it set: a SIGTRAP after detach); a flags image a stepped pushfq
+        left holds the step's TF: cleared, as the trampolines' after_step does."""
+        tracee = self.tracee
+        if pc in self.flag_pops:
+            regs = tracee.get_regs(tid, self._regs)
+            regs.eflags = self.memory.read_u64(regs.rsp) & ~TRAP_FLAG
+            regs.rsp += 8
+            regs.rip = pc + 1
+            tracee.set_regs(tid, regs)
+            return
+        tracee.step(tid)
+        width = self.flag_pushes.get(pc)
+        if width:
+            rsp = tracee.get_regs(tid, self._regs).rsp
+            image = int.from_bytes(self.memory.read(rsp, width), "little") & ~TRAP_FLAG
+            self.memory.write(rsp, image.to_bytes(width, "little"))
 
     def add(self, target: "Target", action: str, maxactive: int) -> InProcessReturnProbe:
         """A return probe at TARGET doing ACTION in the process where it can, else stop-based."""

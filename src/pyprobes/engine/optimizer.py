@@ -436,7 +436,7 @@ class Optimizer:
             moved = True
             if self._in_routine(pc):  # a routine returns to its trampoline's action, a return
                 # trampoline to the real caller
-                tracee.step(tid)
+                self.engine.returns.inprocess.step(tid, pc)
                 pc = tracee.get_rip(tid)
                 continue
             slot = self.cache.slot_at(pc)
