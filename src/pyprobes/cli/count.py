@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from pyprobes import ReturnProbe
+from pyprobes import LatencyHistogram, ReturnProbe
 
-from .output import CliError, Histogram, Report, count_table, histogram_text, note
+from .output import CliError, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
 from .stacks import StackCounts
 
@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[dict]:
+def rows(session: Session, hists: dict[str, LatencyHistogram] | None = None) -> list[dict]:
     """One row per function probed: its hits summed over every load of its module (and every
     image after an exec); a PROBE not armed yet is one row with mode "pending" and no address.
 
@@ -107,7 +107,7 @@ def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[di
 
 
 def show(session: Session, report: Report, args, final: bool, exit_code=None,
-         hists: dict[str, Histogram] | None = None, stacks: StackCounts | None = None) -> None:
+         hists: dict[str, LatencyHistogram] | None = None, stacks: StackCounts | None = None) -> None:
     if stacks is not None and getattr(args, "folded", False):
         if final:
             report.write(stacks.folded())
@@ -153,7 +153,7 @@ def run(args, command: list[str], on_done=None) -> int:
             raise CliError(f"--{name} must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     latency = getattr(args, "latency", False)
-    hists: dict[str, Histogram] | None = None
+    hists: dict[str, LatencyHistogram] | None = None
     ret_for = None
     if latency:
         if not any(spec.strip().endswith("%return") for spec in args.probes):
@@ -161,7 +161,7 @@ def run(args, command: list[str], on_done=None) -> int:
         hists = {}
 
         def ret_for(target):
-            hist = hists.setdefault(target.name + "%return", Histogram())
+            hist = hists.setdefault(target.name + "%return", LatencyHistogram())
             add = hist.add
 
             def on_return(tid, retval, elapsed_ns, data):
