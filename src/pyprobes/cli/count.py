@@ -6,12 +6,12 @@ from collections import Counter
 
 from pyprobes import LatencyHistogram, ReturnProbe
 
-from .output import CliError, Report, count_table, histogram_text, note
+from .live import LiveCounts, LiveRow, is_live_terminal
+from .output import MANY_ROWS, CliError, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
 from .stacks import StackCounts
 
 HELP = "count hits per probe"
-MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
 EPILOG = """\
 examples:
   pyprobes count main 'libc:puts' -- ./prog arg     count until ./prog exits; exit with its status
@@ -73,7 +73,31 @@ def rows(session: Session, hists: dict[str, LatencyHistogram] | None = None) -> 
 
     A function is its module and link-time address, not its name: two `static helper()` of two
     source files are two rows, each named `helper@0xLINKADDR` so the user can tell them apart."""
-    out: list[tuple[dict, str]] = []  # (row, its name as shown)
+    out = named_rows(session)
+    for row, shown_name in out:
+        if hists is not None:
+            hist = hists.get(row["probe"])
+            if hist is not None:
+                row["latency_ns"] = hist.as_json()
+        row["probe"] = shown_name
+    return [row for row, _ in out]
+
+
+def live_rows(session: Session, hists: dict[str, LatencyHistogram] | None, stacks: bool) -> list[LiveRow]:
+    """The rows of the live view: as rows(), with each %return probe's latency histogram."""
+    return [LiveRow(shown_name, stack_mode(row["mode"]) if stacks else row["mode"], row["hits"], row["missed"],
+                    hists.get(row["probe"]) if hists is not None else None)
+            for row, shown_name in named_rows(session)]
+
+
+def stack_mode(mode: str) -> str:
+    """A probe's mode with --stacks: a stack needs a stop, so a breakpoint, never optimised."""
+    return mode if mode in ("pending", "unloaded", "return") else mode + " +stack"
+
+
+def named_rows(session: Session) -> list[tuple[dict, str]]:
+    """rows() before latency: (row, its name as shown), the row still under the probe's name."""
+    out: list[tuple[dict, str]] = []
     for pp in session.pendings:
         if not pp.history:
             out.append(({"probe": pp.spec, "module": pp.module, "address": None, "hits": 0,
@@ -97,13 +121,7 @@ def rows(session: Session, hists: dict[str, LatencyHistogram] | None = None) -> 
         names = Counter(name for name, _, _ in group)
         out.extend((row, f"{name}@{link:#x}" if names[name] > 1 else name)
                    for (name, _, link), row in group.items())
-    for row, shown_name in out:
-        if hists is not None:
-            hist = hists.get(row["probe"])
-            if hist is not None:
-                row["latency_ns"] = hist.as_json()
-        row["probe"] = shown_name
-    return [row for row, _ in out]
+    return out
 
 
 def show(session: Session, report: Report, args, final: bool, exit_code=None,
@@ -116,8 +134,7 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
     table_rows = rows(session, hists)
     if stacks is not None:
         for row in table_rows:
-            if row["mode"] not in ("pending", "unloaded", "return"):
-                row["mode"] += " +stack"  # a stack needs a stop: a breakpoint, never optimised
+            row["mode"] = stack_mode(row["mode"])
             row["stacks"] = stacks.as_json(row["probe"])
     if args.json:
         report.json({"probes": table_rows, "duration_s": round(session.duration, 6),
@@ -178,8 +195,14 @@ def run(args, command: list[str], on_done=None) -> int:
         session.place(args.probes, pre_for=stacks.pre_for(session) if stacks else None, ret_for=ret_for,
                       action="count" if getattr(args, "optimize", True) and stacks is None else None)
         session.go()
-        session.run(args.duration, args.interval,
-                    tick=lambda: show(session, report, args, final=False, hists=hists, stacks=stacks))
+        if args.interval is not None and not args.json and not getattr(args, "folded", False) \
+                and is_live_terminal(report):
+            with LiveCounts(report, lambda: live_rows(session, hists, stacks is not None),
+                            lambda: session.duration) as view:
+                session.run(args.duration, args.interval, tick=view.tick)
+        else:
+            session.run(args.duration, args.interval,
+                        tick=lambda: show(session, report, args, final=False, hists=hists, stacks=stacks))
     finally:
         session.close()
         session.restore_signals()

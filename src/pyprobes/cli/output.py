@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before t
     from pyprobes import LatencyHistogram
 
 PROG = "pyprobes"
+MANY_ROWS = 50  # a count table longer than this shows only the probes that were hit
 
 
 class CliError(PyprobesError):
