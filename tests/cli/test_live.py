@@ -114,12 +114,13 @@ def test_live_view_then_the_final_table(paced):
     assert re.search(rf"paced_hit%return latency \(ns\): {CALLS} calls, min \d+, mean \d+, max \d+", final)
 
 
-def test_ctrl_c_leaves_the_terminal_clean_and_prints_the_final_table(paced):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_leaves_the_terminal_clean_and_prints_the_final_table(paced, stop):
     term = OnTerminal("count", "-i", "0.2", "paced_hit", "--", str(paced), "1", "100000", str(GAP_US))
     assert term.read_until(r"over the last"), term.text
-    term.proc.send_signal(signal.SIGINT)
+    term.proc.send_signal(stop)
     code, out = term.finish()
-    assert code == 128 + signal.SIGINT and out == ""  # passed on to the command, which it killed
+    assert code == 128 + stop and out == ""  # passed on to the command, which it killed
     assert term.raw.rindex(SHOW_CURSOR) > term.raw.rindex(HIDE_CURSOR)
     final = final_table(term.text)
     live_hits = [int(f[1]) for f in cells(term.text[:term.text.index(final)], "paced_hit")]

@@ -16,7 +16,7 @@ EPILOG = """\
 examples:
   pyprobes count main 'libc:puts' -- ./prog arg     count until ./prog exits; exit with its status
   pyprobes count -p 1234 -d 5 'libc:malloc'         count in PID 1234 for 5 s, then detach
-  pyprobes count -p 1234 -i 1 'libc:str*'           a table every second until Ctrl-C
+  pyprobes count -p 1234 -i 1 'libc:str*'           every second until Ctrl-C: a live view in a terminal
   pyprobes count --json -o counts.json f -- ./prog  one JSON object in counts.json
   pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
@@ -34,6 +34,8 @@ show mode "unloaded".
 --stacks and --folded unwind each hit's stack with the modules' .eh_frame, so every probe
 is a breakpoint (mode "... +stack"); --folded writes only the folded stacks, whose counts
 add up to the hits.
+With -i on a terminal the report is a live view: hits, the rate over the last interval and,
+with --latency, that interval's latency p50/p99/max; the final table follows when it ends.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
@@ -44,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("-i", "--interval", type=float, metavar="INTERVAL",
-                   help="also print the table every INTERVAL seconds")
+                   help="also report every INTERVAL seconds: in a terminal a live view of hits, rates and "
+                        "latency percentiles, redrawn in place; otherwise (--json, -o FILE, a pipe) the table")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (one per interval with -i) instead of a table")
     p.add_argument("--latency", "--hist", dest="latency", action="store_true",
