@@ -4,11 +4,12 @@ arguments; and it is written in batches while the trace runs."""
 from __future__ import annotations
 
 import re
+import subprocess
 from dataclasses import dataclass, field
 
 import pytest
 
-from cli2_util import cli, notes
+from cli2_util import CLI, cli, notes
 
 pb = pytest.importorskip("perfetto.protos.perfetto.trace.perfetto_trace_pb2")
 
@@ -170,6 +171,36 @@ def test_recorded_hits_become_instants_and_o_keeps_the_lines(pf_work, tmp_path):
         who = int(name.split("-")[1])
         assert [(args["rdi"], args["rsi"]) for _, _, args in instants] == [(hex(who), hex(i)) for i in range(rounds)]
         assert [h["args"][:2] for h in hits if h["tid"] == tid] == [[who, i] for i in range(rounds)]
+
+
+def test_attached_with_p(pf_work, tmp_path):
+    """-p PID: the calls made after the probes are in, each a slice on the attached thread's track."""
+    rounds, depth = 6, 2
+    out = tmp_path / "t.pftrace"
+    fx = subprocess.Popen([pf_work, "0", "-1", str(depth)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
+    pp = None
+    try:
+        assert fx.stdout.readline() == "ready\n"
+        pp = subprocess.Popen([*CLI, "trace", "-v", "--perfetto", str(out), "-p", str(fx.pid), "work%return"],
+                              stderr=subprocess.PIPE, text=True)
+        while " -> " not in (line := pp.stderr.readline()):
+            assert line, "pyprobes ended before placing its probe"
+        fx.stdin.write("round\n" * rounds)
+        fx.stdin.close()  # the fixture ends after its rounds, and pyprobes with it
+        (tid, (_, calls, _)), = program_threads(fx.stdout.read()).items()
+        assert fx.wait(timeout=30) == 0
+        _, err = pp.communicate(timeout=30)
+        assert pp.returncode == 0, err
+    finally:
+        for p in (pp, fx):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert calls == rounds * (depth + 1)
+    track, = [t for t in read_timeline(out).values() if t.tid is not None]
+    assert track.tid == tid == track.pid and track.thread_name == "pfw-0"
+    assert len(track.slices) == rounds and len(list(all_slices(track.slices))) == calls
 
 
 def test_typed_arguments_are_typed_annotations(pf_work, tmp_path):
