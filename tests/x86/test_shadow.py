@@ -30,6 +30,7 @@ from pyprobes.x86.shadow import (
     find_thread,
     latency_bucket,
     latency_ns,
+    ns_per_tick_fixed,
     probe_page,
     probe_stats,
     return_trampoline,
@@ -389,3 +390,59 @@ def test_a_full_thread_table_counts_missed(functions):
     assert value(4) == 12
     stats = live.stats("value")
     assert (stats.returns, stats.missed) == (1, 1)
+
+
+class Snippets:
+    """The return trampoline's latency and bucket code as functions of their own, run here."""
+
+    def __init__(self) -> None:
+        from iced_x86 import Instruction, Register
+
+        from pyprobes.x86.record import _assemble_list
+        from pyprobes.x86.shadow_code import _bucket, _latency
+
+        def mov(dst, src):
+            return Instruction.create_reg_reg(Code.MOV_R64_RM64, dst, src)
+
+        self.code = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.code))
+        R = Register
+        bucket = [mov(R.R9, R.RDI), *_bucket(), Instruction.create(Code.RETNQ)]
+        latency = [Instruction.create_reg(Code.PUSH_R64, R.RBX), mov(R.RBX, R.RDX), mov(R.R8, R.RDI),
+                   mov(R.RAX, R.RSI), *_latency(), mov(R.RAX, R.R9), Instruction.create_reg(Code.POP_R64, R.RBX),
+                   Instruction.create(Code.RETNQ)]
+        self.code[0:256] = _assemble_list(bucket, base).ljust(256, b"\xcc")
+        self.code[256:512] = _assemble_list(latency, base + 256).ljust(256, b"\xcc")
+        u64 = ctypes.c_uint64
+        self.bucket = ctypes.CFUNCTYPE(u64, u64)(base)
+        self.latency = ctypes.CFUNCTYPE(u64, u64, u64, ctypes.c_void_p)(base + 256)
+
+
+def test_the_bucket_code_agrees_with_the_reference_for_every_kind_of_value():
+    import random
+    snippets = Snippets()
+    rng = random.Random(12)
+    values = list(range(0, 4096)) + [(1 << 64) - 1, 1 << 63]
+    values += [max(0, (1 << b) + d) for b in range(64) for d in (-2, -1, 0, 1)]
+    values += [rng.getrandbits(rng.randint(1, 64)) for _ in range(20_000)]
+    wrong = [(v, snippets.bucket(v), latency_bucket(v)) for v in values
+             if snippets.bucket(v) != latency_bucket(v)]
+    assert wrong == []
+
+
+def test_the_latency_code_agrees_with_the_reference():
+    import random
+    snippets = Snippets()
+    rng = random.Random(7)
+    header = ctypes.create_string_buffer(4096)
+    wrong = []
+    for _ in range(2000):
+        entry = rng.getrandbits(64)
+        ticks = rng.choice([rng.getrandbits(rng.randint(1, 40)), (1 << 64) - rng.getrandbits(8)])
+        overhead = rng.getrandbits(rng.randint(1, 12))
+        fixed = rng.choice([1 << 32, 0, rng.getrandbits(34), ns_per_tick_fixed(1 / 2.7)])
+        header[0:80] = shadow_header(ShadowLayout(), 0, fixed, overhead)
+        got = snippets.latency((entry + ticks) & ((1 << 64) - 1), entry, ctypes.addressof(header))
+        if got != latency_ns(ticks, overhead, fixed):
+            wrong.append((ticks, overhead, fixed, got))
+    assert wrong == []

@@ -172,6 +172,36 @@ def _drop_frame(layout: "ShadowLayout", frame: Register, scratch: Register, dept
     ]
 
 
+def _latency() -> list:
+    """r8 = the return's TSC, rax = the entry's, rbx = the area: r9 = the latency in ns,
+    max(0, ticks - overhead) * ns-per-tick >> 32 (latency_ns()). Clobbers rax, rdx."""
+    return [
+        Instruction.create_reg_reg(Code.SUB_R64_RM64, R8, RAX),
+        Instruction.create_reg_mem(Code.SUB_R64_RM64, R8, _m(RBX, HEADER_OVERHEAD)),
+        Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, 0),  # mov keeps SF
+        Instruction.create_reg_reg(Code.CMOVS_R64_RM64, R8, RAX),          # max(0, ticks)
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, RAX, R8),
+        Instruction.create_mem(Code.MUL_RM64, _m(RBX, HEADER_NS_PER_TICK)),  # rdx:rax
+        Instruction.create_reg_reg_u32(Code.SHRD_RM64_R64_IMM8, RAX, RDX, 32),
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, R9, RAX),
+    ]
+
+
+def _bucket() -> list:
+    """r9 = a latency in ns: rax = its bucket (latency_bucket()). Clobbers rcx."""
+    return [
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, RAX, R9),
+        Instruction.create_reg_i32(Code.CMP_RM64_IMM8, R9, 8),
+        (Code.JB_REL32_64, "bucketed"),                              # 0..7: their own buckets
+        Instruction.create_reg_reg(Code.BSR_R64_RM64, RCX, R9),
+        Instruction.create_reg_i32(Code.SUB_RM32_IMM8, Register.ECX, 3),
+        Instruction.create_reg_reg(Code.SHR_RM64_CL, RAX, Register.CL),
+        Instruction.create_reg_i32(Code.AND_RM32_IMM8, Register.EAX, 7),
+        Instruction.create_reg_mem(Code.LEA_R64_M, RAX, _m(RAX, 8, RCX, 8)),  # 8*(b-2) + 3 bits
+        ("label", "bucketed"),
+    ]
+
+
 def shadow_entry_routine(address: int, area: int, layout: "ShadowLayout") -> bytes:
     """The entry routine placed at ADDRESS, for the area at AREA with LAYOUT (see the module
     docstrings for its contract)."""
@@ -298,16 +328,7 @@ def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
         _load(RDX, _m(RDI, _RET)),
         _store(_m(RSI), RDX),
         _load(RAX, _m(RDI, _TSC)),
-        Instruction.create_reg_reg(Code.SUB_R64_RM64, R8, RAX),
-        Instruction.create_reg_mem(Code.SUB_R64_RM64, R8, _m(RBX, HEADER_OVERHEAD)),
-        Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, 0),  # mov keeps SF
-        Instruction.create_reg_reg(Code.CMOVS_R64_RM64, R8, RAX),          # max(0, ticks)
-    ]
-    items += [
-        Instruction.create_reg_reg(Code.MOV_R64_RM64, RAX, R8),
-        Instruction.create_mem(Code.MUL_RM64, _m(RBX, HEADER_NS_PER_TICK)),
-        Instruction.create_reg_reg_u32(Code.SHRD_RM64_R64_IMM8, RAX, RDX, 32),
-        Instruction.create_reg_reg(Code.MOV_R64_RM64, R9, RAX),    # r9 = the latency, ns
+        *_latency(),
         _load(RSI, _m(RDI, _ID)),
         *_probe_page(RSI, RSI),
         Instruction.create_reg_mem(Code.LEA_R64_M, RSI, _m(RBX, probes, RSI)),  # rsi = the probe page
@@ -320,15 +341,7 @@ def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
         _locked(Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, _m(RSI, _MAX), R9)),
         (Code.JNE_REL32_64, "max"),                                  # rax = the max another call set
         ("label", "bucket"),
-        Instruction.create_reg_reg(Code.MOV_R64_RM64, RAX, R9),
-        Instruction.create_reg_i32(Code.CMP_RM64_IMM8, R9, 8),
-        (Code.JB_REL32_64, "count"),                                 # 0..7: their own buckets
-        Instruction.create_reg_reg(Code.BSR_R64_RM64, RCX, R9),
-        Instruction.create_reg_i32(Code.SUB_RM32_IMM8, Register.ECX, 3),
-        Instruction.create_reg_reg(Code.SHR_RM64_CL, RAX, Register.CL),
-        Instruction.create_reg_i32(Code.AND_RM32_IMM8, Register.EAX, 7),
-        Instruction.create_reg_mem(Code.LEA_R64_M, RAX, _m(RAX, 8, RCX, 8)),  # 8*(b-2) + 3 bits
-        ("label", "count"),
+        *_bucket(),
         _locked(Instruction.create_mem(Code.INC_RM64, _m(RSI, PROBE_BUCKETS_OFFSET, RAX, 8))),
 
         Instruction.create_mem_u32(Code.TEST_RM8_IMM8, _m(RSI, _FLAGS), RECORD_RETURN),
