@@ -446,3 +446,12 @@ def test_the_latency_code_agrees_with_the_reference():
         if got != latency_ns(ticks, overhead, fixed):
             wrong.append((ticks, overhead, fixed, got))
     assert wrong == []
+
+
+def test_the_overhead_is_subtracted_and_a_latency_never_goes_below_zero(functions):
+    live = Live(functions, overhead=1 << 40)
+    empty = live.function("empty")
+    for _ in range(100):
+        empty(0)
+    stats = live.stats("empty")
+    assert (stats.returns, stats.sum_ns, stats.max_ns, stats.buckets[0]) == (100, 0, 0, 100)
