@@ -31,8 +31,8 @@ __all__ = ["measure_overhead_ticks"]
 _EMPTY_FUNCTION = bytes.fromhex("0f1f440000c3")  # nop dword [rax+rax+0]; ret
 # The code page: the function, its trampoline, its hit counter and the routine pointer, then
 # the entry routine and the return trampoline.
-_TRAMPOLINE, _COUNTER, _POINTER, _ENTRY, _RETURN = 0x40, 0x800, 0x808, 0x1000, 0x1800
-_CODE_SIZE = 0x2000
+_TRAMPOLINE, _COUNTER, _POINTER, _ENTRY, _RETURN = 0x40, 0x2000, 0x2008, 0x1000, 0x1800
+_CODE_SIZE = 0x3000
 _SUM = 24  # STATS field 3 of a probe page
 _ONE_NS_PER_TICK = 1 << 32
 
