@@ -14,6 +14,9 @@ and its slots are lower than ours):
 * return: the frame is read and the real return address written into the slot while the
   frame is still on the stack; depth - 1 is the last store.
 
+A call that is not followed (depth or thread table exhausted: ``missed``) gets no entry record
+either, so that every entry record has its return record.
+
 A handler that interrupts the drop loop may drop (and count) the same dead frame once more;
 the depth it leaves is the one ours computes. Only the cmpxchg loops (claiming a table entry,
 raising the max) repeat, and only when another thread won the race: neither routine waits.
