@@ -14,7 +14,7 @@ _HOME = {  # where each public name lives
     "DEFAULT_BUSY_WAIT_US": ".engine", "Frame": ".engine", "FunctionPlan": ".engine", "PendingProbe": ".engine",
     "Probe": ".engine", "ProbeError": ".engine", "Process": ".engine", "Record": ".engine", "ReturnProbe": ".engine",
     "ReturnRecord": ".engine",
-    "attach": ".engine",
+    "attach": ".engine", "LatencyHistogram": ".engine.histogram",
     "functions_of_binary": ".engine", "functions_of_process": ".engine", "spawn": ".engine",
     "PyprobesError": ".errors",
     "ElfError": ".symbols", "FunctionInfo": ".symbols", "NoDebugInfo": ".symbols", "debug_info_for": ".symbols", "SymbolError": ".symbols", "Target": ".symbols", "parse_spec": ".symbols",

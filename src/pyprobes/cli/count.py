@@ -4,19 +4,19 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from pyprobes import ReturnProbe
+from pyprobes import LatencyHistogram, ReturnProbe
 
-from .output import CliError, Histogram, Report, count_table, histogram_text, note
+from .live import LiveCounts, LiveRow, is_live_terminal
+from .output import MANY_ROWS, CliError, Report, count_table, histogram_text, note
 from .session import MAX_SECONDS, Session, add_speed_options
 from .stacks import StackCounts
 
 HELP = "count hits per probe"
-MANY_ROWS = 50  # a table longer than this shows only the probes that were hit
 EPILOG = """\
 examples:
   pyprobes count main 'libc:puts' -- ./prog arg     count until ./prog exits; exit with its status
   pyprobes count -p 1234 -d 5 'libc:malloc'         count in PID 1234 for 5 s, then detach
-  pyprobes count -p 1234 -i 1 'libc:str*'           a table every second until Ctrl-C
+  pyprobes count -p 1234 -i 1 'libc:str*'           every second until Ctrl-C: a live view in a terminal
   pyprobes count --json -o counts.json f -- ./prog  one JSON object in counts.json
   pyprobes count 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes count --latency 'libc:malloc%return' -- ./prog   returns, with a log2 latency histogram
@@ -34,6 +34,8 @@ show mode "unloaded".
 --stacks and --folded unwind each hit's stack with the modules' .eh_frame, so every probe
 is a breakpoint (mode "... +stack"); --folded writes only the folded stacks, whose counts
 add up to the hits.
+With -i on a terminal the report is a live view: hits, the rate over the last interval and,
+with --latency, that interval's latency p50/p99/max; the final table follows when it ends.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
@@ -44,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     p.add_argument("-i", "--interval", type=float, metavar="INTERVAL",
-                   help="also print the table every INTERVAL seconds")
+                   help="also report every INTERVAL seconds: in a terminal a live view of hits, rates and "
+                        "latency percentiles, redrawn in place; otherwise (--json, -o FILE, a pipe) the table")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (one per interval with -i) instead of a table")
     p.add_argument("--latency", "--hist", dest="latency", action="store_true",
@@ -67,13 +70,37 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[dict]:
+def rows(session: Session, hists: dict[str, LatencyHistogram] | None = None) -> list[dict]:
     """One row per function probed: its hits summed over every load of its module (and every
     image after an exec); a PROBE not armed yet is one row with mode "pending" and no address.
 
     A function is its module and link-time address, not its name: two `static helper()` of two
     source files are two rows, each named `helper@0xLINKADDR` so the user can tell them apart."""
-    out: list[tuple[dict, str]] = []  # (row, its name as shown)
+    out = named_rows(session)
+    for row, shown_name in out:
+        if hists is not None:
+            hist = hists.get(row["probe"])
+            if hist is not None:
+                row["latency_ns"] = hist.as_json()
+        row["probe"] = shown_name
+    return [row for row, _ in out]
+
+
+def live_rows(session: Session, hists: dict[str, LatencyHistogram] | None, stacks: bool) -> list[LiveRow]:
+    """The rows of the live view: as rows(), with each %return probe's latency histogram."""
+    return [LiveRow(shown_name, stack_mode(row["mode"]) if stacks else row["mode"], row["hits"], row["missed"],
+                    hists.get(row["probe"]) if hists is not None else None)
+            for row, shown_name in named_rows(session)]
+
+
+def stack_mode(mode: str) -> str:
+    """A probe's mode with --stacks: a stack needs a stop, so a breakpoint, never optimised."""
+    return mode if mode in ("pending", "unloaded", "return") else mode + " +stack"
+
+
+def named_rows(session: Session) -> list[tuple[dict, str]]:
+    """rows() before latency: (row, its name as shown), the row still under the probe's name."""
+    out: list[tuple[dict, str]] = []
     for pp in session.pendings:
         if not pp.history:
             out.append(({"probe": pp.spec, "module": pp.module, "address": None, "hits": 0,
@@ -97,17 +124,11 @@ def rows(session: Session, hists: dict[str, Histogram] | None = None) -> list[di
         names = Counter(name for name, _, _ in group)
         out.extend((row, f"{name}@{link:#x}" if names[name] > 1 else name)
                    for (name, _, link), row in group.items())
-    for row, shown_name in out:
-        if hists is not None:
-            hist = hists.get(row["probe"])
-            if hist is not None:
-                row["latency_ns"] = hist.as_json()
-        row["probe"] = shown_name
-    return [row for row, _ in out]
+    return out
 
 
 def show(session: Session, report: Report, args, final: bool, exit_code=None,
-         hists: dict[str, Histogram] | None = None, stacks: StackCounts | None = None) -> None:
+         hists: dict[str, LatencyHistogram] | None = None, stacks: StackCounts | None = None) -> None:
     if stacks is not None and getattr(args, "folded", False):
         if final:
             report.write(stacks.folded())
@@ -116,8 +137,7 @@ def show(session: Session, report: Report, args, final: bool, exit_code=None,
     table_rows = rows(session, hists)
     if stacks is not None:
         for row in table_rows:
-            if row["mode"] not in ("pending", "unloaded", "return"):
-                row["mode"] += " +stack"  # a stack needs a stop: a breakpoint, never optimised
+            row["mode"] = stack_mode(row["mode"])
             row["stacks"] = stacks.as_json(row["probe"])
     if args.json:
         report.json({"probes": table_rows, "duration_s": round(session.duration, 6),
@@ -153,7 +173,7 @@ def run(args, command: list[str], on_done=None) -> int:
             raise CliError(f"--{name} must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     latency = getattr(args, "latency", False)
-    hists: dict[str, Histogram] | None = None
+    hists: dict[str, LatencyHistogram] | None = None
     ret_for = None
     if latency:
         if not any(spec.strip().endswith("%return") for spec in args.probes):
@@ -161,7 +181,7 @@ def run(args, command: list[str], on_done=None) -> int:
         hists = {}
 
         def ret_for(target):
-            hist = hists.setdefault(target.name + "%return", Histogram())
+            hist = hists.setdefault(target.name + "%return", LatencyHistogram())
             add = hist.add
 
             def on_return(tid, retval, elapsed_ns, data):
@@ -178,8 +198,14 @@ def run(args, command: list[str], on_done=None) -> int:
         session.place(args.probes, pre_for=stacks.pre_for(session) if stacks else None, ret_for=ret_for,
                       action="count" if getattr(args, "optimize", True) and stacks is None else None)
         session.go()
-        session.run(args.duration, args.interval,
-                    tick=lambda: show(session, report, args, final=False, hists=hists, stacks=stacks))
+        if args.interval is not None and not args.json and not getattr(args, "folded", False) \
+                and is_live_terminal(report):
+            with LiveCounts(report, lambda: live_rows(session, hists, stacks is not None),
+                            lambda: session.duration) as view:
+                session.run(args.duration, args.interval, tick=view.tick)
+        else:
+            session.run(args.duration, args.interval,
+                        tick=lambda: show(session, report, args, final=False, hists=hists, stacks=stacks))
     finally:
         session.close()
         session.restore_signals()

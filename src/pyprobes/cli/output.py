@@ -12,7 +12,10 @@ if TYPE_CHECKING:  # rich is imported when a table is drawn: 80 ms less before t
     from rich.console import Console
     from rich.table import Table
 
+    from pyprobes import LatencyHistogram
+
 PROG = "pyprobes"
+MANY_ROWS = 50  # a count table longer than this shows only the probes that were hit
 
 
 class CliError(PyprobesError):
@@ -100,47 +103,6 @@ def count_table(rows: Iterable[dict]) -> "Table":
     return table
 
 
-class Histogram:
-    """Values in log2 buckets, as bpftrace's hist(): bucket 0 holds 0, bucket k >= 1 holds
-    [2**(k-1), 2**k)."""
-
-    __slots__ = ("buckets", "count", "total", "min", "max")
-
-    def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
-        self.count = 0
-        self.total = 0
-        self.min: int | None = None
-        self.max: int | None = None
-
-    def add(self, value: int) -> None:
-        value = max(int(value), 0)
-        k = value.bit_length()
-        self.buckets[k] = self.buckets.get(k, 0) + 1
-        self.count += 1
-        self.total += value
-        if self.min is None or value < self.min:
-            self.min = value
-        if self.max is None or value > self.max:
-            self.max = value
-
-    @staticmethod
-    def bounds(k: int) -> tuple[int, int]:
-        return (0, 1) if k == 0 else (1 << (k - 1), 1 << k)
-
-    def rows(self) -> list[tuple[int, int, int]]:
-        """(low, high, count) for every bucket from the lowest used to the highest, empty ones too."""
-        if not self.buckets:
-            return []
-        return [(*self.bounds(k), self.buckets.get(k, 0))
-                for k in range(min(self.buckets), max(self.buckets) + 1)]
-
-    def as_json(self) -> dict:
-        return {"count": self.count, "min": self.min, "max": self.max,
-                "mean": round(self.total / self.count, 1) if self.count else None,
-                "hist": [[lo, hi, n] for lo, hi, n in self.rows()]}
-
-
 def _size(n: int) -> str:
     for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
@@ -148,11 +110,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def histogram_text(title: str, hist: Histogram, width: int = 52) -> str:
-    """bpftrace's layout: [lo, hi)  count |@@@@   |"""
-    rows = hist.rows()
+def histogram_text(title: str, hist: "LatencyHistogram", width: int = 52) -> str:
+    """bpftrace's layout: [lo, hi)  count |@@@@   |, one row per log2 bucket."""
+    rows = hist.log2_rows()
     top = max((n for _, _, n in rows), default=0) or 1
-    lines = [f"{title}: {hist.count} calls, min {hist.min}, mean {hist.total // max(hist.count, 1)}, "
+    lines = [f"{title}: {hist.count} calls, min {hist.min}, mean {hist.sum // max(hist.count, 1)}, "
              f"max {hist.max}"]
     for lo, hi, n in rows:
         label = "[0]" if hi == 1 else f"[{_size(lo)}, {_size(hi)})"

@@ -22,6 +22,7 @@ examples:
   pyprobes trace -p 1234 --args 2 'libc:open*'      in a running process, until Ctrl-C
   pyprobes trace --json -o hits.jsonl f -- ./prog   JSON Lines: {"time_s", "tid", "probe", "args"}
   pyprobes trace 'f' 'f%return' -- ./prog           calls and returns: return value and latency
+  pyprobes trace --perfetto f.pftrace 'f%return' -- ./prog   each call of f a slice on a timeline
   pyprobes trace 'libplug:*' -- ./prog              a library ./prog dlopens later: pending until then
   pyprobes trace 'usdt:python:function__entry(str,str,int)' -- python3 x.py   a USDT probe, typed
   pyprobes trace 'work(int,str,double)' -- ./prog   a function's arguments typed (int uint hex str ptr double)
@@ -49,12 +50,16 @@ arguments need a stop to read memory, so those probes are breakpoints; with a %r
 --no-optimize, every probe is a breakpoint (calls and returns print in order).
 --stack: the hit's frames (module:symbol+0xoff), unwound with the modules' .eh_frame;
 JSON: "stack": [frames, innermost first]. A probe with a stack is a breakpoint.
+--perfetto FILE: a Perfetto trace (open it at https://ui.perfetto.dev, "Open trace file"):
+a track per thread (name and tid), a slice per call of a function with a %return probe (from
+its entry to its return, its return value as an argument), an instant per hit of any other
+probe (its arguments as above). The lines are not printed then, unless -o FILE asks for them.
 The report goes to stderr (or -o FILE); the command's own output is untouched.
 """
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [-v] [--stack] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
+    p = sub.add_parser("trace", help=HELP, usage='%(prog)s [-p PID] [--args N] [--raw] [-d SECONDS] [--json] [-o FILE] [--perfetto FILE] [-v] [--stack] [--no-optimize] [--ring RECORDS] [--same-cpu] [--busy-wait US] PROBE... [-- COMMAND ARGS...]', description=HELP.capitalize() + ".", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-p", "--pid", type=int, help="attach to this running process")
     p.add_argument("--args", type=int, default=3, metavar="N",
@@ -66,6 +71,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write the report to FILE instead of stderr (notes and errors stay on stderr, so FILE "
                         "holds the report alone: with --json, one JSON object per line)")
+    p.add_argument("--perfetto", metavar="FILE",
+                   help="write a Perfetto timeline to FILE (calls as slices, hits as instants) instead of "
+                        "printing lines, which -o still writes")
     p.add_argument("-v", "--verbose", action="store_true", help="show what was resolved and placed")
     p.add_argument("--stack", action="store_true",
                    help="print each hit's user stack under its line (unwound with .eh_frame)")
@@ -87,6 +95,11 @@ def run(args, command: list[str]) -> int:
     if args.duration is not None and not 0 < args.duration < MAX_SECONDS:  # also refuses nan and inf
         raise CliError("--duration must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
+    timeline = None
+    if args.perfetto is not None:
+        from .perfetto import Timeline
+        timeline = Timeline(args.perfetto)
+    lines = timeline is None or args.output is not None
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
     registers = ARG_REGISTERS[: args.args]
@@ -105,45 +118,70 @@ def run(args, command: list[str]) -> int:
             lookup.append(DebugInfoLookup(session.proc))
         return lookup[0].function_of(target)
 
-    def emit(seconds, tid, fields, text, frames=None):
-        """One hit or return: a JSON object (time, tid, FIELDS, the stack) or a text line (and the
-        stack's lines under it)."""
-        if as_json:
-            write(json.dumps({"time_s": round(seconds, 6), "tid": tid, **fields,
-                              **({"stack": list(frames)} if frames is not None else {})}) + "\n")
-        else:
-            write(f"{seconds:12.6f} {tid:>7} {text}\n")
+    def emit(time_ns, tid, fields, text, frames=None, annotations=None):
+        """One hit or return at TIME_NS (CLOCK_MONOTONIC): a JSON object (time, tid, FIELDS, the
+        stack) or a text line (and the stack's lines under it); on the timeline, a call (FIELDS
+        has its latency) or an instant, with ANNOTATIONS (by default FIELDS' args)."""
+        if lines:
+            # A record's TSC and the tracer's clock can disagree by up to a few hundred µs on a VM
+            # (vCPUs' TSC offsets): a record from just after the start is shown at the start.
+            seconds = max(time_ns / 1e9 - session.start, 0.0)
+            if as_json:
+                write(json.dumps({"time_s": round(seconds, 6), "tid": tid, **fields,
+                                  **({"stack": list(frames)} if frames is not None else {})}) + "\n")
+            else:
+                write(f"{seconds:12.6f} {tid:>7} {text}\n")
+                if frames is not None:
+                    write(frame_lines(frames))
+        if timeline is not None:
+            if annotations is None:
+                values = fields.get("args", ())
+                annotations = values if isinstance(values, dict) else {f"arg{i}": v for i, v in enumerate(values)}
             if frames is not None:
-                write(frame_lines(frames))
+                annotations = {**annotations, "stack": list(frames)}
+            if "latency_ns" in fields:
+                timeline.call(time_ns, fields["latency_ns"], tid, fields["probe"].removesuffix("%return"),
+                              annotations)
+            else:
+                timeline.hit(time_ns, tid, fields["probe"], annotations)
+
+    def flush():
+        report.flush()
+        if timeline is not None:
+            timeline.flush()
 
     def flush_due(now):
         if now - last_flush[0] >= FLUSH_EVERY:
             last_flush[0] = now
-            report.flush()
+            flush()
+
+    def register_annotations(values):
+        """The timeline's arguments of a probe shown as registers: named and in hex, as the line shows them."""
+        return {r: f"{v:#x}" for r, v in zip(registers, values)} if timeline is not None else None
 
     def hex_text(values):
         return ", ".join(f"{v:#x}" for v in values)
 
-    def entry_handler(name, read, json_args, text_args):
+    def entry_handler(name, read, json_args, text_args, annotate=lambda values: None):
         """A breakpoint probe's pre-handler: READ(tid, regs) gives its arguments, shown by
-        JSON_ARGS / TEXT_ARGS."""
+        JSON_ARGS / TEXT_ARGS (and ANNOTATE on the timeline, by default as JSON_ARGS)."""
         def on_hit(tid, regs):
-            now = time.monotonic()
+            now = time.monotonic_ns()
             values = read(tid, regs)
             frames = frames_of(session, tid, regs) if with_stack else None
-            emit(now - session.start, tid, {"probe": name, "args": json_args(values)},
-                 f"{name}({text_args(values)})", frames)
-            flush_due(now)
+            emit(now, tid, {"probe": name, "args": json_args(values)},
+                 f"{name}({text_args(values)})", frames, annotate(values))
+            flush_due(now / 1e9)
         return on_hit
 
     def return_handler(name, value_of, json_value_of, text_value_of):
         def on_return(tid, retval, elapsed_ns, data):
-            now = time.monotonic()
+            now = time.monotonic_ns()
             value = value_of(tid, retval)
-            emit(now - session.start, tid,
-                 {"probe": name, "retval": json_value_of(value), "latency_ns": elapsed_ns},
-                 f"{name} = {text_value_of(value)} ({elapsed_ns / 1000:.3f} us)")
-            flush_due(now)
+            text = text_value_of(value)
+            emit(now, tid, {"probe": name, "retval": json_value_of(value), "latency_ns": elapsed_ns},
+                 f"{name} = {text} ({elapsed_ns / 1000:.3f} us)", annotations={"retval": text})
+            flush_due(now / 1e9)
         return on_return
 
     def typed_pre_for(target):
@@ -160,23 +198,21 @@ def run(args, command: list[str]) -> int:
 
     def pre_for(target):
         return typed_pre_for(target) or entry_handler(
-            target.name, lambda tid, regs: [getattr(regs, r) for r in registers], lambda values: values, hex_text)
+            target.name, lambda tid, regs: [getattr(regs, r) for r in registers], lambda values: values, hex_text,
+            register_annotations)
 
     def write_record(record):
         probe = record.probe
         name = probe.target.name if probe.target is not None else probe.name
-        # The TSC read on the traced thread's CPU and the tracer's clock can disagree by up to a
-        # few hundred µs on a VM (vCPUs' TSC offsets): a record from just after the start would
-        # show a negative time. It is shown at the start instead.
-        seconds = max(record.time_ns / 1e9 - session.start, 0.0)
         values = list(record.args[: len(registers)])
-        emit(seconds, record.tid, {"probe": name, "args": values}, f"{name}({hex_text(values)})")
+        emit(record.time_ns, record.tid, {"probe": name, "args": values}, f"{name}({hex_text(values)})",
+             annotations=register_annotations(values))
 
     def show_records():
         if session.proc is not None:
             for record in sorted(session.proc.records(), key=lambda r: r.time_ns):
                 write_record(record)
-        report.flush()
+        flush()
 
     def spec_typed(target):
         """A USDT probe (arguments from its note) or SPEC(T,...) (a type list types them)."""
@@ -189,6 +225,8 @@ def run(args, command: list[str]) -> int:
 
     def ret_for(target):
         name = target.name + "%return"
+        if timeline is not None:
+            timeline.returned.add(target.name)  # its entry probe's hits are the call's slice
         function = None if args.raw else function_of(target)
         if function is not None and function.return_type is not None:
             type_, typed = function.return_type, session.proc.typed_return
@@ -200,6 +238,8 @@ def run(args, command: list[str]) -> int:
     session.install_signals()  # from the start: see count.run
     try:
         session.open()
+        if timeline is not None:
+            timeline.default_pid = session.proc.pid
         if optimize and args.ring is not None:
             try:
                 session.proc.ring_capacity = args.ring
@@ -210,16 +250,18 @@ def run(args, command: list[str]) -> int:
             session.place(args.probes, typed_pre_for, ret_for, action="record")
         else:
             session.place(args.probes, pre_for, ret_for)
-        if not as_json:
+        if lines and not as_json:
             report.line(f"{'TIME(s)':>12} {'TID':>7} PROBE(ARGS)")
         session.go()
-        session.run(args.duration, FLUSH_EVERY, tick=show_records if optimize else report.flush)
+        session.run(args.duration, FLUSH_EVERY, tick=show_records if optimize else flush)
     finally:
         session.close()
         session.restore_signals()
         if optimize:
             show_records()
         report.flush()
+        if timeline is not None:
+            timeline.close()
     if optimize and session.proc is not None and session.proc.lost_records:
         from .output import note
         note(f"{session.proc.lost_records} records lost (the ring was full)")
@@ -227,6 +269,9 @@ def run(args, command: list[str]) -> int:
     if missed:
         from .output import note
         note(f"{missed} hits could not be reported")
+    if timeline is not None:
+        from .output import note
+        note(f"{timeline.calls} calls and {timeline.hits} hits written to {timeline.path}")
     status = session.exit_status()
     report.close()
     return status

@@ -1,5 +1,6 @@
 """x86-64 instruction layer: decode, classify, relocate into slots, emulate, the arch side of a hit
-(arch.py), and the region, trampoline and patch of a jump-optimised probe (optimize.py).
+(arch.py), the region, trampoline and patch of a jump-optimised probe (optimize.py), and the
+in-process return probes' area and code (shadow.py).
 
 This is the lowest layer of pyprobes: it knows instructions and bytes, never
 processes. It imports only iced_x86 and the standard library so the layers
@@ -36,6 +37,15 @@ from .optimize import (
     jump_patch,
     stack_words,
     reached_addresses,
+)
+from .shadow import (
+    ProbeStats,
+    ShadowLayout,
+    probe_stats,
+    return_trampoline,
+    shadow_entry_routine,
+    shadow_header,
+    thread_frames,
 )
 from .relocate import (
     SLOT_SIZE,
@@ -87,4 +97,11 @@ __all__ = [
     "stack_words",
     "reached_addresses",
     "TRAMPOLINE_SLOT_SIZE",
+    "ProbeStats",
+    "ShadowLayout",
+    "probe_stats",
+    "return_trampoline",
+    "shadow_entry_routine",
+    "shadow_header",
+    "thread_frames",
 ]

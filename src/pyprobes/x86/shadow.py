@@ -30,7 +30,11 @@ first: the return trampoline ``ret``\\ s to the trampoline again). At return (sl
 Threads claim their table entry themselves: linear probing from ``hash(key)`` over the table;
 an empty entry (key 0) is claimed with ``lock cmpxchg``. Only the owning thread touches its
 entry afterwards (the tracer too, but only with every thread frozen and out of the code page).
-The tracer resets an entry's depth when its thread exits (a new thread may reuse the TCB).
+The tracer resets an entry's depth when its thread exits (a new thread may reuse the TCB), but
+never clears a key while the area is in use: a search stops at the first free entry, so a freed
+entry would hide the keys placed past it (find_thread() is the same search in Python).
+
+The code of both halves: shadow_code.py (importable from here).
 
 The area (one memfd, rw-, mapped by the tracee and the tracer; all words little-endian u64)::
 
@@ -49,11 +53,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 __all__ = [
     "BUCKETS",
+    "SHADOW_CODE_BOUND",
     "FRAME",
     "FRAME_SIZE",
+    "Frame",
     "HEADER",
     "PROBE_BUCKETS_OFFSET",
     "RECORD_ENTRY",
@@ -62,9 +71,19 @@ __all__ = [
     "SHADOW_MAGIC",
     "SHADOW_VERSION",
     "STATS",
+    "THREAD_HASH_MULTIPLIER",
+    "ProbeStats",
     "ShadowLayout",
     "bucket_bounds",
+    "find_thread",
     "latency_bucket",
+    "latency_ns",
+    "ns_per_tick_fixed",
+    "probe_page",
+    "probe_stats",
+    "shadow_header",
+    "thread_frames",
+    "thread_hash",
     "shadow_entry_routine",
     "return_trampoline",
 ]
@@ -98,6 +117,9 @@ BUCKETS = 496      # latency_bucket() of 2**64 - 1 is 495
 # A return record in the ring (record.py's RECORD): TSC of the return, thread key, the probe id
 # with this bit set, and args = (rax, entry TSC, entry rdi, rsi, rdx, rcx).
 RETURN_RECORD_FLAG = 1 << 31
+# The thread table's hash: Knuth's multiplicative constant, 2**64 / golden ratio.
+THREAD_HASH_MULTIPLIER = 0x9E37_79B9_7F4A_7C15
+_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -157,12 +179,107 @@ def bucket_bounds(index: int) -> tuple[int, int]:
     return (8 + sub) << (b - 3), (9 + sub) << (b - 3)
 
 
-def shadow_entry_routine(address: int, area: int, layout: ShadowLayout) -> bytes:
-    """The entry routine placed at ADDRESS, for the area at AREA with LAYOUT (see the module
-    docstring for its contract)."""
-    raise NotImplementedError("issue 12: to be written")
+def thread_hash(key: int, threads: int) -> int:
+    """The table entry where the search for KEY starts: the top log2(THREADS) bits of
+    key * THREAD_HASH_MULTIPLIER (mod 2**64), as the routines compute it."""
+    bits = threads.bit_length() - 1
+    return ((key * THREAD_HASH_MULTIPLIER) & _U64) >> (64 - bits) if bits else 0
 
 
-def return_trampoline(address: int, area: int, layout: ShadowLayout) -> bytes:
-    """The return trampoline placed at ADDRESS, for the area at AREA with LAYOUT."""
-    raise NotImplementedError("issue 12: to be written")
+def find_thread(view: Buffer, layout: ShadowLayout, key: int) -> int | None:
+    """The index of KEY's table entry in the area VIEW (bytes-like, from offset 0), following
+    the routines' probing, or None (the thread never ran a probed call)."""
+    index = thread_hash(key, layout.threads)
+    for _ in range(layout.threads):
+        found = _word(view, layout.thread_offset(index))
+        if found == key:
+            return index
+        if found == 0:
+            return None
+        index = (index + 1) & (layout.threads - 1)
+    return None
+
+
+class Frame(NamedTuple):
+    """A live call on a thread's shadow stack."""
+
+    ret: int        # the real return address
+    slot: int       # the stack slot holding the return trampoline's address meanwhile
+    tsc: int        # the TSC at entry
+    probe_id: int   # the shadow probe id (its probe page)
+    args: tuple[int, ...]  # rdi rsi rdx rcx r8 r9 at entry
+
+
+def thread_frames(view: Buffer, layout: ShadowLayout) -> dict[int, list[Frame]]:
+    """Every claimed table entry's live frames, outermost first, by thread key (%fs:0). A
+    depth beyond the layout's (a torn read) is clamped."""
+    frames: dict[int, list[Frame]] = {}
+    for index in range(layout.threads):
+        at = layout.thread_offset(index)
+        key = _word(view, at)
+        if key == 0:
+            continue
+        depth = min(_word(view, at + 8), layout.depth)
+        stack = []
+        for i in range(depth):
+            ret, slot, tsc, probe_id, *args = FRAME.unpack_from(view, at + THREAD_HEADER + i * FRAME_SIZE)
+            stack.append(Frame(ret, slot, tsc, probe_id, tuple(args)))
+        frames[key] = stack
+    return frames
+
+
+class ProbeStats(NamedTuple):
+    """A probe page's statistics (latencies in ns, the overhead already subtracted)."""
+
+    returns: int
+    missed: int
+    dropped: int
+    sum_ns: int
+    max_ns: int
+    flags: int
+    entry_record_id: int
+    return_record_id: int
+    buckets: tuple[int, ...]  # BUCKETS counts, bucket_bounds(i) for their ranges
+
+
+def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
+    """The statistics of shadow probe PROBE_ID in the area VIEW."""
+    at = layout.probe_offset(probe_id)
+    buckets = struct.unpack_from(f"<{BUCKETS}Q", view, at + PROBE_BUCKETS_OFFSET)
+    return ProbeStats(*STATS.unpack_from(view, at), buckets)
+
+
+def probe_page(flags: int = 0, entry_record_id: int = 0, return_record_id: int = 0) -> bytes:
+    """A fresh probe page's statistics: zero counts, FLAGS and the ring probe ids of its records
+    (below RETURN_RECORD_FLAG)."""
+    if not 0 <= entry_record_id < RETURN_RECORD_FLAG or not 0 <= return_record_id < RETURN_RECORD_FLAG:
+        raise ValueError("a ring probe id of a shadow probe must be below 2**31")
+    return STATS.pack(0, 0, 0, 0, 0, flags, entry_record_id, return_record_id)
+
+
+def shadow_header(layout: ShadowLayout, trampoline: int, ns_per_tick_fixed: int,
+                  overhead_ticks: int, record_routine: int = 0) -> bytes:
+    """The area's header: TRAMPOLINE the return trampoline's address, NS_PER_TICK_FIXED the ns
+    per TSC tick as 32.32 fixed point (ns_per_tick_fixed() of a float), OVERHEAD_TICKS subtracted
+    from every latency, RECORD_ROUTINE the ring's record routine (0: no ring)."""
+    return HEADER.pack(SHADOW_MAGIC, SHADOW_VERSION, layout.threads, layout.depth, FRAME_SIZE,
+                       trampoline, ns_per_tick_fixed, overhead_ticks, record_routine, layout.probes)
+
+
+def ns_per_tick_fixed(ns_per_tick: float) -> int:
+    """NS_PER_TICK as the header's 32.32 fixed-point number."""
+    return round(ns_per_tick * (1 << 32))
+
+
+def latency_ns(ticks: int, overhead_ticks: int, ns_per_tick_fixed: int) -> int:
+    """What the return trampoline computes from a call's TICKS (return TSC - entry TSC, mod 2**64)."""
+    signed = ((ticks - overhead_ticks + (1 << 63)) & _U64) - (1 << 63)
+    return ((max(signed, 0) * ns_per_tick_fixed) >> 32) & _U64
+
+
+def _word(view: Buffer, offset: int) -> int:
+    return int.from_bytes(view[offset:offset + 8], "little")
+
+
+# The generators need the constants above (a cycle only at import time of this module).
+from .shadow_code import SHADOW_CODE_BOUND, return_trampoline, shadow_entry_routine  # noqa: E402
