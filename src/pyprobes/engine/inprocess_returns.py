@@ -41,6 +41,7 @@ from ..slots import PAGE_SIZE, SlotMapError
 from ..tracee import Memory, Regs, Tracee
 from ..x86 import decode_function, pushed_flags_fixup
 from ..x86 import shadow as sx
+from .native import measure_overhead_ticks
 from .probe import ProbeError
 from .ring import ReturnRecord, _TscClock
 from .retprobe import ReturnProbe, _anchor
@@ -432,10 +433,15 @@ class InProcessReturns:
                 pass
 
 
+_overhead: list[int] = []  # measured once per tracer
+
+
 def _measured_overhead(ns_per_tick: float) -> int:
-    """The trampolines' constant cost in TSC ticks, subtracted from every latency: measured by
-    x86/shadow.py when it provides a measurement, else 0 (nothing subtracted)."""
-    measure = getattr(sx, "measure_overhead", None)
-    if measure is None:
-        return 0
-    return int(measure())
+    """The trampolines' constant cost in TSC ticks, subtracted from every latency: the least
+    latency the same code reports for an empty function run in the tracer (native.py)."""
+    if not _overhead:
+        try:
+            _overhead.append(measure_overhead_ticks())
+        except OSError:  # no executable memory for us: nothing subtracted
+            _overhead.append(0)
+    return _overhead[0]
