@@ -257,7 +257,7 @@ def test_return_probe_counts_returns(pie):
     r = cli("count", "--json", "cli_add%return", "--", str(pie), "5")
     assert r.returncode == 0, r.stderr
     (row,) = last_json(r.stderr)["probes"]
-    assert row["probe"].endswith(":cli_add%return") and row["hits"] == 5 and row["mode"] == "return"
+    assert row["probe"].endswith(":cli_add%return") and row["hits"] == 5 and row["mode"] == "return optimized"
 
 
 def test_module_not_loaded_is_pending(pie):

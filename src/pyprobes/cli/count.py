@@ -93,9 +93,33 @@ def live_rows(session: Session, hists: dict[str, LatencyHistogram] | None, stack
             for row, shown_name in named_rows(session)]
 
 
+def return_mode(p: ReturnProbe) -> str:
+    """A return probe's mode in the table: "return", or "return optimized" when its calls are
+    followed inside the process (no stop)."""
+    return "return optimized" if p.mode == "optimized" else "return"
+
+
+class ReturnHistograms:
+    """Each %return probe's latency histogram by name, read from its probes when asked: an
+    in-process return probe keeps its buckets in the tracee (merged over every load)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, name: str) -> LatencyHistogram | None:
+        found = [p.histogram for pp in self.session.pendings for p in pp.history
+                 if isinstance(p, ReturnProbe) and p.name == name and hasattr(p, "histogram")]
+        if not found:
+            return None
+        total = found[0]
+        for hist in found[1:]:
+            total = total.merge(hist)
+        return total
+
+
 def stack_mode(mode: str) -> str:
     """A probe's mode with --stacks: a stack needs a stop, so a breakpoint, never optimised."""
-    return mode if mode in ("pending", "unloaded", "return") else mode + " +stack"
+    return mode if mode in ("pending", "unloaded", "return", "return optimized") else mode + " +stack"
 
 
 def named_rows(session: Session) -> list[tuple[dict, str]]:
@@ -110,7 +134,8 @@ def named_rows(session: Session) -> list[tuple[dict, str]]:
         group: dict[tuple[str, str, int], dict] = {}
         for p in pp.history:
             is_live = id(p) in live
-            mode = ("return" if isinstance(p, ReturnProbe) else p.mode) if is_live else "unloaded"
+            mode = return_mode(p) if isinstance(p, ReturnProbe) else p.mode if is_live else "unloaded"
+            mode = mode if is_live else "unloaded"
             module = p.target.module
             key = (p.name, module.path, module.to_link(p.address))
             row = group.get(key)
@@ -173,8 +198,13 @@ def run(args, command: list[str], on_done=None) -> int:
             raise CliError(f"--{name} must be a positive number of seconds", 2)
     Session.check_specs(args.probes)
     latency = getattr(args, "latency", False)
-    hists: dict[str, LatencyHistogram] | None = None
+    hists: dict[str, LatencyHistogram] | ReturnHistograms | None = None
     ret_for = None
+    stacks = StackCounts() if getattr(args, "stacks", False) or getattr(args, "folded", False) else None
+    optimize = getattr(args, "optimize", True) and stacks is None
+    # Return probes without a handler follow their calls inside the process (no stop) where
+    # their entry can be jump-optimised; the latency histogram then lives in the tracee.
+    return_action = ("hist" if latency else "count") if optimize else None
     if latency:
         if not any(spec.strip().endswith("%return") for spec in args.probes):
             raise CliError("--latency needs a return probe (SYMBOL%return)", 2)
@@ -189,14 +219,15 @@ def run(args, command: list[str], on_done=None) -> int:
             return on_return
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
-    stacks = StackCounts() if getattr(args, "stacks", False) or getattr(args, "folded", False) else None
+    if latency and return_action is not None:
+        hists, ret_for = ReturnHistograms(session), None
     # Ctrl-C, SIGTERM and SIGHUP are ours from the start: one that comes while the probes go
     # in ends the session right after, cleanly (never a KeyboardInterrupt mid-placement).
     session.install_signals()
     try:
         session.open()
         session.place(args.probes, pre_for=stacks.pre_for(session) if stacks else None, ret_for=ret_for,
-                      action="count" if getattr(args, "optimize", True) and stacks is None else None)
+                      action="count" if optimize else None, return_action=return_action)
         session.go()
         if args.interval is not None and not args.json and not getattr(args, "folded", False) \
                 and is_live_terminal(report):

@@ -9,7 +9,7 @@ Trace), so a long trace never grows in memory.
 """
 from __future__ import annotations
 
-from typing import IO, Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 from .output import CliError
 
@@ -63,6 +63,7 @@ class Timeline:
         self.batch = pb.Trace()
         self.returned: set[str] = set()
         self.default_pid: int | None = None  # the traced process, for threads gone before they are seen
+        self.name_of: Callable[[int], str] | None = None  # their names, remembered by the tracer
         self.calls = 0
         self.hits = 0
         self._threads: dict[int, int] = {}  # tid -> its track's uuid
@@ -141,6 +142,8 @@ class Timeline:
         uuid = self._threads.get(tid)
         if uuid is None:
             pid, thread_name, process_name = thread_identity(tid, self.default_pid)
+            if not thread_name and self.name_of is not None:
+                thread_name = self.name_of(tid)  # gone before its records were read
             if pid not in self._processes:
                 self._processes[pid] = self._describe(name=process_name, process=(pid, process_name))
             uuid = self._threads[tid] = self._describe(

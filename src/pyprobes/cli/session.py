@@ -139,7 +139,8 @@ class Session:
 
     # ------------------------------------------------------------------ probes
     def place(self, specs: list[str], pre_for: PreFactory | None = None,
-              ret_for: PreFactory | None = None, action: str | None = None) -> list[PendingProbe]:
+              ret_for: PreFactory | None = None, action: str | None = None,
+              return_action: str | None = None) -> list[PendingProbe]:
         """Place every probe while every thread is frozen; run() thaws them.
 
         Frozen, no thread can hit a probe placed a moment ago while a later one is being placed
@@ -150,7 +151,9 @@ class Session:
         maps it (dlopen). Every PROBE follows the program: dropped with a dlclosed library,
         placed again when it comes back, and in the new program after an exec. PRE_FOR(target)
         gives an entry probe's handler, RET_FOR(target) a return probe's (None: just count).
-        ACTION "count": entry probes only count, jump-optimised where they can be.
+        ACTION "count": entry probes only count, jump-optimised where they can be. RETURN_ACTION
+        ("count", "hist", "record"): return probes without a handler (RET_FOR(target) None) follow
+        their calls inside the process where their entry can be jump-optimised.
         """
         proc = self.proc
         try:
@@ -167,7 +170,7 @@ class Session:
             try:
                 pp = pending.add(spec, kind="return" if parsed.is_return else "entry", many=True,
                                  pre_for=pre_for, handler_for=ret_for, skip_refused=parsed.is_glob,
-                                 action=None if parsed.is_return else action)
+                                 action=return_action if parsed.is_return else action)
             except ProbeError as e:
                 raise CliError(str(e), 2) from None
             except ProcessLookupError:

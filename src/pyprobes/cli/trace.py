@@ -5,7 +5,7 @@ import argparse
 import json
 import time
 
-from pyprobes import PyprobesError, parse_spec
+from pyprobes import PyprobesError, ReturnRecord, parse_spec
 
 from .output import CliError, Report
 from .session import MAX_SECONDS, Session, add_speed_options
@@ -106,11 +106,11 @@ def run(args, command: list[str]) -> int:
     write = report.write
     last_flush = [time.monotonic()]
     as_json = args.json
-    # Records reach the report in batches; a return's line is written at its stop. With both,
-    # entries stay breakpoints, so that calls and returns are printed in the order they happened.
+    # Entries and returns are recorded in the process (returns with their value and latency,
+    # entry and return jump-optimised), reach the report in batches and are printed in time
+    # order; typed values are read at a stop, and their lines written there.
     with_stack = args.stack  # a stack needs a stop: every probe is a breakpoint then
-    optimize = args.optimize and not with_stack \
-        and not any(spec.strip().endswith("%return") for spec in args.probes)
+    optimize = args.optimize and not with_stack
     lookup: list[DebugInfoLookup] = []  # made once the process exists
 
     def function_of(target):
@@ -178,11 +178,14 @@ def run(args, command: list[str]) -> int:
         def on_return(tid, retval, elapsed_ns, data):
             now = time.monotonic_ns()
             value = value_of(tid, retval)
-            text = text_value_of(value)
-            emit(now, tid, {"probe": name, "retval": json_value_of(value), "latency_ns": elapsed_ns},
-                 f"{name} = {text} ({elapsed_ns / 1000:.3f} us)", annotations={"retval": text})
+            write_return(name, now, tid, json_value_of(value), elapsed_ns, text_value_of(value))
             flush_due(now / 1e9)
         return on_return
+
+    def write_return(name, time_ns, tid, value, elapsed_ns, text=None):
+        text = f"{value:#x}" if text is None else text
+        emit(time_ns, tid, {"probe": name, "retval": value, "latency_ns": elapsed_ns},
+             f"{name} = {text} ({elapsed_ns / 1000:.3f} us)", annotations={"retval": text})
 
     def typed_pre_for(target):
         """The pre-handler of a probe whose arguments are typed (by a USDT note, a type list or
@@ -203,6 +206,9 @@ def run(args, command: list[str]) -> int:
 
     def write_record(record):
         probe = record.probe
+        if type(record) is ReturnRecord:
+            write_return(probe.name, record.time_ns, record.tid, record.retval, record.latency_ns)
+            return
         name = probe.target.name if probe.target is not None else probe.name
         values = list(record.args[: len(registers)])
         emit(record.time_ns, record.tid, {"probe": name, "args": values}, f"{name}({hex_text(values)})",
@@ -232,6 +238,8 @@ def run(args, command: list[str]) -> int:
             type_, typed = function.return_type, session.proc.typed_return
             return return_handler(name, lambda tid, retval: typed(tid, retval, type_), json_value,
                                   lambda value: text_value(value, type_.kind))
+        if optimize:
+            return None  # recorded in the process: a ReturnRecord, written by write_record
         return return_handler(name, lambda tid, retval: int(retval), lambda value: value,
                               lambda value: f"{value:#x}")
 
@@ -240,6 +248,7 @@ def run(args, command: list[str]) -> int:
         session.open()
         if timeline is not None:
             timeline.default_pid = session.proc.pid
+            timeline.name_of = session.proc.thread_name
         if optimize and args.ring is not None:
             try:
                 session.proc.ring_capacity = args.ring
@@ -247,7 +256,7 @@ def run(args, command: list[str]) -> int:
                 raise CliError(str(e), 2) from None
         if optimize:
             # Recorded in the process, unless the arguments are typed: a stop reads them.
-            session.place(args.probes, typed_pre_for, ret_for, action="record")
+            session.place(args.probes, typed_pre_for, ret_for, action="record", return_action="record")
         else:
             session.place(args.probes, pre_for, ret_for)
         if lines and not as_json:

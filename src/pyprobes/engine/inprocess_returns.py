@@ -41,6 +41,7 @@ from ..slots import PAGE_SIZE, SlotMapError
 from ..tracee import Memory, Regs, Tracee
 from ..x86 import decode_function, pushed_flags_fixup
 from ..x86 import shadow as sx
+from .histogram import LatencyHistogram
 from .native import measure_overhead_ticks
 from .probe import ProbeError
 from .ring import ReturnRecord, _TscClock
@@ -95,10 +96,11 @@ class InProcessReturnProbe(ReturnProbe):
         return [a + b for a, b in zip(page or self._page_buckets, self._stop_buckets)]
 
     @property
-    def histogram(self) -> list[tuple[int, int, int]]:
-        """(low ns, high ns, returns) of each non-empty latency bucket [low, high), lowest first.
-        In-process latencies have the trampolines' measured overhead subtracted (README)."""
-        return [(*sx.bucket_bounds(i), n) for i, n in enumerate(self._buckets()) if n]
+    def histogram(self) -> LatencyHistogram:
+        """The latencies of the returns so far (in-process ones with the trampolines' measured
+        overhead subtracted, README), read from the probe page now."""
+        return LatencyHistogram.from_buckets(self._buckets(), sum_ns=self.total_latency_ns,
+                                             max_ns=self.max_latency_ns)
 
     @property
     def total_latency_ns(self) -> int:

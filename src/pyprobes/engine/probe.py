@@ -215,10 +215,11 @@ def check_action(target: Any, point: ProbePoint | None, action: str | None,
     if action is not None and (pre is not None or post is not None):
         raise ProbeError(f"a probe with action={action!r} has no handlers")
     # A probe with handlers (action None) keeps the point a breakpoint, where each probe
-    # does its own (a record probe records from the tracer): they mix. Two actions could
-    # only share a trampoline that does both, which there is not.
+    # does its own (a record probe records from the tracer, a return probe's entry follows the
+    # call the stop-based way): they mix. Two actions could only share a trampoline that does
+    # both, which there is not.
     actions = {action, *(p.action for p in point.probes)} if point is not None else set()
-    if "record" in actions and len(actions - {None}) > 1:
+    if "record" in actions and len(actions - {None, "return"}) > 1:
         raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "
                          f"action={action!r} cannot join theirs "
                          f"({', '.join(sorted({repr(p.action) for p in point.probes}))})")

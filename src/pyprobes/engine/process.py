@@ -17,7 +17,7 @@ from ..errors import PyprobesError
 from ..slots import SlotCache
 from ..symbols import AT_ENTRY, FunctionInfo, Symbol, Target, TypeInfo, auxv_value, debug_info_for, modules, symbolize
 from ..tracee import DEFAULT_BUSY_WAIT_NS, EventKind, ProcessExited, Tracee
-from ..tracee.procfs import pending_signals
+from ..tracee.procfs import pending_signals, thread_name
 from .args import read_arguments, typed_value
 from .engine import Engine
 from .loader import RT_CONSISTENT
@@ -123,13 +123,13 @@ class Process:
         dropped are brought up to date when run() returns; .histogram gives the latencies
         ("hist" and "record"; overhead subtracted); "record" also puts a ReturnRecord(time_ns,
         tid, probe, retval, latency_ns, args) per return into records()."""
-        if action is not None:
-            if handler is not None or entry is not None or pending:
-                raise ProbeError(f"a return probe with action={action!r} has no handlers and is not pending")
-            return self.engine.returns.inprocess.add(self._one_function(spec), action, maxactive)
+        if action is not None and (handler is not None or entry is not None):
+            raise ProbeError(f"a return probe with action={action!r} has no handlers")
         if pending:
             return self.pending_probes.add(spec, kind="return", handler=handler, entry=entry,
-                                           maxactive=maxactive)
+                                           maxactive=maxactive, action=action)
+        if action is not None:
+            return self.engine.returns.inprocess.add(self._one_function(spec), action, maxactive)
         return self.engine.returns.add(self._one_function(spec), handler, entry=entry, maxactive=maxactive)
 
     def _one_function(self, spec: str | int) -> Target:
@@ -237,6 +237,11 @@ class Process:
         """A return probe's RETVAL (rax, with .xmm0) as TYPE_ (a function's return_type)."""
         vector = retval.xmm0 if type_.kind == "float" else None
         return typed_value(self.tracee, type_, int(retval), vector)
+
+    def thread_name(self, tid: int) -> str:
+        """Thread TID's name: its comm while it lives, the one it had at its exit after ("" for
+        a thread never seen)."""
+        return thread_name(self.pid, tid) or self.tracee.thread_names.get(tid, "")
 
     def was_sent(self, sig: int) -> bool:
         """Whether signal SIG reached the program while traced: it stopped for it (pyprobes then

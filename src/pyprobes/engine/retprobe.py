@@ -109,6 +109,12 @@ class ReturnProbe:
     def address(self) -> int:
         return self.target.address
 
+    @property
+    def mode(self) -> str:
+        """How its calls are followed: "return" (two stops per call; an in-process return
+        probe says "optimized" once its entry is jump-optimised)."""
+        return "return"
+
     def remove(self) -> None:
         """Stop hijacking new calls; calls in flight still report their return."""
         if not self.removed:

@@ -62,6 +62,8 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         # tid -> its thread pointer (fs_base), read at each new thread's first stop and at its
         # exit: what a record's thread key (%fs:0) is, for threads gone when records are read
         self.thread_pointers: dict[int, int] = {}
+        # tid -> its name, read at its exit: for records (and timelines) read after it is gone
+        self.thread_names: dict[int, str] = {}
         self._syscall_insn: int | None = None
         # The owner's handlers for a breakpoint hit (tid, address) and a finished single-step
         # (tid); each must resume the thread. Unset, those traps come out of wait() as events.

@@ -106,6 +106,15 @@ def status_fields(pid: int, *names: str) -> dict[str, str]:
     return found
 
 
+def thread_name(pid: int, tid: int) -> str:
+    """Thread TID's name (its comm), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
+
+
 def has_memory(pid: int) -> bool:
     """Whether process PID still has its memory: an exiting process releases it before it is a
     zombie, and its /proc/PID/maps then reads empty."""

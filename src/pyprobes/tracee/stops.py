@@ -17,7 +17,7 @@ import signal as _signal
 from collections import Counter, deque
 from typing import Callable
 
-from . import ptrace
+from . import procfs, ptrace
 from .breakpoints import Breakpoints
 from .events import Event, EventKind
 from .threads import StopKind, Thread, ThreadState
@@ -51,6 +51,7 @@ class StopDecoder:
     _wake_requested: bool
     signals_reported: Counter[int]
     thread_pointers: dict[int, int]
+    thread_names: dict[int, str]
     # and, from the other parts: _resume_quietly (signals.py), _release_fork_child and
     # _after_exec (lifecycle.py).
 
@@ -195,6 +196,7 @@ class StopDecoder:
             self.thread_pointers[t.tid] = ptrace.getregs(t.tid).fs_base  # for records read later
         except OSError:
             pass
+        self.thread_names[t.tid] = procfs.thread_name(self.pid, t.tid)
         exiting = Event(EventKind.EXITING, t.tid, exit_code=exit_code_of(ptrace.geteventmsg(t.tid)))
         if self._queue_all:
             self._queue.append(exiting)
