@@ -16,9 +16,12 @@ What may be replaced (find_region), and why each rule holds:
   at the trampoline with the same target, a rel8 widened to rel32) or a near ``ret``. A
   ``jmp`` or ``ret`` must be the region's last instruction: bytes after it would be reached
   only by what no sweep sees (a landing pad, a jump-table entry); the trampoline's final
-  jmp is then never reached. Refused: ``call`` (it would push a trampoline address),
-  ``syscall``, ``int n``, ``int3``, indirect branches, ``loop``/``jrcxz`` (short-only) and
-  ``xbegin``.
+  jmp is then never reached. A direct ``call rel32`` is allowed too, always as the last
+  instruction (it is 5 bytes long): relocate_in_trampoline makes it ``push`` of the original
+  return address (region.end) and ``jmp`` to the callee, which returns to the original code.
+  Refused: an indirect ``call`` (a ``call rax`` may be followed by more region
+  instructions), ``syscall``, ``int n``, ``int3``, indirect branches, ``loop``/``jrcxz``
+  (short-only) and ``xbegin``.
 * No branch of the function (jmp, jcc, call, loop, xbegin) targets the region past its first
   byte, and no RIP-relative operand takes such an address: those bytes are now the ``jmp``'s
   displacement. A branch to the first byte is fine: it takes the ``jmp``.
@@ -62,7 +65,7 @@ from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOpe
 
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
-from .relocate import RelocationError, pushed_flags_fixup, relocate
+from .relocate import RelocationError, pushed_flags_fixup, relocate_in_trampoline
 
 if TYPE_CHECKING:
     from .arch import StackMemory, ThreadRegisters
@@ -88,9 +91,10 @@ ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
-# A count trampoline is at most 23 (action) + 12 + 15 (a region: instructions of at most 4
+# A count trampoline is at most 23 (action) + 12 + 19 (a region: instructions of at most 4
 # bytes before one of at most 15; relocation keeps lengths but widens a 2-byte jcc to 6, so
-# 4 bytes grow to 12 at most) + 5 (jmp back) = 55 bytes: one 64-byte slot.
+# 4 bytes grow to 12 at most, and turns a 5-byte call into push, jmp and an 8-byte word, 19)
+# + 5 (jmp back) = 59 bytes: one 64-byte slot.
 TRAMPOLINE_SLOT_SIZE = 64
 _TRAP_FLAG = 0x100  # RFLAGS.TF
 _STACK_WORD = 8
@@ -337,11 +341,12 @@ def _boundary_index(boundaries: list[int], address: int) -> int:
 # ret (it leaves for the caller, as it would have from the original bytes). Not loop/jrcxz
 # (short-only: iced would add stubs), xbegin, far or 16-bit forms.
 _RETURNS = frozenset({Code.RETNQ, Code.RETNQ_IMM16})
+_DIRECT_CALL = Code.CALL_REL32_64  # relocate_in_trampoline turns it into push + jmp
 _NO_FALL_THROUGH = frozenset({FlowControl.RETURN, FlowControl.UNCONDITIONAL_BRANCH})
 
 
 def _relocatable_flow(instruction: Instruction) -> bool:
-    if instruction.code in _RETURNS:
+    if instruction.code in _RETURNS or instruction.code == _DIRECT_CALL:
         return True
     return ((instruction.is_jcc_short_or_near or instruction.is_jmp_short_or_near)
             and instruction.op0_kind == OpKind.NEAR_BRANCH64)
@@ -354,8 +359,8 @@ def _displaceable(insn: Insn) -> Refusal | None:
     if flow != FlowControl.NEXT:
         if _relocatable_flow(instruction):
             return None
-        if instruction.is_call_near or instruction.is_call_near_indirect:
-            why = "a call would push a return address into the trampoline"
+        if instruction.is_call_near_indirect:
+            why = "an indirect call is not relocated (only a direct call rel32 is)"
         elif flow == FlowControl.INDIRECT_BRANCH:
             why = "an indirect jump leaves to where no rule can check"
         elif flow in (FlowControl.CONDITIONAL_BRANCH, FlowControl.XBEGIN_XABORT_XEND):
@@ -441,7 +446,7 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
         relocated.append((here, insn.address))
         if pushed_flags_fixup(insn):
             flag_pushes.append((here, pushed_flags_fixup(insn)))
-        code += relocate(insn, here, boosted=False).code
+        code += relocate_in_trampoline(insn, here)
     return_jump = address + len(code)
     back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
     if back is None:
