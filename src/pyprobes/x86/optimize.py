@@ -26,8 +26,9 @@ What may be replaced (find_region), and why each rule holds:
   byte, and no RIP-relative operand takes such an address: those bytes are now the ``jmp``'s
   displacement. A branch to the first byte is fine: it takes the ``jmp``.
 * No ``endbr64`` inside the region past its first byte: it marks an indirect-branch target.
-* No indirect ``jmp`` in the function (conservative): a switch table might target the region.
-  The kernel applies the same rule in can_optimize().
+* No indirect ``jmp`` in the function (the kernel's can_optimize() rule), unless find_region
+  is given the module's data (READ_DATA) and each is a switch dispatch jumptable.py recognises:
+  then every table entry counts as a branch target.
 
 Not checked by find_region: branches from *other* symbols (gcc's ``NAME.cold`` parts jump
 back into NAME; hand-written libc jumps between functions: mempcpy ends in ``jmp memcpy+3``).
@@ -65,6 +66,7 @@ from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOpe
 
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
+from .jumptable import ReadData, reached_addresses, switches
 from .relocate import RelocationError, pushed_flags_fixup, relocate_in_trampoline
 
 if TYPE_CHECKING:
@@ -223,14 +225,14 @@ class Trampoline:
 class _Scan:
     """What the region check needs from one pass over the whole function."""
 
-    __slots__ = ("boundaries", "branches", "addresses", "endbrs", "indirect", "invalid")
+    __slots__ = ("boundaries", "branches", "addresses", "endbrs", "jumps", "invalid")
 
     def __init__(self) -> None:
         self.boundaries: list[int] = []
         self.branches: list[tuple[int, int]] = []    # (instruction address, target)
         self.addresses: list[tuple[int, int]] = []   # (instruction address, RIP-relative target)
         self.endbrs: list[int] = []
-        self.indirect: tuple[int, str] | None = None  # the first indirect jmp: address, text
+        self.jumps: list[int] = []                    # every indirect jmp: index in boundaries
         self.invalid: int | None = None
 
 
@@ -254,8 +256,8 @@ def _scan(code: bytes, address: int) -> _Scan:
             scan.endbrs.append(ip)
         if insn.op0_kind in _NEAR_BRANCH_KINDS:
             scan.branches.append((ip, insn.near_branch_target))
-        elif insn.flow_control == FlowControl.INDIRECT_BRANCH and scan.indirect is None:
-            scan.indirect = (ip, _text_of(code, address, ip))
+        elif insn.flow_control == FlowControl.INDIRECT_BRANCH:
+            scan.jumps.append(len(boundaries) - 1)
         if insn.is_ip_rel_memory_operand:
             scan.addresses.append((ip, insn.ip_rel_memory_address))
     return scan
@@ -267,14 +269,15 @@ def _text_of(code: bytes, function_address: int, address: int) -> str:
 
 
 def find_region(code: bytes, function_address: int, function_size: int,
-                probe_address: int) -> Region | Refusal:
+                probe_address: int, read_data: ReadData | None = None) -> Region | Refusal:
     """The region a ``jmp rel32`` may replace for a probe at PROBE_ADDRESS, or why none fits.
 
     CODE holds the function's bytes from FUNCTION_ADDRESS (as loaded, breakpoints removed);
     FUNCTION_SIZE bytes of it are decoded (the symbol size: the whole function must be seen to
     find every branch into the region). Raises ValueError when PROBE_ADDRESS is outside the
     function or CODE is shorter than FUNCTION_SIZE, MidInstructionError when PROBE_ADDRESS is
-    not an instruction boundary.
+    not an instruction boundary. READ_DATA(address, size) reads the module (same addresses as
+    CODE): switch tables are read with it; without it, any indirect jmp refuses.
     """
     if function_size <= 0:
         return Refusal(RefusalKind.NO_SIZE, "the function's size is unknown, so its branches "
@@ -321,7 +324,7 @@ def find_region(code: bytes, function_address: int, function_size: int,
                            f"within the {JMP_REL32_LENGTH} bytes a jmp needs and does not fall "
                            "through: the bytes after it are reached only by what no sweep sees "
                            "(a landing pad, a jump-table entry) or not at all")
-    refusal = _reached_inside(scan, start, end)
+    refusal = _reached_inside(scan, start, end, code, function_address, read_data)
     if refusal is not None:
         return refusal
     return Region(start, end, instructions, skipped)
@@ -379,7 +382,8 @@ def _displaceable(insn: Insn) -> Refusal | None:
     return None
 
 
-def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
+def _reached_inside(scan: _Scan, start: int, end: int, code: bytes, address: int,
+                    read_data: ReadData | None) -> Refusal | None:
     """Why something in the function could reach [start, end) past its first byte, or None."""
     inside = range(start + 1, end)
     span = f"the patched bytes {start:#x}..{end:#x}"
@@ -395,10 +399,19 @@ def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
         if target in inside:
             return Refusal(RefusalKind.ADDRESS_INTO, f"the instruction at {source:#x} takes the "
                            f"address {target:#x}, inside {span}")
-    if scan.indirect is not None:
-        source, text = scan.indirect
-        return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump ('{text}' "
-                       f"at {source:#x}): a jump table could target {span}")
+    if scan.jumps:
+        found = scan.boundaries[scan.jumps[0]] if read_data is None else \
+            switches(code, address, scan.boundaries, scan.jumps, [t for _, t in scan.branches], read_data)
+        if not isinstance(found, list):
+            return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump "
+                           f"('{_text_of(code, address, found)}' at {found:#x}) that is no "
+                           f"recognised switch: a jump table could target {span}")
+        for switch in found:
+            target = next((t for t in switch.targets if t in inside), None)
+            if target is not None:
+                return Refusal(RefusalKind.BRANCH_INTO, f"an entry of the switch table at "
+                               f"{switch.table:#x} (jmp at {switch.jump:#x}) jumps into {span} "
+                               f"(to {target:#x})")
     return None
 
 
@@ -480,21 +493,3 @@ def stack_words(stack: bytes) -> list[int]:
     """The words of STACK (read from a stack pointer up), sorted: a return address or a signal
     frame's saved RIP among them must not point past a region's first byte."""
     return sorted(set(memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")))
-
-
-def reached_addresses(code: bytes, address: int) -> list[int]:
-    """Every address a direct branch or a RIP-relative operand in CODE (a module's executable
-    bytes, loaded at ADDRESS, decoded in one linear sweep) takes, sorted: what a region must
-    not contain past its first byte. Bytes that are not code decode as something: the sweep
-    may see a branch that is not there, which only refuses a region, never allows one."""
-    found = set()
-    decoder = Decoder(64, code, ip=address)
-    insn = Instruction()
-    add = found.add
-    while decoder.can_decode:
-        decoder.decode_out(insn)
-        if insn.op0_kind in _NEAR_BRANCH_KINDS:
-            add(insn.near_branch_target)
-        elif insn.is_ip_rel_memory_operand:
-            add(insn.ip_rel_memory_address)
-    return sorted(found)
