@@ -9,9 +9,16 @@ python3.11 on PATH that is an ELF file); a missing one is skipped. For every fun
 
   int3        a breakpoint probe can take it: classify() does not refuse its first instruction
               (the reference: what pyprobes probes today)
-  optimised   x86/optimize.py's find_region() finds a region for a probe at the entry
-  +ind. jmp   optimised, or refused only because the function has an indirect jmp (the last
-              rule checked): the coverage if that conservative rule were lifted
+  optimised   x86/optimize.py's find_region() finds a region for a probe at the entry, given
+              the file's data: a switch's indirect jmp (x86/jumptable.py) is allowed, its
+              table's entries checked as branch targets
+  +ind. jmp   optimised, or refused only because the function has an indirect jmp that is no
+              recognised switch (the last rule checked): the coverage if that rule were lifted
+  no tables   find_region() without the file's data: every indirect jmp refuses (the kernel's
+              rule), as before switch tables were read
+
+Not applied here: the module-wide sweep (a branch from another function into the patched
+bytes), which `pyprobes list` (engine/plan.py) adds.
 
 then the most frequent refusal reasons, addresses and instruction details folded together.
 Placement can still fail where a trampoline page cannot be mapped within ±2 GiB; that is not
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from pyprobes.symbols import CodeReader, ElfFile  # noqa: E402
 from pyprobes.symbols.elf import ElfError, Symbol, preference  # noqa: E402
-from pyprobes.x86 import Kind, Refusal, RefusalKind, classify, find_region, instruction_at  # noqa: E402
+from pyprobes.x86 import Kind, Refusal, RefusalKind, Region, classify, find_region, instruction_at  # noqa: E402
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 PYTHON = "/usr/bin/python3.11"
@@ -71,12 +78,13 @@ def fold(refusal: Refusal) -> str:
     return f"{refusal.kind.value}: {text}"
 
 
-def measure(path: str) -> tuple[int, int, int, int, Counter, float]:
-    """(functions, int3-probeable, optimised, optimised but for indirect jmps, reasons, seconds)."""
+def measure(path: str) -> tuple[int, int, int, int, int, Counter, float]:
+    """(functions, int3-probeable, optimised, optimised but for indirect jmps, optimised with
+    no tables read, reasons, seconds)."""
     began = time.perf_counter()
     elf = ElfFile.load_with_debug(path)
     code = CodeReader(elf)
-    total = int3 = optimised = indirect = 0
+    total = int3 = optimised = indirect = tableless = 0
     reasons: Counter = Counter()
     for sym in entries(elf):
         try:
@@ -88,14 +96,16 @@ def measure(path: str) -> tuple[int, int, int, int, Counter, float]:
         total += 1
         if classify(instruction_at(data, sym.address, sym.address)).kind is not Kind.REFUSE:
             int3 += 1
-        region = find_region(data, sym.address, sym.size, sym.address)
+        if isinstance(find_region(data, sym.address, sym.size, sym.address), Region):
+            tableless += 1
+        region = find_region(data, sym.address, sym.size, sym.address, code.read)
         if isinstance(region, Refusal):
             reasons[fold(region)] += 1
             if region.kind is RefusalKind.INDIRECT_JUMP:
                 indirect += 1
         else:
             optimised += 1
-    return total, int3, optimised, optimised + indirect, reasons, time.perf_counter() - began
+    return total, int3, optimised, optimised + indirect, tableless, reasons, time.perf_counter() - began
 
 
 def percent(part: int, whole: int) -> str:
@@ -119,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         except (ElfError, OSError) as exc:
             print(f"skipped {path}: {exc}", file=sys.stderr)
 
-    print("| file | function entries | int3 probe (reference) | optimised | optimised, indirect-jmp rule lifted |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for path, total, int3, optimised, lifted, _, _ in results:
+    print("| file | function entries | int3 probe (reference) | optimised, no tables read | optimised "
+          "| optimised, indirect-jmp rule lifted |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for path, total, int3, optimised, lifted, tableless, _, _ in results:
         print(f"| {os.path.basename(path)} | {total} | {int3} ({percent(int3, total)}) | "
-              f"{optimised} ({percent(optimised, total)}) | {lifted} ({percent(lifted, total)}) |")
-    for path, total, _, optimised, _, reasons, seconds in results:
+              f"{tableless} ({percent(tableless, total)}) | {optimised} ({percent(optimised, total)}) | "
+              f"{lifted} ({percent(lifted, total)}) |")
+    for path, total, _, optimised, _, _, reasons, seconds in results:
         refused = total - optimised
         print(f"\n{os.path.basename(path)} ({path}): {refused} refused, analysed in {seconds:.1f} s")
         print("\n| refusals | share of entries | reason |")

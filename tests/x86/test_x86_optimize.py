@@ -131,7 +131,7 @@ def test_an_indirect_jmp_anywhere_in_the_function_is_refused():
 
 
 @pytest.mark.parametrize("hexcode, what", [
-    ("53 e800000000 5b c3", "call"),        # push rbx; call; ...
+    ("ff1500100000 c3", "call"),            # call [rip+0x1000] (a direct call: test_x86_optimize_call)
     ("4883ec08 ffd0 c3", "call"),           # sub rsp,8; call rax
     ("31c0 c3 90909090", "does not fall through"),  # xor eax,eax; ret; nops inside the region
     ("31c0 eb03 31c9 90 c3", "does not fall through"),  # xor; jmp over a dead xor in the region

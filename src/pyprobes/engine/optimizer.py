@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
+from ..symbols import CodeReader
 from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
@@ -202,7 +203,8 @@ class Optimizer:
         start, size = point.function
         try:
             code = self.engine.function_code(start, size) if size > 0 else b""
-            region = find_region(code, start, size, point.address)
+            # switch tables read from the process: absolute entries as relocated
+            region = find_region(code, start, size, point.address, self.memory.read)
         except (MidInstructionError, ValueError, OSError) as e:
             self._refuse(point, str(e))
             return None
@@ -256,7 +258,7 @@ class Optimizer:
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a
-        .cold part back into its function) branches to or takes an address in the region past
+        .cold part back into its function, a switch table's entry) branches to or takes an address in the region past
         its first byte; None if nothing does. One sweep per module, cached."""
         module = point.module
         if module is None:
@@ -266,7 +268,8 @@ class Optimizer:
         if reached is None or reached[0] is not elf:
             code = [(seg.vaddr, elf.read_vaddr(seg.vaddr, seg.filesz))
                     for seg in elf.segments if seg.flags & _PF_X]
-            reached = (elf, [a for vaddr, data in code for a in reached_addresses(data, vaddr)])
+            tables = CodeReader(elf).read  # each segment read once
+            reached = (elf, [a for vaddr, data in code for a in reached_addresses(data, vaddr, tables)])
             reached[1].sort()
             self._reached[module.path] = reached
         targets = reached[1]

@@ -61,7 +61,7 @@ class _Module:
             elf = self.code.elf
             self._reached = sorted(a for seg in elf.segments if seg.flags & _PF_X
                                    for a in reached_addresses(self.code.read(seg.vaddr, seg.filesz),
-                                                              seg.vaddr))
+                                                              seg.vaddr, self.code.read))
         at = bisect_right(self._reached, start)
         return self._reached[at] if at < len(self._reached) and self._reached[at] < end else None
 
@@ -76,7 +76,7 @@ def _not_optimized(module: _Module, sym: Symbol) -> str:
     """Why a count-only probe at SYM's entry would not be jump-optimised ("" if it would be)."""
     try:
         data = module.code.read(sym.address, sym.size) if sym.size > 0 else b""
-        region = find_region(data, sym.address, sym.size, sym.address)
+        region = find_region(data, sym.address, sym.size, sym.address, module.code.read)
     except (ValueError, ElfError, MidInstructionError) as e:
         return str(e)
     if isinstance(region, Refusal):

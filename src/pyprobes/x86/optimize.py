@@ -16,15 +16,19 @@ What may be replaced (find_region), and why each rule holds:
   at the trampoline with the same target, a rel8 widened to rel32) or a near ``ret``. A
   ``jmp`` or ``ret`` must be the region's last instruction: bytes after it would be reached
   only by what no sweep sees (a landing pad, a jump-table entry); the trampoline's final
-  jmp is then never reached. Refused: ``call`` (it would push a trampoline address),
-  ``syscall``, ``int n``, ``int3``, indirect branches, ``loop``/``jrcxz`` (short-only) and
-  ``xbegin``.
+  jmp is then never reached. A direct ``call rel32`` is allowed too, always as the last
+  instruction (it is 5 bytes long): relocate_in_trampoline makes it ``push`` of the original
+  return address (region.end) and ``jmp`` to the callee, which returns to the original code.
+  Refused: an indirect ``call`` (a ``call rax`` may be followed by more region
+  instructions), ``syscall``, ``int n``, ``int3``, indirect branches, ``loop``/``jrcxz``
+  (short-only) and ``xbegin``.
 * No branch of the function (jmp, jcc, call, loop, xbegin) targets the region past its first
   byte, and no RIP-relative operand takes such an address: those bytes are now the ``jmp``'s
   displacement. A branch to the first byte is fine: it takes the ``jmp``.
 * No ``endbr64`` inside the region past its first byte: it marks an indirect-branch target.
-* No indirect ``jmp`` in the function (conservative): a switch table might target the region.
-  The kernel applies the same rule in can_optimize().
+* No indirect ``jmp`` in the function (the kernel's can_optimize() rule), unless find_region
+  is given the module's data (READ_DATA) and each is a switch dispatch jumptable.py recognises:
+  then every table entry counts as a branch target.
 
 Not checked by find_region: branches from *other* symbols (gcc's ``NAME.cold`` parts jump
 back into NAME; hand-written libc jumps between functions: mempcpy ends in ``jmp memcpy+3``).
@@ -62,7 +66,8 @@ from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOpe
 
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
-from .relocate import RelocationError, pushed_flags_fixup, relocate
+from .jumptable import ReadData, reached_addresses, switches
+from .relocate import RelocationError, pushed_flags_fixup, relocate_in_trampoline
 
 if TYPE_CHECKING:
     from .arch import StackMemory, ThreadRegisters
@@ -88,9 +93,10 @@ ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
-# A count trampoline is at most 23 (action) + 12 + 15 (a region: instructions of at most 4
+# A count trampoline is at most 23 (action) + 12 + 19 (a region: instructions of at most 4
 # bytes before one of at most 15; relocation keeps lengths but widens a 2-byte jcc to 6, so
-# 4 bytes grow to 12 at most) + 5 (jmp back) = 55 bytes: one 64-byte slot.
+# 4 bytes grow to 12 at most, and turns a 5-byte call into push, jmp and an 8-byte word, 19)
+# + 5 (jmp back) = 59 bytes: one 64-byte slot.
 TRAMPOLINE_SLOT_SIZE = 64
 _TRAP_FLAG = 0x100  # RFLAGS.TF
 _STACK_WORD = 8
@@ -219,14 +225,14 @@ class Trampoline:
 class _Scan:
     """What the region check needs from one pass over the whole function."""
 
-    __slots__ = ("boundaries", "branches", "addresses", "endbrs", "indirect", "invalid")
+    __slots__ = ("boundaries", "branches", "addresses", "endbrs", "jumps", "invalid")
 
     def __init__(self) -> None:
         self.boundaries: list[int] = []
         self.branches: list[tuple[int, int]] = []    # (instruction address, target)
         self.addresses: list[tuple[int, int]] = []   # (instruction address, RIP-relative target)
         self.endbrs: list[int] = []
-        self.indirect: tuple[int, str] | None = None  # the first indirect jmp: address, text
+        self.jumps: list[int] = []                    # every indirect jmp: index in boundaries
         self.invalid: int | None = None
 
 
@@ -250,8 +256,8 @@ def _scan(code: bytes, address: int) -> _Scan:
             scan.endbrs.append(ip)
         if insn.op0_kind in _NEAR_BRANCH_KINDS:
             scan.branches.append((ip, insn.near_branch_target))
-        elif insn.flow_control == FlowControl.INDIRECT_BRANCH and scan.indirect is None:
-            scan.indirect = (ip, _text_of(code, address, ip))
+        elif insn.flow_control == FlowControl.INDIRECT_BRANCH:
+            scan.jumps.append(len(boundaries) - 1)
         if insn.is_ip_rel_memory_operand:
             scan.addresses.append((ip, insn.ip_rel_memory_address))
     return scan
@@ -263,14 +269,15 @@ def _text_of(code: bytes, function_address: int, address: int) -> str:
 
 
 def find_region(code: bytes, function_address: int, function_size: int,
-                probe_address: int) -> Region | Refusal:
+                probe_address: int, read_data: ReadData | None = None) -> Region | Refusal:
     """The region a ``jmp rel32`` may replace for a probe at PROBE_ADDRESS, or why none fits.
 
     CODE holds the function's bytes from FUNCTION_ADDRESS (as loaded, breakpoints removed);
     FUNCTION_SIZE bytes of it are decoded (the symbol size: the whole function must be seen to
     find every branch into the region). Raises ValueError when PROBE_ADDRESS is outside the
     function or CODE is shorter than FUNCTION_SIZE, MidInstructionError when PROBE_ADDRESS is
-    not an instruction boundary.
+    not an instruction boundary. READ_DATA(address, size) reads the module (same addresses as
+    CODE): switch tables are read with it; without it, any indirect jmp refuses.
     """
     if function_size <= 0:
         return Refusal(RefusalKind.NO_SIZE, "the function's size is unknown, so its branches "
@@ -317,7 +324,7 @@ def find_region(code: bytes, function_address: int, function_size: int,
                            f"within the {JMP_REL32_LENGTH} bytes a jmp needs and does not fall "
                            "through: the bytes after it are reached only by what no sweep sees "
                            "(a landing pad, a jump-table entry) or not at all")
-    refusal = _reached_inside(scan, start, end)
+    refusal = _reached_inside(scan, start, end, code, function_address, read_data)
     if refusal is not None:
         return refusal
     return Region(start, end, instructions, skipped)
@@ -337,11 +344,12 @@ def _boundary_index(boundaries: list[int], address: int) -> int:
 # ret (it leaves for the caller, as it would have from the original bytes). Not loop/jrcxz
 # (short-only: iced would add stubs), xbegin, far or 16-bit forms.
 _RETURNS = frozenset({Code.RETNQ, Code.RETNQ_IMM16})
+_DIRECT_CALL = Code.CALL_REL32_64  # relocate_in_trampoline turns it into push + jmp
 _NO_FALL_THROUGH = frozenset({FlowControl.RETURN, FlowControl.UNCONDITIONAL_BRANCH})
 
 
 def _relocatable_flow(instruction: Instruction) -> bool:
-    if instruction.code in _RETURNS:
+    if instruction.code in _RETURNS or instruction.code == _DIRECT_CALL:
         return True
     return ((instruction.is_jcc_short_or_near or instruction.is_jmp_short_or_near)
             and instruction.op0_kind == OpKind.NEAR_BRANCH64)
@@ -354,8 +362,8 @@ def _displaceable(insn: Insn) -> Refusal | None:
     if flow != FlowControl.NEXT:
         if _relocatable_flow(instruction):
             return None
-        if instruction.is_call_near or instruction.is_call_near_indirect:
-            why = "a call would push a return address into the trampoline"
+        if instruction.is_call_near_indirect:
+            why = "an indirect call is not relocated (only a direct call rel32 is)"
         elif flow == FlowControl.INDIRECT_BRANCH:
             why = "an indirect jump leaves to where no rule can check"
         elif flow in (FlowControl.CONDITIONAL_BRANCH, FlowControl.XBEGIN_XABORT_XEND):
@@ -374,7 +382,8 @@ def _displaceable(insn: Insn) -> Refusal | None:
     return None
 
 
-def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
+def _reached_inside(scan: _Scan, start: int, end: int, code: bytes, address: int,
+                    read_data: ReadData | None) -> Refusal | None:
     """Why something in the function could reach [start, end) past its first byte, or None."""
     inside = range(start + 1, end)
     span = f"the patched bytes {start:#x}..{end:#x}"
@@ -390,10 +399,19 @@ def _reached_inside(scan: _Scan, start: int, end: int) -> Refusal | None:
         if target in inside:
             return Refusal(RefusalKind.ADDRESS_INTO, f"the instruction at {source:#x} takes the "
                            f"address {target:#x}, inside {span}")
-    if scan.indirect is not None:
-        source, text = scan.indirect
-        return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump ('{text}' "
-                       f"at {source:#x}): a jump table could target {span}")
+    if scan.jumps:
+        found = scan.boundaries[scan.jumps[0]] if read_data is None else \
+            switches(code, address, scan.boundaries, scan.jumps, [t for _, t in scan.branches], read_data)
+        if not isinstance(found, list):
+            return Refusal(RefusalKind.INDIRECT_JUMP, f"the function has an indirect jump "
+                           f"('{_text_of(code, address, found)}' at {found:#x}) that is no "
+                           f"recognised switch: a jump table could target {span}")
+        for switch in found:
+            target = next((t for t in switch.targets if t in inside), None)
+            if target is not None:
+                return Refusal(RefusalKind.BRANCH_INTO, f"an entry of the switch table at "
+                               f"{switch.table:#x} (jmp at {switch.jump:#x}) jumps into {span} "
+                               f"(to {target:#x})")
     return None
 
 
@@ -441,7 +459,7 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
         relocated.append((here, insn.address))
         if pushed_flags_fixup(insn):
             flag_pushes.append((here, pushed_flags_fixup(insn)))
-        code += relocate(insn, here, boosted=False).code
+        code += relocate_in_trampoline(insn, here)
     return_jump = address + len(code)
     back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
     if back is None:
@@ -475,21 +493,3 @@ def stack_words(stack: bytes) -> list[int]:
     """The words of STACK (read from a stack pointer up), sorted: a return address or a signal
     frame's saved RIP among them must not point past a region's first byte."""
     return sorted(set(memoryview(stack)[:len(stack) - len(stack) % _STACK_WORD].cast("Q")))
-
-
-def reached_addresses(code: bytes, address: int) -> list[int]:
-    """Every address a direct branch or a RIP-relative operand in CODE (a module's executable
-    bytes, loaded at ADDRESS, decoded in one linear sweep) takes, sorted: what a region must
-    not contain past its first byte. Bytes that are not code decode as something: the sweep
-    may see a branch that is not there, which only refuses a region, never allows one."""
-    found = set()
-    decoder = Decoder(64, code, ip=address)
-    insn = Instruction()
-    add = found.add
-    while decoder.can_decode:
-        decoder.decode_out(insn)
-        if insn.op0_kind in _NEAR_BRANCH_KINDS:
-            add(insn.near_branch_target)
-        elif insn.is_ip_rel_memory_operand:
-            add(insn.ip_rel_memory_address)
-    return sorted(found)

@@ -22,6 +22,7 @@ __all__ = [
     "SlotCode",
     "pushed_flags_fixup",
     "relocate",
+    "relocate_in_trampoline",
     "return_address_fixup",
     "step_fixup",
 ]
@@ -39,6 +40,9 @@ _INT32_MAX = (1 << 31) - 1
 _NEAR_BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
 _UNCONDITIONAL_REL_JMPS = frozenset({Code.JMP_REL8_64, Code.JMP_REL32_64})
 _CALLS = frozenset({FlowControl.CALL, FlowControl.INDIRECT_CALL})
+_PUSH_RIP = b"\xff\x35"  # push qword [rip+disp32]
+_PUSH_RIP_LEN = 6
+_RETURN_WORD = 8
 
 
 class RelocationError(PyprobesError, ValueError):
@@ -150,6 +154,35 @@ def relocate(insn: Insn, slot_address: int, boosted: bool) -> SlotCode:
         if first.len != copy_length:
             raise RelocationError(f"relocated {_describe(insn)} is not a single call instruction")
     return SlotCode(code=code, copy_length=copy_length, resume_address=resume, exits=exits)
+
+
+def relocate_in_trampoline(insn: Insn, address: int) -> bytes:
+    """INSN re-encoded to run at ADDRESS in a jump-optimised probe's trampoline, with the effect
+    it has at its own address: relocate()'s copy (RIP-relative operands re-targeted, a short
+    branch widened), except for a direct ``call``, which becomes::
+
+        push qword [rip+W]    ; W: the word below, the call's own return address
+        jmp target
+        W: dq insn.address + insn.length
+
+    so the callee returns to the original code after the call, exactly as it would have: an
+    unwinder, a backtrace or a return probe sees the original return address, and no return
+    address into the trampoline is left on a stack (the trampoline can be freed while the
+    callee runs). No register or flag is touched. The thread is at the call's original state
+    on the push (Trampoline.relocated maps it there); between the push and the jmp it has no
+    original equivalent and must run on through the jmp (the optimizer steps it). The word
+    after the jmp is never executed. Raises RelocationError when a target is beyond ±2 GiB."""
+    if insn.instruction.code != Code.CALL_REL32_64:
+        return relocate(insn, address, boosted=False).code
+    target = insn.instruction.near_branch_target
+    jmp_at = address + _PUSH_RIP_LEN
+    rel = _rel32(jmp_at + _JMP_REL32_LEN, target)
+    if rel is None:
+        raise RelocationError(f"call target {target:#x} of {_describe(insn)} is beyond ±2 GiB of "
+                              f"the trampoline at {address:#x}: map it near the module")
+    return (_PUSH_RIP + _JMP_REL32_LEN.to_bytes(4, "little")   # W is just past the 5-byte jmp
+            + bytes((_JMP_REL32,)) + rel.to_bytes(4, "little", signed=True)
+            + (insn.address + insn.length).to_bytes(_RETURN_WORD, "little"))
 
 
 def _encode_at(insn: Insn, slot_address: int) -> bytes:
