@@ -252,6 +252,8 @@ def test_calls_return_exact_values_and_count_every_return(functions):
     assert as_double(7) == 7.0
     stats = live.stats("value")
     assert stats.returns == 1001 == live.hits("value") and sum(stats.buckets) == 1001
+    reserved = live.layout.probe_offset(PROBED.index("value"))  # version 1's returns word
+    assert live.area[reserved:reserved + 8] == bytes(8)
     assert (stats.missed, stats.dropped) == (0, 0)
     assert stats.max_ns <= stats.sum_ns and stats.sum_ns > 0
     assert live.frames() == []

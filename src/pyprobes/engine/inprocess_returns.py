@@ -298,7 +298,12 @@ class InProcessReturns:
         if self.view is None:
             return
         for rp in self.probes:
-            stats = sx.STATS.unpack_from(self.view, self.layout.probe_offset(rp.shadow_id))[:5]
+            offset = self.layout.probe_offset(rp.shadow_id)
+            buckets = memoryview(self.view)[offset + sx.PROBE_BUCKETS_OFFSET:
+                                            offset + sx.PROBE_BUCKETS_OFFSET + 8 * sx.BUCKETS]
+            # the code counts a return only in its bucket
+            stats = (sum(buckets.cast("Q")), *sx.STATS.unpack_from(self.view, offset)[1:5])
+            buckets.release()
             old = rp._stats
             rp.hits += stats[0] - old[0]
             rp.missed += stats[1] - old[1]

@@ -106,9 +106,10 @@ FRAME = struct.Struct("<QQQQ6Q")
 FRAME_SIZE = FRAME.size  # 80
 THREAD_HEADER = 16       # key, depth
 
-# A probe page's statistics: returns, missed (depth or table exhausted), dropped (abandoned
-# frames), sum of latencies (ns), max latency (ns), flags, the ring probe id of its entry
-# records, of its return records.
+# A probe page's statistics: a reserved word (version 1's returns count: the code writes
+# nothing there, every return is counted once in its bucket, so returns = the buckets' sum),
+# missed (depth or table exhausted), dropped (abandoned frames), sum of latencies (ns), max
+# latency (ns), flags, the ring probe id of its entry records, of its return records.
 STATS = struct.Struct("<QQQQQQQQ")
 RECORD_ENTRY = 1   # flags: the entry routine appends an entry record (id: STATS field 6)
 RECORD_RETURN = 2  # flags: the return trampoline appends a return record (id: STATS field 7)
@@ -231,7 +232,7 @@ def thread_frames(view: Buffer, layout: ShadowLayout) -> dict[int, list[Frame]]:
 class ProbeStats(NamedTuple):
     """A probe page's statistics (latencies in ns, the overhead already subtracted)."""
 
-    returns: int
+    returns: int    # the buckets' sum
     missed: int
     dropped: int
     sum_ns: int
@@ -243,10 +244,10 @@ class ProbeStats(NamedTuple):
 
 
 def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
-    """The statistics of shadow probe PROBE_ID in the area VIEW."""
+    """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum)."""
     at = layout.probe_offset(probe_id)
     buckets = struct.unpack_from(f"<{BUCKETS}Q", view, at + PROBE_BUCKETS_OFFSET)
-    return ProbeStats(*STATS.unpack_from(view, at), buckets)
+    return ProbeStats(sum(buckets), *STATS.unpack_from(view, at)[1:], buckets)
 
 
 def probe_page(flags: int = 0, entry_record_id: int = 0, return_record_id: int = 0) -> bytes:
