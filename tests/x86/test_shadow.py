@@ -109,6 +109,18 @@ fn target                # sets rax, rdx, xmm0 and the flags (CF, SF), touches n
   cmp rax, rdx
   ret
 .size target, .-target
+fn overflow              # returns with OF, SF, AF and PF set (0x7fff...f + 1)
+  nop dword ptr [rax+rax*1+0]
+  mov rax, 0x7fffffffffffffff
+  add rax, 1
+  ret
+.size overflow, .-overflow
+fn overflow_flags        # the flags overflow returns with
+  call overflow
+  pushfq
+  pop rax
+  ret
+.size overflow_flags, .-overflow_flags
 fn key                   # %fs:0, the thread's key
   mov rax, qword ptr fs:[0]
   ret
@@ -117,7 +129,7 @@ fn harness
 """ + _harness_asm() + """
 .size harness, .-harness
 """
-PROBED = ("value", "recurse", "outer", "empty", "target")  # shadow probe id = index
+PROBED = ("value", "recurse", "outer", "empty", "target", "overflow")  # shadow probe id = index
 
 
 @pytest.fixture(scope="module")
@@ -457,3 +469,11 @@ def test_the_overhead_is_subtracted_and_a_latency_never_goes_below_zero(function
         empty(0)
     stats = live.stats("empty")
     assert (stats.returns, stats.sum_ns, stats.max_ns, stats.buckets[0]) == (100, 0, 0, 100)
+
+
+def test_the_overflow_flag_at_return_is_the_functions(functions):
+    """OF is kept apart from the other arithmetic flags (seto/lahf): a return with OF set."""
+    live = Live(functions)
+    arithmetic = 0x8D5  # CF PF AF ZF SF OF
+    assert live.function("overflow_flags", argtypes=())() & arithmetic == 0x894  # OF SF AF PF
+    assert live.stats("overflow").returns == 1 and live.frames() == []

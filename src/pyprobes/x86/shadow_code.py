@@ -294,10 +294,10 @@ def shadow_entry_routine(address: int, area: int, layout: "ShadowLayout") -> byt
 def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
     """The return trampoline placed at ADDRESS, for the area at AREA with LAYOUT."""
     saved_first = (RAX, RDX)                            # before rdtsc, which writes them
-    saved = (RCX, RBX, R10, R11, RSI, RDI, R8, R9)      # after the flags
-    words = len(saved_first) + 1 + len(saved)
-    at = {reg: 8 * (words - 1 - i) for i, reg in enumerate((*saved_first, None, *saved))}
-    slot = 8 * words
+    saved = (RBX, R10, R11, RSI, RDI, R8, R9)           # after the flags
+    order = (*saved_first, RCX, None, *saved)           # None: the flags' word
+    at = {reg: 8 * (len(order) - 1 - i) for i, reg in enumerate(order)}
+    slot = 8 * len(order)
     probes = layout.probes_offset
     thread_key = Instruction.create_reg_mem(Code.MOV_R64_RM64, RAX,
                                             MemoryOperand(displ=0, displ_size=8, seg=Register.FS))
@@ -305,11 +305,17 @@ def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
         Instruction.create_reg_mem(Code.LEA_R64_M, RSP, _m(RSP, -8)),  # the slot; lea keeps the flags
         *_push(*saved_first),
         Instruction.create(Code.RDTSC),
-        Instruction.create(Code.PUSHFQ),
+        # The flags as lahf and seto keep them (SF ZF AF PF CF, OF): cheaper than pushfq/popfq,
+        # and nothing here changes DF, TF or IF.
+        *_push(RCX),
+        Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ECX, Register.EAX),
+        Instruction.create_reg(Code.SETO_RM8, Register.AL),
+        Instruction.create(Code.LAHF),
+        *_push(RAX),
         *_push(*saved),
         Instruction.create_reg_i32(Code.SHL_RM64_IMM8, RDX, 32),
-        Instruction.create_reg_reg(Code.OR_R64_RM64, RAX, RDX),
-        Instruction.create_reg_reg(Code.MOV_R64_RM64, R8, RAX),   # r8 = the return's TSC
+        Instruction.create_reg_reg(Code.OR_R64_RM64, RCX, RDX),
+        Instruction.create_reg_reg(Code.MOV_R64_RM64, R8, RCX),   # r8 = the return's TSC
         Instruction.create_reg_u64(Code.MOV_R64_IMM64, RBX, area),
         thread_key,
         *_thread_lookup(layout, R9, claim=False),
@@ -364,7 +370,10 @@ def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
         ("label", "pop"),
         Instruction.create_mem(Code.DEC_RM64, _m(R10, _DEPTH)),
         *_pop(*reversed(saved)),
-        Instruction.create(Code.POPFQ),
+        *_pop(RAX),
+        Instruction.create_reg_i32(Code.ADD_RM8_IMM8, Register.AL, 0x7F),  # OF = the saved seto
+        Instruction.create(Code.SAHF),
+        *_pop(RCX),
         *_pop(*reversed(saved_first)),
         Instruction.create(Code.RETNQ),                               # through the slot
 
