@@ -6,8 +6,9 @@ both halves run in the tracee with no stop:
 
 * **Entry**: the probe's jump-optimised trampoline (optimize.py/record.py, the "call a routine"
   shape) calls the shared *entry routine* with the shadow probe id in r11, the flags and r11
-  saved by the trampoline, and the function's return-address slot at ``rsp + ROUTINE_FRAME``
-  (record.py) as the routine starts. The routine finds the thread's shadow stack (keyed by
+  saved by the trampoline (which restores r11 after the call: a followed call leaves the
+  routine by ``pop r11; jmp r11``), and the function's return-address slot at ``rsp +
+  ROUTINE_FRAME`` (record.py) as the routine starts. The routine finds the thread's shadow stack (keyed by
   ``%fs:0``, the TCB's pointer to itself), drops dead frames, pushes a frame (real return
   address, slot, probe id, rdi..r9, the TSC, read last) and writes the *return trampoline*'s
   address into the slot. Depth exhausted or thread table full: the probe's ``missed`` grows,

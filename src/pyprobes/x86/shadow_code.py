@@ -280,6 +280,13 @@ def shadow_entry_routine(address: int, area: int, layout: "ShadowLayout") -> byt
         _store(_m(RCX, _TSC), RAX),
         _load(RAX, _m(RBX, HEADER_TRAMPOLINE)),
         _store(_m(RSI), RAX),
+        *_pop(*reversed(saved)),
+        # Back to the trampoline without popping the return stack buffer: its top entry (the
+        # trampoline's) is what the function's ret, now bound for the return trampoline,
+        # mispredicts against, so the caller's entry stays below it for the return
+        # trampoline's ret to predict. r11 is the trampoline's to restore.
+        *_pop(R11),
+        Instruction.create_reg(Code.JMP_RM64, R11),
         ("label", "out"),
         *_pop(*reversed(saved)),
         Instruction.create(Code.RETNQ),
