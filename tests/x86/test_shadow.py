@@ -392,6 +392,11 @@ def test_threads_count_exactly_each_in_its_own_entry(functions):
     assert len(set(keys)) == threads and set(keys) <= set(frames)
     assert all(stack == [] for stack in frames.values())
     assert {thread_hash(k, live.layout.threads) for k in keys} <= set(range(live.layout.threads))
+    # each thread summed its own latencies in its entry, and the probe's sum is theirs
+    value_id = PROBED.index("value")
+    sums = [_u64(live.area, live.layout.thread_offset(find_thread(live.area, live.layout, k))
+                 + live.layout.sums_offset + 8 * value_id) for k in keys]
+    assert all(sums) and stats.sum_ns == sum(sums) >= stats.max_ns
 
 
 def test_a_full_thread_table_counts_missed(functions):

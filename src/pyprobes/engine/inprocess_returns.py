@@ -302,7 +302,9 @@ class InProcessReturns:
             buckets = memoryview(self.view)[offset + sx.PROBE_BUCKETS_OFFSET:
                                             offset + sx.PROBE_BUCKETS_OFFSET + 8 * sx.BUCKETS]
             # the code counts a return only in its bucket
-            stats = (sum(buckets.cast("Q")), *sx.STATS.unpack_from(self.view, offset)[1:5])
+            _, missed, dropped, _, max_ns = sx.STATS.unpack_from(self.view, offset)[:5]
+            total = sx.probe_sum(self.view, self.layout, rp.shadow_id)
+            stats = (sum(buckets.cast("Q")), missed, dropped, total, max_ns)
             buckets.release()
             old = rp._stats
             rp.hits += stats[0] - old[0]

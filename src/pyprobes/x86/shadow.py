@@ -42,6 +42,7 @@ The area (one memfd, rw-, mapped by the tracee and the tracer; all words little-
     header            one page at offset 0 (HEADER_* offsets below)
     thread table      ShadowLayout.threads entries of ShadowLayout.thread_size bytes:
                         +0 key (%fs:0; 0: free)   +8 depth (live frames)   +16 frames[depth]
+                        +ShadowLayout.sums_offset: the latency sums (ns), one u64 per probe
                       a frame: FRAME (ret, slot, tsc, probe id, rdi rsi rdx rcx r8 r9)
     probe pages       ShadowLayout.probes pages, page i for shadow probe id i: STATS, then
                       BUCKETS latency buckets (u64 each) at PROBE_BUCKETS_OFFSET
@@ -82,6 +83,7 @@ __all__ = [
     "ns_per_tick_fixed",
     "probe_page",
     "probe_stats",
+    "probe_sum",
     "shadow_header",
     "thread_frames",
     "thread_hash",
@@ -90,7 +92,7 @@ __all__ = [
 ]
 
 SHADOW_MAGIC = 0x5744_4148_5342_5950  # "PYPBSHDW", little-endian
-SHADOW_VERSION = 1
+SHADOW_VERSION = 2  # 2: latency sums per thread entry, no returns count
 PAGE = 4096
 
 # Header: magic, version, threads, depth, frame size, the return trampoline's address,
@@ -109,8 +111,9 @@ THREAD_HEADER = 16       # key, depth
 
 # A probe page's statistics: a reserved word (version 1's returns count: the code writes
 # nothing there, every return is counted once in its bucket, so returns = the buckets' sum),
-# missed (depth or table exhausted), dropped (abandoned frames), sum of latencies (ns), max
-# latency (ns), flags, the ring probe id of its entry records, of its return records.
+# missed (depth or table exhausted), dropped (abandoned frames), a reserved word (version 1's
+# sum of latencies: each thread entry sums its own, unlocked, and probe_sum() adds them up),
+# max latency (ns), flags, the ring probe id of its entry records, of its return records.
 STATS = struct.Struct("<QQQQQQQQ")
 RECORD_ENTRY = 1   # flags: the entry routine appends an entry record (id: STATS field 6)
 RECORD_RETURN = 2  # flags: the return trampoline appends a return record (id: STATS field 7)
@@ -140,7 +143,12 @@ class ShadowLayout:
 
     @property
     def thread_size(self) -> int:
-        return -(-(THREAD_HEADER + self.depth * FRAME_SIZE) // 64) * 64
+        return -(-(self.sums_offset + 8 * self.probes) // 64) * 64
+
+    @property
+    def sums_offset(self) -> int:
+        """Where a thread entry's latency sums (one u64 per probe id) start in it."""
+        return THREAD_HEADER + self.depth * FRAME_SIZE
 
     @property
     def table_offset(self) -> int:
@@ -245,10 +253,24 @@ class ProbeStats(NamedTuple):
 
 
 def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
-    """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum)."""
+    """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum;
+    sum_ns: probe_sum())."""
     at = layout.probe_offset(probe_id)
     buckets = struct.unpack_from(f"<{BUCKETS}Q", view, at + PROBE_BUCKETS_OFFSET)
-    return ProbeStats(sum(buckets), *STATS.unpack_from(view, at)[1:], buckets)
+    _, missed, dropped, _, *rest = STATS.unpack_from(view, at)
+    return ProbeStats(sum(buckets), missed, dropped, probe_sum(view, layout, probe_id), *rest, buckets)
+
+
+def probe_sum(view: Buffer, layout: ShadowLayout, probe_id: int) -> int:
+    """The latencies (ns) of shadow probe PROBE_ID summed over every claimed thread entry
+    (an entry keeps its sums when its thread exits: they only grow), mod 2**64."""
+    layout.probe_offset(probe_id)  # the range check
+    total = 0
+    for index in range(layout.threads):
+        at = layout.thread_offset(index)
+        if _word(view, at):
+            total += _word(view, at + layout.sums_offset + 8 * probe_id)
+    return total & _U64
 
 
 def probe_page(flags: int = 0, entry_record_id: int = 0, return_record_id: int = 0) -> bytes:

@@ -64,7 +64,7 @@ R8, R9, R10, R11 = Register.R8, Register.R9, Register.R10, Register.R11
 
 # Offsets in a frame (FRAME) and in a probe page (STATS).
 _RET, _SLOT, _TSC, _ID, _ARGS = 0, 8, 16, 24, 32
-_RESERVED, _MISSED, _DROPPED, _SUM, _MAX, _FLAGS, _ENTRY_ID, _RETURN_ID = range(0, 64, 8)
+_RESERVED, _MISSED, _DROPPED, _RESERVED_SUM, _MAX, _FLAGS, _ENTRY_ID, _RETURN_ID = range(0, 64, 8)
 _KEY, _DEPTH = 0, 8
 
 
@@ -346,10 +346,11 @@ def return_trampoline(address: int, area: int, layout: "ShadowLayout") -> bytes:
         _load(RAX, _m(RDI, _TSC)),
         *_latency(),
         _load(RSI, _m(RDI, _ID)),
+        # the sum in the thread's own entry: no lock (a signal handler runs between instructions)
+        Instruction.create_mem_reg(Code.ADD_RM64_R64, _m(R10, layout.sums_offset, RSI, 8), R9),
         *_probe_page(RSI, RSI),
         Instruction.create_reg_mem(Code.LEA_R64_M, RSI, _m(RBX, probes, RSI)),  # rsi = the probe page
         # no returns count: the tracer sums the buckets (a locked op less, ~7 ns a call)
-        _locked(Instruction.create_mem_reg(Code.ADD_RM64_R64, _m(RSI, _SUM), R9)),
         _load(RAX, _m(RSI, _MAX)),
         ("label", "max"),
         Instruction.create_reg_reg(Code.CMP_R64_RM64, R9, RAX),
