@@ -109,6 +109,18 @@ fn target                # sets rax, rdx, xmm0 and the flags (CF, SF), touches n
   cmp rax, rdx
   ret
 .size target, .-target
+fn overflow              # returns with OF, SF, AF and PF set (0x7fff...f + 1)
+  nop dword ptr [rax+rax*1+0]
+  mov rax, 0x7fffffffffffffff
+  add rax, 1
+  ret
+.size overflow, .-overflow
+fn overflow_flags        # the flags overflow returns with
+  call overflow
+  pushfq
+  pop rax
+  ret
+.size overflow_flags, .-overflow_flags
 fn key                   # %fs:0, the thread's key
   mov rax, qword ptr fs:[0]
   ret
@@ -117,7 +129,7 @@ fn harness
 """ + _harness_asm() + """
 .size harness, .-harness
 """
-PROBED = ("value", "recurse", "outer", "empty", "target")  # shadow probe id = index
+PROBED = ("value", "recurse", "outer", "empty", "target", "overflow")  # shadow probe id = index
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +264,8 @@ def test_calls_return_exact_values_and_count_every_return(functions):
     assert as_double(7) == 7.0
     stats = live.stats("value")
     assert stats.returns == 1001 == live.hits("value") and sum(stats.buckets) == 1001
+    reserved = live.layout.probe_offset(PROBED.index("value"))  # version 1's returns word
+    assert live.area[reserved:reserved + 8] == bytes(8)
     assert (stats.missed, stats.dropped) == (0, 0)
     assert stats.max_ns <= stats.sum_ns and stats.sum_ns > 0
     assert live.frames() == []
@@ -378,6 +392,11 @@ def test_threads_count_exactly_each_in_its_own_entry(functions):
     assert len(set(keys)) == threads and set(keys) <= set(frames)
     assert all(stack == [] for stack in frames.values())
     assert {thread_hash(k, live.layout.threads) for k in keys} <= set(range(live.layout.threads))
+    # each thread summed its own latencies in its entry, and the probe's sum is theirs
+    value_id = PROBED.index("value")
+    sums = [_u64(live.area, live.layout.thread_offset(find_thread(live.area, live.layout, k))
+                 + live.layout.sums_offset + 8 * value_id) for k in keys]
+    assert all(sums) and stats.sum_ns == sum(sums) >= stats.max_ns
 
 
 def test_a_full_thread_table_counts_missed(functions):
@@ -455,3 +474,11 @@ def test_the_overhead_is_subtracted_and_a_latency_never_goes_below_zero(function
         empty(0)
     stats = live.stats("empty")
     assert (stats.returns, stats.sum_ns, stats.max_ns, stats.buckets[0]) == (100, 0, 0, 100)
+
+
+def test_the_overflow_flag_at_return_is_the_functions(functions):
+    """OF is kept apart from the other arithmetic flags (seto/lahf): a return with OF set."""
+    live = Live(functions)
+    arithmetic = 0x8D5  # CF PF AF ZF SF OF
+    assert live.function("overflow_flags", argtypes=())() & arithmetic == 0x894  # OF SF AF PF
+    assert live.stats("overflow").returns == 1 and live.frames() == []

@@ -298,7 +298,14 @@ class InProcessReturns:
         if self.view is None:
             return
         for rp in self.probes:
-            stats = sx.STATS.unpack_from(self.view, self.layout.probe_offset(rp.shadow_id))[:5]
+            offset = self.layout.probe_offset(rp.shadow_id)
+            buckets = memoryview(self.view)[offset + sx.PROBE_BUCKETS_OFFSET:
+                                            offset + sx.PROBE_BUCKETS_OFFSET + 8 * sx.BUCKETS]
+            # the code counts a return only in its bucket
+            _, missed, dropped, _, max_ns = sx.STATS.unpack_from(self.view, offset)[:5]
+            total = sx.probe_sum(self.view, self.layout, rp.shadow_id)
+            stats = (sum(buckets.cast("Q")), missed, dropped, total, max_ns)
+            buckets.release()
             old = rp._stats
             rp.hits += stats[0] - old[0]
             rp.missed += stats[1] - old[1]

@@ -6,9 +6,9 @@ entry routine, the trampoline's tail and relocated instructions, the mispredicte
 the return trampoline and its first instructions. That code is the same in every process, so
 it is measured here, once, by running the very bytes a tracee runs (x86/record.py's
 trampoline, x86/shadow.py's routines) around an empty function (a 5-byte nop, ``ret``) in
-this process, with 1 ns per tick and no overhead subtracted: after each call the probe page's
-sum grows by that call's latency in ticks, exactly. The least of many calls is the constant
-(the rest is interrupts, cache misses and frequency changes: what a real call may also meet,
+this process, with 1 ns per tick and no overhead subtracted: after each call the probe's
+latency sum (probe_sum) grows by that call's latency in ticks, exactly. The least of many calls
+is the constant (the rest is interrupts, cache misses and frequency changes: what a real call may also meet,
 and is not ours to subtract). The engine writes it to the area's HEADER_OVERHEAD.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..x86.record import record_trampoline
 from ..x86.shadow import (
     ShadowLayout,
     probe_page,
+    probe_sum,
     return_trampoline,
     shadow_entry_routine,
     shadow_header,
@@ -33,7 +34,6 @@ _EMPTY_FUNCTION = bytes.fromhex("0f1f440000c3")  # nop dword [rax+rax+0]; ret
 # the entry routine and the return trampoline.
 _TRAMPOLINE, _COUNTER, _POINTER, _ENTRY, _RETURN = 0x40, 0x2000, 0x2008, 0x1000, 0x1800
 _CODE_SIZE = 0x3000
-_SUM = 24  # STATS field 3 of a probe page
 _ONE_NS_PER_TICK = 1 << 32
 
 
@@ -46,11 +46,10 @@ def measure_overhead_ticks(calls: int = 2000) -> int:
     area = mmap.mmap(-1, layout.size)
     try:
         function = _place(code, area, layout)
-        sum_at = layout.probe_offset(0) + _SUM
         least, previous = None, 0
         for _ in range(calls):
             function()
-            total = int.from_bytes(area[sum_at:sum_at + 8], "little")
+            total = probe_sum(area, layout, 0)
             if least is None or total - previous < least:
                 least = total - previous
             previous = total

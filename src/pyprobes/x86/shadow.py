@@ -6,8 +6,9 @@ both halves run in the tracee with no stop:
 
 * **Entry**: the probe's jump-optimised trampoline (optimize.py/record.py, the "call a routine"
   shape) calls the shared *entry routine* with the shadow probe id in r11, the flags and r11
-  saved by the trampoline, and the function's return-address slot at ``rsp + ROUTINE_FRAME``
-  (record.py) as the routine starts. The routine finds the thread's shadow stack (keyed by
+  saved by the trampoline (which restores r11 after the call: a followed call leaves the
+  routine by ``pop r11; jmp r11``), and the function's return-address slot at ``rsp +
+  ROUTINE_FRAME`` (record.py) as the routine starts. The routine finds the thread's shadow stack (keyed by
   ``%fs:0``, the TCB's pointer to itself), drops dead frames, pushes a frame (real return
   address, slot, probe id, rdi..r9, the TSC, read last) and writes the *return trampoline*'s
   address into the slot. Depth exhausted or thread table full: the probe's ``missed`` grows,
@@ -41,6 +42,7 @@ The area (one memfd, rw-, mapped by the tracee and the tracer; all words little-
     header            one page at offset 0 (HEADER_* offsets below)
     thread table      ShadowLayout.threads entries of ShadowLayout.thread_size bytes:
                         +0 key (%fs:0; 0: free)   +8 depth (live frames)   +16 frames[depth]
+                        +ShadowLayout.sums_offset: the latency sums (ns), one u64 per probe
                       a frame: FRAME (ret, slot, tsc, probe id, rdi rsi rdx rcx r8 r9)
     probe pages       ShadowLayout.probes pages, page i for shadow probe id i: STATS, then
                       BUCKETS latency buckets (u64 each) at PROBE_BUCKETS_OFFSET
@@ -81,6 +83,7 @@ __all__ = [
     "ns_per_tick_fixed",
     "probe_page",
     "probe_stats",
+    "probe_sum",
     "shadow_header",
     "thread_frames",
     "thread_hash",
@@ -89,7 +92,7 @@ __all__ = [
 ]
 
 SHADOW_MAGIC = 0x5744_4148_5342_5950  # "PYPBSHDW", little-endian
-SHADOW_VERSION = 1
+SHADOW_VERSION = 2  # 2: latency sums per thread entry, no returns count
 PAGE = 4096
 
 # Header: magic, version, threads, depth, frame size, the return trampoline's address,
@@ -106,9 +109,11 @@ FRAME = struct.Struct("<QQQQ6Q")
 FRAME_SIZE = FRAME.size  # 80
 THREAD_HEADER = 16       # key, depth
 
-# A probe page's statistics: returns, missed (depth or table exhausted), dropped (abandoned
-# frames), sum of latencies (ns), max latency (ns), flags, the ring probe id of its entry
-# records, of its return records.
+# A probe page's statistics: a reserved word (version 1's returns count: the code writes
+# nothing there, every return is counted once in its bucket, so returns = the buckets' sum),
+# missed (depth or table exhausted), dropped (abandoned frames), a reserved word (version 1's
+# sum of latencies: each thread entry sums its own, unlocked, and probe_sum() adds them up),
+# max latency (ns), flags, the ring probe id of its entry records, of its return records.
 STATS = struct.Struct("<QQQQQQQQ")
 RECORD_ENTRY = 1   # flags: the entry routine appends an entry record (id: STATS field 6)
 RECORD_RETURN = 2  # flags: the return trampoline appends a return record (id: STATS field 7)
@@ -138,7 +143,12 @@ class ShadowLayout:
 
     @property
     def thread_size(self) -> int:
-        return -(-(THREAD_HEADER + self.depth * FRAME_SIZE) // 64) * 64
+        return -(-(self.sums_offset + 8 * self.probes) // 64) * 64
+
+    @property
+    def sums_offset(self) -> int:
+        """Where a thread entry's latency sums (one u64 per probe id) start in it."""
+        return THREAD_HEADER + self.depth * FRAME_SIZE
 
     @property
     def table_offset(self) -> int:
@@ -231,7 +241,7 @@ def thread_frames(view: Buffer, layout: ShadowLayout) -> dict[int, list[Frame]]:
 class ProbeStats(NamedTuple):
     """A probe page's statistics (latencies in ns, the overhead already subtracted)."""
 
-    returns: int
+    returns: int    # the buckets' sum
     missed: int
     dropped: int
     sum_ns: int
@@ -243,10 +253,24 @@ class ProbeStats(NamedTuple):
 
 
 def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
-    """The statistics of shadow probe PROBE_ID in the area VIEW."""
+    """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum;
+    sum_ns: probe_sum())."""
     at = layout.probe_offset(probe_id)
     buckets = struct.unpack_from(f"<{BUCKETS}Q", view, at + PROBE_BUCKETS_OFFSET)
-    return ProbeStats(*STATS.unpack_from(view, at), buckets)
+    _, missed, dropped, _, *rest = STATS.unpack_from(view, at)
+    return ProbeStats(sum(buckets), missed, dropped, probe_sum(view, layout, probe_id), *rest, buckets)
+
+
+def probe_sum(view: Buffer, layout: ShadowLayout, probe_id: int) -> int:
+    """The latencies (ns) of shadow probe PROBE_ID summed over every claimed thread entry
+    (an entry keeps its sums when its thread exits: they only grow), mod 2**64."""
+    layout.probe_offset(probe_id)  # the range check
+    total = 0
+    for index in range(layout.threads):
+        at = layout.thread_offset(index)
+        if _word(view, at):
+            total += _word(view, at + layout.sums_offset + 8 * probe_id)
+    return total & _U64
 
 
 def probe_page(flags: int = 0, entry_record_id: int = 0, return_record_id: int = 0) -> bytes:
