@@ -230,17 +230,24 @@ def check_count_trampoline(region: Region, address: int, counter: int) -> None:
     t = count_trampoline(region, address, counter)
     insns = decode(t.code, address)
     assert sum(i.len for i in insns) == len(t.code)
-    action, rest = insns[:5], insns[5:]
+    action, rest = insns[:9], insns[9:]
 
-    down, pushf, inc, popf, up = action
+    down, push, seto, lahf, inc, add, sahf, pop, up = action
     assert down.code == Code.LEA_R64_M and down.op0_register == Register.RSP
     assert down.memory_base == Register.RSP and down.memory_displacement == (-RED_ZONE) & (2**64 - 1)
-    assert pushf.code == Code.PUSHFQ
+    # the flags inc changes saved in rax, not with pushfq/popfq (action.py)
+    assert push.code == Code.PUSH_R64 and push.op0_register == Register.RAX
+    assert seto.code == Code.SETO_RM8 and seto.op0_register == Register.AL
+    assert lahf.code == Code.LAHF
     assert inc.code == Code.INC_RM64 and inc.has_lock_prefix
     assert inc.is_ip_rel_memory_operand and inc.ip_rel_memory_address == counter
-    assert popf.code == Code.POPFQ
+    assert add.code == Code.ADD_RM8_IMM8 and add.op0_register == Register.AL and add.immediate8 == 0x7F
+    assert sahf.code == Code.SAHF
+    assert pop.code == Code.POP_R64 and pop.op0_register == Register.RAX
     assert up.code == Code.LEA_R64_M and up.op0_register == Register.RSP
     assert up.memory_base == Register.RSP and up.memory_displacement == RED_ZONE
+    assert t.counted_offset is None and t.flag_pushes == tuple(
+        (here, width) for here, width in t.flag_pushes if here >= up.next_ip)  # no pushfq: stepped
     assert t.relocated_offset == up.next_ip - address
 
     *copies, back = rest

@@ -35,12 +35,12 @@ commit word equals i + 1 (so a slot's previous lap never reads as committed).
 from __future__ import annotations
 
 import struct
-from dataclasses import replace
 from typing import Any
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
-from .optimize import Region, Trampoline, _assemble, _encode, _rel32
+from .action import encode as _encode, rel32 as _rel32
+from .optimize import Region, Trampoline, _assemble
 from .relocate import RelocationError
 
 __all__ = [
@@ -214,7 +214,7 @@ def record_trampoline(region: Region, address: int, counter_address: int, pointe
     if not 0 <= probe_id < 1 << 32:
         raise ValueError(f"probe id {probe_id} does not fit 32 bits")
     action, popf = _record_action(address, counter_address, pointer_address, probe_id)
-    return replace(_assemble(region, address, action), counted_offset=popf)
+    return _assemble(region, address, action, ((address + _ACTION_PUSHF, 8),), popf)
 
 
 def thread_key(regs: Any) -> int:

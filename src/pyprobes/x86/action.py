@@ -1,0 +1,72 @@
+"""The building blocks of a trampoline's action (optimize.py, record.py): stepping over the red
+zone, saving the flags, encoding with a reach check.
+
+The flags are saved as DynamoRIO and Pin save them, not with pushfq/popfq: popfq is
+microcoded (measured here: pushfq+popfq around the lock inc cost 28.7 ns a hit, this
+sequence 10.4 ns, the bare lock inc 10.8 ns: bench/results.md). DF, IF and TF are untouched by every instruction of it, so none needs saving; and as nothing loads a flags image
+from the stack, a thread single-stepped through any instruction of the action carries no
+stale TF out of it (the popfq pitfall in Trampoline.finish_action does not arise).
+"""
+from __future__ import annotations
+
+from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
+
+from .relocate import RelocationError
+
+__all__ = ["RED_ZONE", "encode", "encode_action", "flags_restore", "flags_save", "red_zone_step", "rel32"]
+
+RED_ZONE = 128  # bytes below RSP that the System V ABI lets leaf code use without moving RSP
+_INT32_MIN = -(1 << 31)
+_INT32_MAX = (1 << 31) - 1
+
+
+def rel32(source_next: int, target: int) -> int | None:
+    delta = target - source_next
+    return delta if _INT32_MIN <= delta <= _INT32_MAX else None
+
+
+def encode(instruction: Instruction, address: int) -> bytes:
+    encoder = Encoder(64)
+    encoder.encode(instruction, address)
+    return encoder.take_buffer()
+
+
+def red_zone_step(down: bool) -> Instruction:
+    """``lea rsp,[rsp-128]`` (DOWN) or ``lea rsp,[rsp+128]``: over the red zone, flags untouched."""
+    return Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
+                                      MemoryOperand(Register.RSP, displ=-RED_ZONE if down else RED_ZONE))
+
+
+def flags_save() -> list[Instruction]:
+    """Save the flags an arithmetic instruction changes in rax (which this pushes): OF in al
+    (seto), SF ZF AF PF CF in ah (lahf). flags_restore() undoes it."""
+    return [Instruction.create_reg(Code.PUSH_R64, Register.RAX),
+            Instruction.create_reg(Code.SETO_RM8, Register.AL),
+            Instruction.create(Code.LAHF)]
+
+
+def flags_restore() -> list[Instruction]:
+    """The flags saved by flags_save() back, and rax: ``add al,0x7f`` sets OF exactly when al
+    is 1, then sahf loads ah."""
+    return [Instruction.create_reg_i32(Code.ADD_RM8_IMM8, Register.AL, 0x7F),
+            Instruction.create(Code.SAHF),
+            Instruction.create_reg(Code.POP_R64, Register.RAX)]
+
+
+def encode_action(items: list[Instruction], address: int, reach: dict[int, int]) -> bytes:
+    """ITEMS encoded one after another at ADDRESS. REACH maps the index of an item with a
+    RIP-relative operand to its target, checked within ±2 GiB here rather than left to the
+    encoder, whose error would not say what to do."""
+    code = b""
+    for i, item in enumerate(items):
+        here = address + len(code)
+        target = reach.get(i)
+        if target is not None:
+            item.memory_displacement = here  # in reach: for the instruction's length
+            length = len(encode(item, here))
+            item.memory_displacement = target
+            if rel32(here + length, target) is None:
+                raise RelocationError(f"{target:#x} is beyond ±2 GiB of trampoline {address:#x}: "
+                                      "place the counter page near the trampoline")
+        code += encode(item, here)
+    return code
