@@ -71,14 +71,15 @@ REGS_GROUPS = {
 }
 
 
+@pytest.mark.parametrize("action", ["count", "record"])
 @pytest.mark.parametrize("group", sorted(REGS_GROUPS))
-def test_optimized_probes_leave_registers_and_flags_alone(procs, fixture, group):
+def test_optimized_probes_leave_registers_and_flags_alone(procs, fixture, group, action):
     """test_regs.py's check (every register, the flags in four patterns, RSP, a RIP-relative
-    store) with count probes, jump-optimised where a region fits (invariant 7)."""
+    store) with count or record probes, jump-optimised where a region fits (invariant 7)."""
     exe = fixture("eng_regs")
     run = procs.spawn(exe, ITERS)
     proc = run.proc
-    probes = {label: proc.probe(spec_of(exe, "regs_run", label), action="count")
+    probes = {label: proc.probe(spec_of(exe, "regs_run", label), action=action)
               for label in REGS_GROUPS[group]}
     assert run.finish() == 0, run.text
     assert run.results[("regs",)] == {"iters": ITERS, "bad": 0, "flags_bad": 0, "rsp_bad": 0,

@@ -35,7 +35,7 @@ from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
                    reached_addresses, stack_pointer, stack_words)
-from ..x86.record import record_trampoline
+from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline
 from .probe import ProbePoint
 from .ring import Ring
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from .slothost import TraceeSlotHost
 
 COUNTER_SIZE = 8
+# A counter page: the counters of its trampoline page's slots, the record probes' ids
+# PROBE_ID_OFFSET past them, the record action routine's address in its last word.
+assert PAGE_SIZE // TRAMPOLINE_SLOT_SIZE * COUNTER_SIZE <= PROBE_ID_OFFSET < PAGE_SIZE - COUNTER_SIZE
 _COUNTER = struct.Struct("<Q")
 _PF_X = 1  # an ELF segment's executable flag
 STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
@@ -229,13 +232,15 @@ class Optimizer:
 
     def _record_trampoline(self, point: ProbePoint, region: Region, slot: Slot,
                            counter: int) -> Trampoline:
-        """The record action's trampoline: it calls the ring's routine through the last word
-        of its counter page."""
-        routine = self.ring.ensure(region.start)
-        pointer = PAGE_SIZE - COUNTER_SIZE
-        _COUNTER.pack_into(self.host.views[slot.page], pointer, routine)
-        return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + pointer,
-                                 self.ring.probe_id(point.probes[0]))
+        """The record action's trampoline: it calls the ring's action routine through the last
+        word of its counter page, which finds the probe id PROBE_ID_OFFSET past the counter."""
+        self.ring.ensure(region.start)
+        view, pointer = self.host.views[slot.page], PAGE_SIZE - COUNTER_SIZE
+        _COUNTER.pack_into(view, pointer, self.ring.action_routine)
+        probe_id = self.ring.probe_id(point.probes[0])
+        _COUNTER.pack_into(view, slot.index * COUNTER_SIZE + PROBE_ID_OFFSET, probe_id)
+        return record_action_trampoline(region, slot.address, counter,
+                                        self.host.counters[slot.page] + pointer)
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from ..slots import PAGE_SIZE
 from ..tracee import ProcessExited
 from ..x86.record import (RECORD, RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RING_MAGIC,
-                          RING_VERSION, TSC_READER, argument_registers, record_routine,
-                          thread_key)
+                          RECORD_ACTION_ROUTINE_OFFSET, RING_VERSION, TSC_READER, argument_registers,
+                          record_action_routine, record_routine, thread_key)
 from ..x86.record import HEAD_OFFSET, LOST_OFFSET, TAIL_OFFSET
 
 if TYPE_CHECKING:
@@ -131,9 +131,18 @@ class Ring:
             raise
         RING_HEADER.pack_into(view, 0, RING_MAGIC, RING_VERSION, RECORD_SIZE, self.capacity,
                               self.ns_per_tick, self.tsc0, self.ns0)
-        self.tracee.memory.write(routine, record_routine(routine, address, self.capacity))
+        code = record_routine(routine, address, self.capacity)
+        assert len(code) <= RECORD_ACTION_ROUTINE_OFFSET
+        self.tracee.memory.write(routine, code)
+        action = routine + RECORD_ACTION_ROUTINE_OFFSET
+        self.tracee.memory.write(action, record_action_routine(action, address, self.capacity))
         self.address, self.routine, self.view, self.tail = address, routine, view, 0
         return routine
+
+    @property
+    def action_routine(self) -> int:
+        """The record action's routine (record_action_trampoline calls it), once ensure() made it."""
+        return self.routine + RECORD_ACTION_ROUTINE_OFFSET
 
     def probe_id(self, probe: Any) -> int:
         """PROBE's id in its records (one per probe, kept while the image lives: records of a

@@ -1,9 +1,11 @@
 """The building blocks of a trampoline's action (optimize.py, record.py): stepping over the red
 zone, saving the flags, encoding with a reach check.
 
-The flags are saved as DynamoRIO and Pin save them, not with pushfq/popfq: popfq is
-microcoded (measured here: pushfq+popfq around the lock inc cost 28.7 ns a hit, this
-sequence 10.4 ns, the bare lock inc 10.8 ns: bench/results.md). DF, IF and TF are untouched by every instruction of it, so none needs saving; and as nothing loads a flags image
+The flags are saved as DynamoRIO and Pin save them (``push rax; seto al; lahf`` ...
+``add al,0x7f; sahf; pop rax``), not with pushfq/popfq: popfq is microcoded (a C copy of the
+count trampoline on this VM: pushfq, lock inc, popfq 28.7 ns a hit; the lahf sequence around
+the lock inc 10.4 ns; the bare lock inc 10.8 ns). DF, IF and TF are untouched by
+every instruction of it, so none needs saving; and as nothing loads a flags image
 from the stack, a thread single-stepped through any instruction of the action carries no
 stale TF out of it (the popfq pitfall in Trampoline.finish_action does not arise).
 """
