@@ -18,7 +18,7 @@ queued point, as the kernel's delayed kprobe_optimizer batches its work. For eac
                    it is rewound as retired) and the jmp written (invariant 6: every thread frozen).
 
 Hits are counted in the tracee: sync() adds each counter's growth to the hits of the point's
-enabled probes. Unoptimising restores the bytes with every thread frozen, steps a thread out of
+enabled probes (a record point's counter counts its drops: its records drained since, the rest). Unoptimising restores the bytes with every thread frozen, steps a thread out of
 the trampoline's action (so its hit is counted before the last sync) and frees the trampoline
 dirty: it is garbage until a collection's freeze has moved every thread out of it (invariant 1).
 """
@@ -54,13 +54,15 @@ STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region 
 
 @dataclass
 class Optimized:
-    """An optimised point's patch: its region, trampoline (in SLOT), counter and what sync() saw."""
+    """An optimised point's patch: its region, trampoline (in SLOT), counter and what sync() saw;
+    a record point's probe id (its counter counts drops, its records the other hits)."""
 
     region: Region
     trampoline: Trampoline
     slot: Slot
     counter: int
     synced: int = 0
+    record_id: int | None = None
 
 
 class TrampolineHost:
@@ -325,7 +327,9 @@ class Optimizer:
             point.armed = False
             self.engine.rescue.disarm(point)  # no int3 left here for a dead tracer's rescue to undo
         breakpoints.patch(region.start, jump_patch(region, slot.address))
-        point.optimized = Optimized(region, trampoline, slot, counter)
+        first = point.probes[0]
+        record_id = self.ring.probe_id(first) if first.action == "record" else None
+        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id)
         self.optimized[point.address] = point
         self._live[slot.address] = point
         self._trampolines[slot.address] = trampoline
@@ -340,6 +344,9 @@ class Optimizer:
             return
         value = self.host.read(opt.slot)
         delta, opt.synced = value - opt.synced, value
+        if opt.record_id is not None:  # the counter holds its drops: its records are the rest
+            self.ring.drain()
+            delta += self.ring.recorded.pop(opt.record_id, 0)
         if delta:
             for probe in point.counting:
                 probe.hits += delta
@@ -374,7 +381,10 @@ class Optimizer:
         trampoline = opt.trampoline
         self._live.pop(trampoline.address, None)  # the original bytes are back: map, not step
         for tid in self._stopped_tids():
-            if trampoline.address <= self.tracee.get_rip(tid) < trampoline.end:
+            # In the record routine, it may have come from this trampoline, its hit neither a
+            # committed record nor a counted drop yet.
+            rip = self.tracee.get_rip(tid)
+            if trampoline.address <= rip < trampoline.end or self.ring.contains(rip):
                 self.migrate(tid)
         self.sync_point(point)
         point.optimized = None

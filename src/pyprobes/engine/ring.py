@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections import Counter
 from itertools import repeat
 import mmap
 import struct
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CAPACITY = 1 << 13  # records: 640 KiB
 _WORD = struct.Struct("<Q")
+_ID_WORD = 3  # a record's probe id, in words (RECORD)
 CALIBRATION_SECONDS = 0.05
 
 
@@ -109,6 +111,7 @@ class Ring:
         # recorded at breakpoints (lists)
         self._batches: list[bytes | list[Record]] = []
         self.lost_before = 0              # lost by rings of images gone (exec)
+        self.recorded: Counter[int] = Counter()  # probe id -> records drained, not yet taken as hits
         # the consumer's work: records copied out of the ring and decoded, time spent at each
         self.stats = {"drained": 0, "drain_ns": 0, "decoded": 0, "decode_ns": 0}
 
@@ -204,7 +207,9 @@ class Ring:
                     break
                 ready += 1
             if ready:  # copied out now, decoded when asked for: the ring frees at memcpy speed
-                self._batches.append(bytes(view[start:start + ready * RECORD_SIZE]))
+                batch = bytes(view[start:start + ready * RECORD_SIZE])
+                self._batches.append(batch)
+                self._count(batch)
             tail += ready
             count += ready
             if ready < n:
@@ -214,6 +219,16 @@ class Ring:
         self.stats["drained"] += count
         self.stats["drain_ns"] += time.perf_counter_ns() - started
         return count
+
+    def _count(self, batch: bytes) -> None:
+        """Add BATCH's records to ``recorded``, per probe id: the hits of the record action, which
+        counts only its drops in the process (engine/optimizer.py)."""
+        ids = memoryview(batch).cast("Q")[_ID_WORD::RECORD_SIZE // 8].tolist()
+        first = ids[0]
+        if ids.count(first) == len(ids):  # one probe: the usual batch, counted at C speed
+            self.recorded[first] += len(ids)
+        else:
+            self.recorded.update(ids)
 
     def _decode(self, data: bytes) -> list[Record]:
         """Records from DATA (whole committed records), column by column: every step but the
@@ -286,6 +301,7 @@ class Ring:
         self._ids.clear()
         self.probes.clear()
         self.keys.clear()
+        self.recorded.clear()
 
     def release(self) -> None:
         """Detach: no thread is in the routine (migrated): unmap the routine and the ring."""

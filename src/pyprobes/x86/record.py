@@ -13,9 +13,11 @@ the whole action, so that it fits a 64-byte slot with any region::
     jmp region.end
 
 The action routine (record_action_routine) saves the flags it changes as the count action does
-(seto/lahf, not pushfq/popfq: popfq alone costs more than the rest of a count), counts the hit
-in the counter (``lock inc [r11]``: Probe.hits stays exact, drops included), reads the probe
-id from the counter page (PROBE_ID_OFFSET past the counter) and runs the record routine's body.
+(seto/lahf, not pushfq/popfq: popfq alone costs more than the rest of a count), reads the
+probe id from the counter page (PROBE_ID_OFFSET past the counter) and runs the record
+routine's body; a record it drops it counts in the counter. Every hit is a committed record or
+a drop, so the tracer makes Probe.hits exact from the two (engine/optimizer.py), with no
+``lock inc`` per hit (9 ns of some 50).
 
 The *routine-calling* trampoline (record_trampoline) is the shape other routines are called
 from (x86/shadow.py): the routine runs with r11 = a probe id, r11 and the flags saved by the
@@ -144,25 +146,21 @@ def record_routine(address: int, ring_address: int, capacity: int) -> bytes:
     """The shared record routine, placed at ADDRESS, appending to the ring at RING_ADDRESS of
     CAPACITY records (a power of two). Called with the probe id in r11 (which the caller saves)
     and the flags saved: it preserves every other register."""
-    return _assemble_list(_record_items(ring_address, capacity, [], []), address)
+    return _assemble_list(_record_items(ring_address, capacity, counted=False), address)
 
 
 def record_action_routine(address: int, ring_address: int, capacity: int) -> bytes:
     """The record action's routine, placed at ADDRESS, for the ring at RING_ADDRESS of CAPACITY
     records. Called with r11 = the probe's counter (r11 saved by the caller): saves the flags,
-    counts the hit, appends a record under the probe id found PROBE_ID_OFFSET past the
-    counter; preserves every register and the flags."""
-    R11 = Register.R11
-    increment = Instruction.create_mem(Code.INC_RM64, _mem(R11, 0))
-    increment.has_lock_prefix = True
-    prologue = [*flags_save(), increment,
-                Instruction.create_reg_mem(Code.MOV_R64_RM64, R11, _mem(R11, PROBE_ID_OFFSET))]
-    return _assemble_list(_record_items(ring_address, capacity, prologue, flags_restore()), address)
+    appends a record under the probe id found PROBE_ID_OFFSET past the counter, or counts the
+    hit dropped in the counter (a hit is a committed record or a drop: Probe.hits is their
+    sum); preserves every register and the flags."""
+    return _assemble_list(_record_items(ring_address, capacity, counted=True), address)
 
 
-def _record_items(ring_address: int, capacity: int, prologue: list, epilogue: list) -> list:
-    """The record routine's instructions (see the module docstring), PROLOGUE first (the probe
-    id in r11 after it) and EPILOGUE before the ret."""
+def _record_items(ring_address: int, capacity: int, counted: bool) -> list:
+    """The record routine's instructions (see the module docstring); COUNTED: the record action
+    routine's (r11 holds the counter; the flags saved here; a drop counted in the counter too)."""
     if capacity <= 0 or capacity & (capacity - 1) or capacity >= 1 << 31:
         raise ValueError(f"ring capacity {capacity} is not a power of two below 2**31")
     R10, R11, RAX, RDX = Register.R10, Register.R11, Register.RAX, Register.RDX
@@ -174,6 +172,15 @@ def _record_items(ring_address: int, capacity: int, prologue: list, epilogue: li
     locked_inc.has_lock_prefix = True
     thread_key = Instruction.create_reg_mem(Code.MOV_R64_RM64, RAX,
                                             MemoryOperand(displ=0, displ_size=8, seg=Register.FS))
+    pushed_r11 = _mem(Register.RSP, 24)  # after the four pushes below
+    probe_id = [Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, pushed_r11)]
+    drop = [locked_inc]
+    if counted:
+        counter_inc = Instruction.create_mem(Code.INC_RM64, _mem(R11, 0))
+        counter_inc.has_lock_prefix = True
+        probe_id.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, _mem(RDX, PROBE_ID_OFFSET)))
+        drop = [Instruction.create_reg_mem(Code.MOV_R64_RM64, R11, pushed_r11), counter_inc, locked_inc]
+    prologue, epilogue = (flags_save(), flags_restore()) if counted else ([], [])
     items = [
         *prologue,
         Instruction.create_reg(Code.PUSH_R64, R11),   # the probe id, read back below
@@ -207,7 +214,7 @@ def _record_items(ring_address: int, capacity: int, prologue: list, epilogue: li
             items.append(Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, _mem(Register.RSP, 16)))
         items.append(Instruction.create_mem_reg(mov_store, _mem(R11, data + _ARGS + 8 * i), reg))
     items += [
-        Instruction.create_reg_mem(Code.MOV_R64_RM64, RDX, _mem(Register.RSP, 24)),  # probe id
+        *probe_id,
         Instruction.create_mem_reg(mov_store, _mem(R11, data + _ID), RDX),
         Instruction.create_reg_mem(Code.LEA_R64_M, R10, MemoryOperand(RAX, displ=1)),
         thread_key,
@@ -219,7 +226,7 @@ def _record_items(ring_address: int, capacity: int, prologue: list, epilogue: li
         Instruction.create_mem_reg(mov_store, _mem(R11, data), R10),  # publish: commit = index + 1
         (Code.JMP_REL32_64, "done"),
         ("label", "full"),
-        locked_inc,
+        *drop,
         ("label", "done"),
         Instruction.create_reg(Code.POP_R64, R10),
         Instruction.create_reg(Code.POP_R64, RAX),
