@@ -47,6 +47,19 @@ def test_a_refused_region_stays_a_breakpoint(procs, fixture):
     assert lea.mode == "optimized" and lea.hits == calls["lea"] == 4000
 
 
+def test_no_lahf_in_64_bit_mode_stays_a_breakpoint(procs, fixture, monkeypatch):
+    """On a CPU without lahf/sahf in 64-bit mode (the first x86-64 ones) no trampoline is placed:
+    the probes stay breakpoints, count exactly and say why."""
+    import pyprobes.engine.optimizer as optimizer
+    monkeypatch.setattr(optimizer, "flags_saved_by_lahf", lambda: False)
+    run = procs.spawn(fixture("opt_count"), 2000, 2)
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="count")
+    assert run.finish() == 0, run.text
+    assert lea.mode == "boosted" and "lahf" in lea.not_optimized
+    assert lea.hits == run.results[("calls",)]["lea"] == 4000
+
+
 def test_count_action_takes_no_handlers(procs, fixture):
     run = procs.spawn(fixture("opt_count"), 10, 1)
     proc = run.proc

@@ -35,6 +35,7 @@ from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
                    reached_addresses, stack_pointer, stack_words)
+from ..x86.action import flags_saved_by_lahf
 from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline
 from .probe import ProbePoint
 from .ring import Ring
@@ -201,6 +202,10 @@ class Optimizer:
             return None
         if isinstance(region, Refusal):
             self._refuse(point, region.reason)
+            return None
+        if not flags_saved_by_lahf():
+            self._refuse(point, "this CPU has no lahf/sahf in 64-bit mode, which the "
+                         "trampoline's action saves the flags with")
             return None
         source = self._branch_into(point, region)
         if source is not None:

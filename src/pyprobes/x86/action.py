@@ -8,18 +8,38 @@ the lock inc 10.4 ns; the bare lock inc 10.8 ns). DF, IF and TF are untouched by
 every instruction of it, so none needs saving; and as nothing loads a flags image
 from the stack, a thread single-stepped through any instruction of the action carries no
 stale TF out of it (the popfq pitfall in Trampoline.finish_action does not arise).
+
+lahf and sahf exist in 64-bit mode on every x86-64 CPU but the first (Athlon 64 before
+revision D, Pentium 4 and Xeon before 2005: CPUID "LAHF-SAHF", /proc/cpuinfo "lahf_lm"); where
+a CPU lacks them, no action is placed (flags_saved_by_lahf).
 """
 from __future__ import annotations
+
+from functools import cache
 
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
 from .relocate import RelocationError
 
-__all__ = ["RED_ZONE", "encode", "encode_action", "flags_restore", "flags_save", "red_zone_step", "rel32"]
+__all__ = ["RED_ZONE", "encode", "encode_action", "flags_restore", "flags_save", "flags_saved_by_lahf", "red_zone_step",
+           "rel32"]
 
 RED_ZONE = 128  # bytes below RSP that the System V ABI lets leaf code use without moving RSP
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
+
+
+@cache
+def flags_saved_by_lahf() -> bool:
+    """Whether this machine's CPU runs lahf/sahf in 64-bit mode (what flags_save() needs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "lahf_lm" in line.split()
+    except OSError:
+        pass
+    return True  # no /proc: assume the rule, not the first CPUs' exception
 
 
 def rel32(source_next: int, target: int) -> int | None:

@@ -66,9 +66,9 @@ from typing import TYPE_CHECKING, Any
 
 from iced_x86 import Code, Decoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
 
+from .action import RED_ZONE, encode_action, flags_restore, flags_save, red_zone_step, rel32
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
-from .action import RED_ZONE, encode_action, flags_restore, flags_save, red_zone_step, rel32
 from .relocate import RelocationError, pushed_flags_fixup, relocate
 
 if TYPE_CHECKING:
