@@ -7,7 +7,10 @@ the unprobed run, pyprobes count probes with action="count" jump-optimised at hi
 the kernel's best case) and at hit+6 (the lea: the kernel single-steps it), a boosted
 pyprobes count at hit+5 (push, one ptrace stop per hit), a record probe at hit (drained
 every 5 ms: its lost records, and the records per second of the consumer's own time, copying
-them out of the ring and decoding them into Records), and, where bpftrace runs, its
+them out of the ring and decoding them into Records; in one row the ring holds every record
+and is drained only after the run: the producer's cost alone, the consumer idle, as
+bpftrace's count() has none; on a machine whose CPUs are all busy, a consumer at work takes
+CPU from the workload), and, where bpftrace runs, its
 `count()` on hit. Per hit = the workload's own ns per call minus the unprobed median; every
 row's count is checked equal to the workload's own counter. Fewer calls are made where a hit
 costs microseconds (--calls / 50 for the boosted and bpftrace rows).
@@ -69,11 +72,12 @@ BIG_RING = 1 << 21     # records (160 MiB): the other record row's ring, all of 
 RECORD_TICK = 0.005
 
 
-def pyprobes_record(work: str, n: int, threads: int, spec: str,
-                    capacity: int) -> tuple[float, int, str, int, tuple[float, float]]:
+def pyprobes_record(work: str, n: int, threads: int, spec: str, capacity: int,
+                    drain_during: bool = True) -> tuple[float, int, str, int, tuple[float, float]]:
     """(ns per call, records, mode, lost, the consumer's records per second copying them out of
-    the ring and decoding them): action="record",
-    drained every RECORD_TICK while the workload runs; records + lost checked against its count."""
+    the ring and decoding them): action="record", drained and decoded every RECORD_TICK while
+    the workload runs, or (not DRAIN_DURING) once it has exited, the consumer idle meanwhile;
+    records + lost checked against its count."""
     import pyprobes
 
     r, w = os.pipe()
@@ -91,7 +95,7 @@ def pyprobes_record(work: str, n: int, threads: int, spec: str,
         probe = proc.probe(spec, action="record")
         code = None
         while proc.alive:
-            code = proc.run(timeout=RECORD_TICK)
+            code = proc.run(timeout=RECORD_TICK if drain_during else None)
             records += len(proc.records())
         records += len(proc.records())
         lost = proc.lost_records
@@ -144,27 +148,31 @@ def main(argv: list[str] | None = None) -> int:
             (f"pyprobes count, boosted (push at hit+{PUSH_OFF})", f"hit+{PUSH_OFF}", None, slow, base_slow)):
         samples, ns = median(pyprobes_count, work, calls, t, spec, action)
         rows.append((label, samples[0][2], f"{ns:.1f}", f"{ns - floor:.1f}", f"{samples[0][1]:,}"))
-    for ring in (BIG_RING, RECORD_RING):
-        samples, ns = median(pyprobes_record, work, n, t, "hit", ring)
+    for ring, drain_during in ((BIG_RING, True), (BIG_RING, False), (RECORD_RING, True)):
+        samples, ns = median(pyprobes_record, work, n, t, "hit", ring, drain_during)
         _, records, mode, lost, rate = samples[0]
         copy = statistics.median(s[4][0] for s in samples) / 1e6
         decode = statistics.median(s[4][1] for s in samples) / 1e6
+        when = "drained every 5 ms" if drain_during else "drained after the run"
         rows.append((f"pyprobes record, optimized (nop5 at hit; ring {ring:,}: {lost:,} lost; consumer: "
-                     f"{copy:.1f} M records/s out of the ring, {decode:.2f} M/s decoded)", mode,
+                     f"{copy:.1f} M records/s out of the ring, {decode:.2f} M/s decoded, {when})", mode,
                      f"{ns:.1f}", f"{ns - base:.1f}", f"{records + lost:,}"))
     got = bpftrace_count(work, slow, t)
+    kernel = None
     if isinstance(got, str):
         rows.append(("bpftrace count() on hit (nop5)", "", "", got, ""))
     else:
         samples, ns = median(bpftrace_count, work, slow, t)
-        rows.append(("bpftrace count() on hit (nop5)", "uprobe", f"{ns:.1f}", f"{ns - base_slow:.1f}",
+        kernel = ns - base_slow
+        rows.append(("bpftrace count() on hit (nop5)", "uprobe", f"{ns:.1f}", f"{kernel:.1f}",
                      f"{samples[0][1]:,}"))
     print(f"bench/work.c, {t} thread(s), {n:,} calls per thread ({slow:,} for the slow rows), "
           f"median of {args.repeats}")
-    print("| row | mode | ns/call | per hit, ns | hits (= workload's own) |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| row | mode | ns/call | per hit, ns | hits (= workload's own) | per hit × bpftrace's |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print("| " + " | ".join(row) + " |")
+        ratio = f"{float(row[3]) / kernel:.3f}" if kernel and row[3] else ""
+        print("| " + " | ".join((*row, ratio)) + " |")
     return 0
 
 

@@ -47,6 +47,19 @@ def test_a_refused_region_stays_a_breakpoint(procs, fixture):
     assert lea.mode == "optimized" and lea.hits == calls["lea"] == 4000
 
 
+def test_no_lahf_in_64_bit_mode_stays_a_breakpoint(procs, fixture, monkeypatch):
+    """On a CPU without lahf/sahf in 64-bit mode (the first x86-64 ones) no trampoline is placed:
+    the probes stay breakpoints, count exactly and say why."""
+    import pyprobes.engine.optimizer as optimizer
+    monkeypatch.setattr(optimizer, "flags_saved_by_lahf", lambda: False)
+    run = procs.spawn(fixture("opt_count"), 2000, 2)
+    proc = run.proc
+    lea = proc.probe("opt_lea", action="count")
+    assert run.finish() == 0, run.text
+    assert lea.mode == "boosted" and "lahf" in lea.not_optimized
+    assert lea.hits == run.results[("calls",)]["lea"] == 4000
+
+
 def test_count_action_takes_no_handlers(procs, fixture):
     run = procs.spawn(fixture("opt_count"), 10, 1)
     proc = run.proc
@@ -71,14 +84,15 @@ REGS_GROUPS = {
 }
 
 
+@pytest.mark.parametrize("action", ["count", "record"])
 @pytest.mark.parametrize("group", sorted(REGS_GROUPS))
-def test_optimized_probes_leave_registers_and_flags_alone(procs, fixture, group):
+def test_optimized_probes_leave_registers_and_flags_alone(procs, fixture, group, action):
     """test_regs.py's check (every register, the flags in four patterns, RSP, a RIP-relative
-    store) with count probes, jump-optimised where a region fits (invariant 7)."""
+    store) with count or record probes, jump-optimised where a region fits (invariant 7)."""
     exe = fixture("eng_regs")
     run = procs.spawn(exe, ITERS)
     proc = run.proc
-    probes = {label: proc.probe(spec_of(exe, "regs_run", label), action="count")
+    probes = {label: proc.probe(spec_of(exe, "regs_run", label), action=action)
               for label in REGS_GROUPS[group]}
     assert run.finish() == 0, run.text
     assert run.results[("regs",)] == {"iters": ITERS, "bad": 0, "flags_bad": 0, "rsp_bad": 0,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 
+from iced_x86 import Code, Decoder
+
 from processes import maps, text_differences
 from pyprobes.tracee import ptrace
 
@@ -80,6 +82,12 @@ def finish(run, proc):
     return calls
 
 
+def flags_save(trampoline) -> int:
+    """The action's seto: the red zone stepped over and rax pushed, the flags not yet saved."""
+    return next(i.ip for i in Decoder(64, trampoline.code, ip=trampoline.address)
+                if i.code == Code.SETO_RM8)
+
+
 def optimized(run, name):
     proc = run.proc
     probe = proc.probe(name, action="count")
@@ -90,20 +98,20 @@ def optimized(run, name):
 
 
 def test_thread_parked_in_the_action_when_its_probe_goes(procs, fixture):
-    """A thread parked on the action's pushfq (the red zone stepped over, the flags not yet
-    saved) with SIGUSR1 pending: removal steps it out of the action (its hit counted, the
-    flags image cleared of TF), holding the signal; the dirty trampoline is collected; the
+    """A thread parked on the action's seto (the red zone stepped over and rax pushed, the flags
+    not yet saved) with SIGUSR1 pending: removal steps it out of the action (its hit counted, no
+    TF left in its flags), holding the signal; the dirty trampoline is collected; the
     signal is delivered back in original code."""
     run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
     proc = run.proc
     lea = optimized(run, "tort_lea")
     trampoline = lea.point.optimized.trampoline
     region = lea.point.optimized.region
-    pushfq = trampoline.flag_pushes[0][0]
-    assert trampoline.in_action(pushfq)
-    tid = park(proc, lambda rip: rip == pushfq)
+    saving = flags_save(trampoline)
+    assert trampoline.in_action(saving)
+    tid = park(proc, lambda rip: rip == saving)
     proc.run(timeout=0.05)  # the others run on; the parked one stays
-    assert proc.tracee.get_rip(tid) == pushfq
+    assert proc.tracee.get_rip(tid) == saving
     lea.remove()
     assert proc.tracee.get_rip(tid) == region.start  # through the action, mapped back
     stats = proc.trampolines.stats()
@@ -117,15 +125,15 @@ def test_thread_parked_in_the_action_when_its_probe_goes(procs, fixture):
 
 
 def test_signal_stop_in_the_action_queued_by_the_removal_freeze(procs, fixture):
-    """As above, not held: the thread stops for its SIGUSR1 on the pushfq, and removal's
+    """As above, not held: the thread stops for its SIGUSR1 on the seto, and removal's
     freeze finds that stop (queued for run()). Removal steps it out holding the signal; the
     queued stop is stale by then. The signal is delivered once, in original code."""
     run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
     proc = run.proc
     lea = optimized(run, "tort_lea")
     opt = lea.point.optimized
-    pushfq = opt.trampoline.flag_pushes[0][0]
-    tid = park(proc, lambda rip: rip == pushfq, hold=False)
+    saving = flags_save(opt.trampoline)
+    tid = park(proc, lambda rip: rip == saving, hold=False)
     lea.remove()
     assert proc.trampolines.collect_garbage() == 1
     calls = finish(run, proc)
@@ -140,8 +148,8 @@ def test_stale_signal_stop_is_not_delivered_again(procs, fixture):
     run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
     proc = run.proc
     lea = optimized(run, "tort_lea")
-    pushfq = lea.point.optimized.trampoline.flag_pushes[0][0]
-    tid = park(proc, lambda rip: rip == pushfq, hold=False)  # now in its signal stop
+    saving = flags_save(lea.point.optimized.trampoline)
+    tid = park(proc, lambda rip: rip == saving, hold=False)  # now in its signal stop
     seen = []
     push = proc.probe("tort_push", pre=lambda tid, regs: seen.append(tid))
     lea.remove()

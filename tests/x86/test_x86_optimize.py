@@ -6,7 +6,7 @@ to absolute addressing, which would hide a wrong re-targeting.
 from __future__ import annotations
 
 import pytest
-from iced_x86 import Code, Decoder, Mnemonic, OpKind, Register
+from iced_x86 import Code, Decoder, FlowControl, Mnemonic, OpKind, Register
 
 from pyprobes.symbols import ElfFile
 from pyprobes.x86 import (
@@ -230,20 +230,27 @@ def check_count_trampoline(region: Region, address: int, counter: int) -> None:
     t = count_trampoline(region, address, counter)
     insns = decode(t.code, address)
     assert sum(i.len for i in insns) == len(t.code)
-    action, rest = insns[:5], insns[5:]
+    action, rest = insns[:9], insns[9:]
 
-    down, pushf, inc, popf, up = action
+    down, push, seto, lahf, inc, add, sahf, pop, up = action
     assert down.code == Code.LEA_R64_M and down.op0_register == Register.RSP
     assert down.memory_base == Register.RSP and down.memory_displacement == (-RED_ZONE) & (2**64 - 1)
-    assert pushf.code == Code.PUSHFQ
+    # the flags inc changes saved in rax, not with pushfq/popfq (action.py)
+    assert push.code == Code.PUSH_R64 and push.op0_register == Register.RAX
+    assert seto.code == Code.SETO_RM8 and seto.op0_register == Register.AL
+    assert lahf.code == Code.LAHF
     assert inc.code == Code.INC_RM64 and inc.has_lock_prefix
     assert inc.is_ip_rel_memory_operand and inc.ip_rel_memory_address == counter
-    assert popf.code == Code.POPFQ
+    assert add.code == Code.ADD_RM8_IMM8 and add.op0_register == Register.AL and add.immediate8 == 0x7F
+    assert sahf.code == Code.SAHF
+    assert pop.code == Code.POP_R64 and pop.op0_register == Register.RAX
     assert up.code == Code.LEA_R64_M and up.op0_register == Register.RSP
     assert up.memory_base == Register.RSP and up.memory_displacement == RED_ZONE
+    assert t.counted_offset is None and t.flag_pushes == tuple(
+        (here, width) for here, width in t.flag_pushes if here >= up.next_ip)  # no pushfq: stepped
     assert t.relocated_offset == up.next_ip - address
 
-    *copies, back = rest
+    copies, tail = rest[:len(region.instructions)], rest[len(region.instructions):]
     assert len(copies) == len(region.instructions)
     assert [(c.ip, o.address) for c, o in zip(copies, region.instructions)] == list(t.relocated)
     for copy, original in zip(copies, region.instructions):
@@ -257,13 +264,17 @@ def check_count_trampoline(region: Region, address: int, counter: int) -> None:
         assert copy.is_ip_rel_memory_operand == original.instruction.is_ip_rel_memory_operand
         if copy.is_ip_rel_memory_operand:
             assert copy.ip_rel_memory_address == original.instruction.ip_rel_memory_address
-    assert back.code == Code.JMP_REL32_64 and back.near_branch_target == region.end
     assert len(t.code) <= TRAMPOLINE_SLOT_SIZE
-    assert back.ip == t.return_jump and back.next_ip == t.end
+    if copies[-1].flow_control in (FlowControl.RETURN, FlowControl.UNCONDITIONAL_BRANCH):
+        assert tail == [] and t.return_jump == t.end  # nothing runs on: no jmp back
+    else:
+        (back,) = tail
+        assert back.code == Code.JMP_REL32_64 and back.near_branch_target == region.end
+        assert back.ip == t.return_jump and back.next_ip == t.end
+        assert t.original_address(t.return_jump) == region.end
 
     for here, original in t.relocated:
         assert t.original_address(here) == original
-    assert t.original_address(t.return_jump) == region.end
     assert t.original_address(address) is None and t.original_address(t.return_jump + 1) is None
 
 

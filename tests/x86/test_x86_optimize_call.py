@@ -88,5 +88,5 @@ def test_count_trampoline_with_a_call(hexcode):
     for (here, original), insn in zip(before, region.instructions):
         copy = Decoder(64, t.code[here - TRAMPOLINE:], ip=here).decode()
         assert copy.mnemonic == insn.instruction.mnemonic and original == insn.address
-    back = Decoder(64, t.code[offset + 19:], ip=push_at + 19).decode()
-    assert back.ip == t.return_jump and back.near_branch_target == region.end and back.next_ip == t.end
+    # nothing runs on after the call's jmp: no jmp back (return_jump is the end, unreachable)
+    assert offset + 19 == len(t.code) and t.return_jump == t.end

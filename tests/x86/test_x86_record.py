@@ -12,8 +12,9 @@ from iced_x86 import Code, Decoder, Mnemonic, Register
 
 from pyprobes.x86 import TRAMPOLINE_SLOT_SIZE, Region, find_region
 from pyprobes.x86.decode import _FORMATTER
-from pyprobes.x86.record import (HEAD_OFFSET, LOST_OFFSET, RECORD, RECORD_SIZE, RING_HEADER_SIZE,
-                                 TAIL_OFFSET, record_routine, record_trampoline)
+from pyprobes.x86.record import (HEAD_OFFSET, LOST_OFFSET, PROBE_ID_OFFSET, RECORD, RECORD_ACTION_ROUTINE_OFFSET,
+                                 RECORD_SIZE, RING_HEADER_SIZE, TAIL_OFFSET, record_action_routine,
+                                 record_action_trampoline, record_routine, record_trampoline)
 
 FUNC = 0x7F12_3400_1000
 TRAMPOLINE = 0x7F12_3456_0000
@@ -130,3 +131,65 @@ def test_routine_run_here_writes_records_and_drops_when_full():
     live.ring[TAIL_OFFSET:TAIL_OFFSET + 8] = (2).to_bytes(8, "little")  # the consumer took 2
     live.call(7, 14, 21, 28, 35, 42)
     assert live.word(HEAD_OFFSET) == 5 and live.record(4)[0] == 5 and live.record(4)[4] == 7
+
+
+def test_action_trampoline_calls_the_action_routine_with_the_counter():
+    region = region_of("f30f1efa 488d4701 4801f0 c3")
+    t = record_action_trampoline(region, TRAMPOLINE, COUNTER, POINTER)
+    assert texts(t.code, TRAMPOLINE) == [
+        "lea rsp,[rsp-0x80]", "push r11", f"lea r11,[{COUNTER:#x}]", f"call qword ptr [{POINTER:#x}]",
+        "pop r11", "lea rsp,[rsp+0x80]", "lea rax,[rdi+1]", "add rax,rsi", f"jmp {region.end:#x}"]
+    assert t.counted_offset is None and t.flag_pushes == ()  # no popfq: stepped through
+    longest = region_of("488d4701 48818424 00010000 01000000 c3")
+    assert len(record_action_trampoline(longest, TRAMPOLINE, COUNTER, POINTER).code) \
+        - longest.length + 4 + 15 <= TRAMPOLINE_SLOT_SIZE
+    with pytest.raises(Exception, match="2 GiB"):
+        record_action_trampoline(region, TRAMPOLINE, COUNTER, TRAMPOLINE + (3 << 30))
+
+
+def test_action_routine_fits_before_its_offset():
+    assert len(record_routine(ROUTINE, RING, 1 << 30)) <= RECORD_ACTION_ROUTINE_OFFSET
+
+
+class LiveActionRing(LiveRing):
+    """The action routine run here: r11 = a counter in our memory, its probe id PROBE_ID_OFFSET
+    past it; the wrapper loads the flags from its 7th argument (popfq), calls the routine and
+    returns the flags it then has."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.counters = mmap.mmap(-1, 4096)
+        counter = ctypes.addressof(ctypes.c_char.from_buffer(self.counters))
+        self.counters[PROBE_ID_OFFSET:PROBE_ID_OFFSET + 8] = (5).to_bytes(8, "little")
+        ring = ctypes.addressof(ctypes.c_char.from_buffer(self.ring))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.code))
+        routine = base + 1024
+        self.code[1024:1024 + 300] = record_action_routine(routine, ring, capacity).ljust(300, b"\xcc")
+        # push rbx; mov rbx,[rsp+16] (the 7th argument: the flags wanted); push rbx; popfq;
+        # mov r11, counter; call routine; pushfq; pop rax; pop rbx; ret
+        head = bytes.fromhex("53 488b5c2410 53 9d 49bb").replace(b" ", b"") + counter.to_bytes(8, "little")
+        code = head + b"\xe8"
+        after = base + 512 + len(code) + 4
+        code += (routine - after).to_bytes(4, "little", signed=True) + bytes.fromhex("9c585bc3")
+        self.code[512:512 + len(code)] = code
+        self.flagged = ctypes.CFUNCTYPE(ctypes.c_uint64, *[ctypes.c_uint64] * 7)(base + 512)
+
+    def counter(self) -> int:
+        return int.from_bytes(self.counters[0:8], "little")
+
+
+STATUS_FLAGS = 0x8D5  # OF SF ZF AF PF CF
+
+
+@pytest.mark.parametrize("flags", [0x202, 0x202 | STATUS_FLAGS, 0x202 | 0x800, 0x202 | 0x41, 0x202 | 0x94])
+def test_action_routine_run_here_records_counts_drops_and_keeps_the_flags(flags):
+    live = LiveActionRing(2)
+    for i in range(1, 4):
+        after = live.flagged(i, 2 * i, 3 * i, 4 * i, 5 * i, 6 * i, flags)
+        assert after & (STATUS_FLAGS | 0x400) == flags & (STATUS_FLAGS | 0x400)
+    assert live.counter() == 1  # the dropped hit: the others are records
+    assert live.word(HEAD_OFFSET) == 2 and live.word(LOST_OFFSET) == 1
+    for index in range(2):
+        commit, tsc, key, probe, *args = live.record(index)
+        i = index + 1
+        assert (commit, probe, args) == (i, 5, [i, 2 * i, 3 * i, 4 * i, 5 * i, 6 * i]) and tsc > 0

@@ -18,7 +18,7 @@ queued point, as the kernel's delayed kprobe_optimizer batches its work. For eac
                    it is rewound as retired) and the jmp written (invariant 6: every thread frozen).
 
 Hits are counted in the tracee: sync() adds each counter's growth to the hits of the point's
-enabled probes. Unoptimising restores the bytes with every thread frozen, steps a thread out of
+enabled probes (a record point's counter counts its drops: its records drained since, the rest). Unoptimising restores the bytes with every thread frozen, steps a thread out of
 the trampoline's action (so its hit is counted before the last sync) and frees the trampoline
 dirty: it is garbage until a collection's freeze has moved every thread out of it (invariant 1).
 """
@@ -36,7 +36,8 @@ from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
                    reached_addresses, stack_pointer, stack_words)
-from ..x86.record import record_trampoline
+from ..x86.action import flags_saved_by_lahf
+from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline, record_trampoline
 from .probe import ProbePoint
 from .ring import Ring
 
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
     from .slothost import TraceeSlotHost
 
 COUNTER_SIZE = 8
+# A counter page: the counters of its trampoline page's slots, the record probes' ids
+# PROBE_ID_OFFSET past them, the record action routine's address in its last word.
+assert PAGE_SIZE // TRAMPOLINE_SLOT_SIZE * COUNTER_SIZE <= PROBE_ID_OFFSET < PAGE_SIZE - COUNTER_SIZE
 _COUNTER = struct.Struct("<Q")
 _PF_X = 1  # an ELF segment's executable flag
 STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
@@ -53,13 +57,15 @@ STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region 
 
 @dataclass
 class Optimized:
-    """An optimised point's patch: its region, trampoline (in SLOT), counter and what sync() saw."""
+    """An optimised point's patch: its region, trampoline (in SLOT), counter and what sync() saw;
+    a record point's probe id (its counter counts drops, its records the other hits)."""
 
     region: Region
     trampoline: Trampoline
     slot: Slot
     counter: int
     synced: int = 0
+    record_id: int | None = None
 
 
 class TrampolineHost:
@@ -211,6 +217,10 @@ class Optimizer:
         if isinstance(region, Refusal):
             self._refuse(point, region.reason)
             return None
+        if not flags_saved_by_lahf():
+            self._refuse(point, "this CPU has no lahf/sahf in 64-bit mode, which the "
+                         "trampoline's action saves the flags with")
+            return None
         source = self._branch_into(point, region)
         if source is not None:
             self._refuse(point, f"{source} reaches into the bytes {region.start:#x}..{region.end:#x} "
@@ -243,18 +253,21 @@ class Optimizer:
 
     def _calling_trampoline(self, point: ProbePoint, region: Region, slot: Slot,
                             counter: int) -> Trampoline:
-        """The record and return actions' trampoline: it calls a shared routine through a word of
-        its counter page (the record routine's the last, the in-process return probes' entry
-        routine's the one before: both kinds share pages) with a probe id."""
+        """The record and return actions' trampoline: a call to a shared routine through a word of
+        its counter page (the ring's action routine's the last, the in-process return probes'
+        entry routine's the one before: both kinds share pages). The record action routine finds
+        its probe id PROBE_ID_OFFSET past the counter; the entry routine gets it in r11."""
         probe = point.probes[0]
+        view, counters = self.host.views[slot.page], self.host.counters[slot.page]
         if probe.action == "record":
-            routine, word, probe_id = self.ring.ensure(region.start), COUNTER_SIZE, self.ring.probe_id(probe)
-        else:
-            returns = self.engine.returns.inprocess
-            routine, word, probe_id = returns.entry_routine, 2 * COUNTER_SIZE, returns.shadow_id(probe)
-        _COUNTER.pack_into(self.host.views[slot.page], PAGE_SIZE - word, routine)
-        return record_trampoline(region, slot.address, counter, self.host.counters[slot.page] + PAGE_SIZE - word,
-                                 probe_id)
+            self.ring.ensure(region.start)
+            _COUNTER.pack_into(view, PAGE_SIZE - COUNTER_SIZE, self.ring.action_routine)
+            _COUNTER.pack_into(view, slot.index * COUNTER_SIZE + PROBE_ID_OFFSET, self.ring.probe_id(probe))
+            return record_action_trampoline(region, slot.address, counter, counters + PAGE_SIZE - COUNTER_SIZE)
+        returns = self.engine.returns.inprocess
+        pointer = PAGE_SIZE - 2 * COUNTER_SIZE
+        _COUNTER.pack_into(view, pointer, returns.entry_routine)
+        return record_trampoline(region, slot.address, counter, counters + pointer, returns.shadow_id(probe))
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a
@@ -340,7 +353,9 @@ class Optimizer:
             point.armed = False
             self.engine.rescue.disarm(point)  # no int3 left here for a dead tracer's rescue to undo
         breakpoints.patch(region.start, jump_patch(region, slot.address))
-        point.optimized = Optimized(region, trampoline, slot, counter)
+        first = point.probes[0]
+        record_id = self.ring.probe_id(first) if first.action == "record" else None
+        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id)
         self.optimized[point.address] = point
         self._live[slot.address] = point
         self._trampolines[slot.address] = trampoline
@@ -355,6 +370,9 @@ class Optimizer:
             return
         value = self.host.read(opt.slot)
         delta, opt.synced = value - opt.synced, value
+        if opt.record_id is not None:  # the counter holds its drops: its records are the rest
+            self.ring.drain()
+            delta += self.ring.recorded.pop(opt.record_id, 0)
         if delta:
             for probe in point.counting:
                 probe.hits += delta
@@ -390,7 +408,10 @@ class Optimizer:
         trampoline = opt.trampoline
         self._live.pop(trampoline.address, None)  # the original bytes are back: map, not step
         for tid in self._stopped_tids():
-            if trampoline.address <= self.tracee.get_rip(tid) < trampoline.end:
+            # In the record routine, it may have come from this trampoline, its hit neither a
+            # committed record nor a counted drop yet.
+            rip = self.tracee.get_rip(tid)
+            if trampoline.address <= rip < trampoline.end or self.ring.contains(rip):
                 self.migrate(tid)
         self.sync_point(point)
         point.optimized = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+from collections import Counter
 from itertools import repeat
 import mmap
 import struct
@@ -24,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from ..slots import PAGE_SIZE
 from ..tracee import ProcessExited
 from ..x86.record import (RECORD, RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RING_MAGIC,
-                          RING_VERSION, TSC_READER, argument_registers, record_routine,
-                          thread_key)
+                          RECORD_ACTION_ROUTINE_OFFSET, RING_VERSION, TSC_READER, argument_registers,
+                          record_action_routine, record_routine, thread_key)
 from ..x86.record import HEAD_OFFSET, LOST_OFFSET, TAIL_OFFSET
 from ..x86.shadow import RETURN_RECORD_FLAG
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CAPACITY = 1 << 13  # records: 640 KiB
 _WORD = struct.Struct("<Q")
+_ID_WORD = 3  # a record's probe id, in words (RECORD)
 CALIBRATION_SECONDS = 0.05
 
 
@@ -126,6 +128,7 @@ class Ring:
         self._batches: list[bytes | list[Record]] = []
         self.lost_before = 0              # lost by rings of images gone (exec)
         self.returns: Any = None  # the in-process return probes, which decode return records
+        self.recorded: Counter[int] = Counter()  # probe id -> records drained, not yet taken as hits
         # the consumer's work: records copied out of the ring and decoded, time spent at each
         self.stats = {"drained": 0, "drain_ns": 0, "decoded": 0, "decode_ns": 0}
 
@@ -148,9 +151,18 @@ class Ring:
             raise
         RING_HEADER.pack_into(view, 0, RING_MAGIC, RING_VERSION, RECORD_SIZE, self.capacity,
                               self.ns_per_tick, self.tsc0, self.ns0)
-        self.tracee.memory.write(routine, record_routine(routine, address, self.capacity))
+        code = record_routine(routine, address, self.capacity)
+        assert len(code) <= RECORD_ACTION_ROUTINE_OFFSET
+        self.tracee.memory.write(routine, code)
+        action = routine + RECORD_ACTION_ROUTINE_OFFSET
+        self.tracee.memory.write(action, record_action_routine(action, address, self.capacity))
         self.address, self.routine, self.view, self.tail = address, routine, view, 0
         return routine
+
+    @property
+    def action_routine(self) -> int:
+        """The record action's routine (record_action_trampoline calls it), once ensure() made it."""
+        return self.routine + RECORD_ACTION_ROUTINE_OFFSET
 
     def probe_id(self, probe: Any) -> int:
         """PROBE's id in its records (one per probe, kept while the image lives: records of a
@@ -216,7 +228,9 @@ class Ring:
                     break
                 ready += 1
             if ready:  # copied out now, decoded when asked for: the ring frees at memcpy speed
-                self._batches.append(bytes(view[start:start + ready * RECORD_SIZE]))
+                batch = bytes(view[start:start + ready * RECORD_SIZE])
+                self._batches.append(batch)
+                self._count(batch)
             tail += ready
             count += ready
             if ready < n:
@@ -226,6 +240,16 @@ class Ring:
         self.stats["drained"] += count
         self.stats["drain_ns"] += time.perf_counter_ns() - started
         return count
+
+    def _count(self, batch: bytes) -> None:
+        """Add BATCH's records to ``recorded``, per probe id: the hits of the record action, which
+        counts only its drops in the process (engine/optimizer.py)."""
+        ids = memoryview(batch).cast("Q")[_ID_WORD::RECORD_SIZE // 8].tolist()
+        first = ids[0]
+        if ids.count(first) == len(ids):  # one probe: the usual batch, counted at C speed
+            self.recorded[first] += len(ids)
+        else:
+            self.recorded.update(ids)
 
     def _decode(self, data: bytes) -> list[Record]:
         """Records from DATA (whole committed records), column by column: every step but the
@@ -317,6 +341,7 @@ class Ring:
         self._ids.clear()
         self.probes.clear()
         self.keys.clear()
+        self.recorded.clear()
 
     def release(self) -> None:
         """Detach: no thread is in the routine (migrated): unmap the routine and the ring."""

@@ -40,12 +40,18 @@ threads or return addresses inside the region at patch time (issue 11, "Patching
 The trampoline of the ``count`` action (count_trampoline)::
 
     lea rsp,[rsp-128]          ; step over the red zone (lea leaves the flags alone)
-    pushfq
+    push rax
+    seto al                    ; the flags lock inc changes: OF in al,
+    lahf                       ;   SF ZF AF PF (and CF) in ah
     lock inc qword [rip+C]     ; the probe's counter
-    popfq
+    add al,0x7f                ; OF back (1 + 0x7f overflows, 0 + 0x7f does not)
+    sahf                       ; SF ZF AF PF CF back
+    pop rax
     lea rsp,[rsp+128]
     <the region's instructions, relocated>
     jmp region.end
+
+The flags are saved with lahf/seto, not pushfq/popfq: see action.py.
 
 The patch (jump_patch) is ``jmp rel32`` followed by ``int3`` up to region.end. The kernel
 writes only the 5 bytes of its jmp and leaves the tails of the displaced instructions
@@ -62,8 +68,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
+from iced_x86 import Code, Decoder, FlowControl, Instruction, MemoryOperand, OpKind, Register
 
+from .action import RED_ZONE, encode_action, flags_restore, flags_save, red_zone_step, rel32
 from .classify import NOP_CODES, Kind, classify
 from .decode import Insn, MidInstructionError, decode_function
 from .jumptable import ReadData, reached_addresses, switches
@@ -88,23 +95,18 @@ __all__ = [
 ]
 
 JMP_REL32_LENGTH = 5
-RED_ZONE = 128  # bytes below RSP that the System V ABI lets leaf code use without moving RSP
 ENDBR64_LENGTH = 4
 _INT3 = 0xCC
 _JMP_REL32 = 0xE9
 _MAX_INSTRUCTION = 15
-# A count trampoline is at most 23 (action) + 12 + 19 (a region: instructions of at most 4
+# A count trampoline is at most 31 (action) + 12 + 15 (a region: instructions of at most 4
 # bytes before one of at most 15; relocation keeps lengths but widens a 2-byte jcc to 6, so
-# 4 bytes grow to 12 at most, and turns a 5-byte call into push, jmp and an 8-byte word, 19)
-# + 5 (jmp back) = 59 bytes: one 64-byte slot.
+# 4 bytes grow to 12 at most) + 5 (jmp back) = 63 bytes, or 31 + 12 + 19 = 62 when the region
+# ends in a call (push, jmp and an 8-byte word; nothing runs on after it, so no jmp back):
+# one 64-byte slot.
 TRAMPOLINE_SLOT_SIZE = 64
 _TRAP_FLAG = 0x100  # RFLAGS.TF
 _STACK_WORD = 8
-_LOCK_INC_RIP_LENGTH = 8  # f0 48 ff 05 disp32: a RIP-relative operand always has a disp32
-_ACTION_PUSHF = 5   # lea rsp,[rsp-128] (disp8) then pushfq
-_ACTION_POPF = _ACTION_PUSHF + 1 + _LOCK_INC_RIP_LENGTH
-_INT32_MIN = -(1 << 31)
-_INT32_MAX = (1 << 31) - 1
 _NEAR_BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
 
 
@@ -173,7 +175,9 @@ class Trampoline:
     resume_address: int  # where it jumps: region.end
     # Instructions of the trampoline that push the flags: address -> width of the image.
     flag_pushes: tuple[tuple[int, int], ...] = ()
-    counted_offset: int = 0  # the action's popfq: from here on the hit is counted
+    # The action's popfq (from here on the hit is counted: finish_action's point); None when
+    # the action has none (it saves the flags with lahf) and is single-stepped through.
+    counted_offset: int | None = None
 
     @property
     def end(self) -> int:
@@ -199,6 +203,8 @@ class Trampoline:
         and put it on the first relocated instruction. False when RIP is not there (the caller
         single-steps on). The popfq is never single-stepped: the kernel treats a stepped popf as
         setting TF itself and leaves TF set once the thread runs on."""
+        if self.counted_offset is None:
+            return False
         popf = self.address + self.counted_offset
         if rip not in (popf, popf + 1):
             return False
@@ -417,43 +423,21 @@ def _reached_inside(scan: _Scan, start: int, end: int, code: bytes, address: int
 
 # --- the trampoline and the patch ---------------------------------------------------------
 
-def _rel32(source_next: int, target: int) -> int | None:
-    delta = target - source_next
-    return delta if _INT32_MIN <= delta <= _INT32_MAX else None
-
-
-def _encode(instruction: Instruction, address: int) -> bytes:
-    encoder = Encoder(64)
-    encoder.encode(instruction, address)
-    return encoder.take_buffer()
-
-
 def _count_action(address: int, counter_address: int) -> bytes:
-    """Save the flags, ``lock inc`` the counter, restore: the count action placed at ADDRESS."""
-    rsp_down = Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
-                                          MemoryOperand(Register.RSP, displ=-RED_ZONE))
-    rsp_up = Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
-                                        MemoryOperand(Register.RSP, displ=RED_ZONE))
+    """Save the flags (lahf), ``lock inc`` the counter, restore: the count action at ADDRESS."""
     increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter_address))
     increment.has_lock_prefix = True
-
-    code = _encode(rsp_down, address)
-    code += _encode(Instruction.create(Code.PUSHFQ), address + len(code))
-    here = address + len(code)
-    # Checked here rather than left to the encoder: its error would not say what to do.
-    if _rel32(here + _LOCK_INC_RIP_LENGTH, counter_address) is None:
-        raise RelocationError(f"counter {counter_address:#x} is beyond ±2 GiB of trampoline "
-                              f"{address:#x}: place the counter near the trampoline")
-    code += _encode(increment, here)
-    assert len(code) == _ACTION_POPF
-    code += _encode(Instruction.create(Code.POPFQ), address + len(code))
-    return code + _encode(rsp_up, address + len(code))
+    items = [red_zone_step(True), *flags_save(), increment, *flags_restore(), red_zone_step(False)]
+    return encode_action(items, address, {items.index(increment): counter_address})
 
 
-def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
+def _assemble(region: Region, address: int, action: bytes, action_pushes: tuple[tuple[int, int], ...] = (),
+              counted_offset: int | None = None) -> Trampoline:
+    """The trampoline: ACTION (its flags pushes ACTION_PUSHES, its popfq at COUNTED_OFFSET if it
+    has one), REGION's instructions relocated, the jmp back."""
     code = action
     relocated = []
-    flag_pushes = [(address + _ACTION_PUSHF, 8)]  # the action's pushfq
+    flag_pushes = list(action_pushes)
     for insn in region.instructions:
         here = address + len(code)
         relocated.append((here, insn.address))
@@ -461,13 +445,17 @@ def _assemble(region: Region, address: int, action: bytes) -> Trampoline:
             flag_pushes.append((here, pushed_flags_fixup(insn)))
         code += relocate_in_trampoline(insn, here)
     return_jump = address + len(code)
-    back = _rel32(return_jump + JMP_REL32_LENGTH, region.end)
-    if back is None:
-        raise RelocationError(f"trampoline {address:#x} is beyond ±2 GiB of {region.end:#x}: "
-                              "the jmp back cannot reach it")
-    code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
+    last = region.instructions[-1].instruction
+    # After a jmp, a ret or a call (a push and a jmp here) nothing runs on: no jmp back, and
+    # return_jump is the trampoline's end, where no thread can be.
+    if last.flow_control not in _NO_FALL_THROUGH and not last.is_call_near:
+        back = rel32(return_jump + JMP_REL32_LENGTH, region.end)
+        if back is None:
+            raise RelocationError(f"trampoline {address:#x} is beyond ±2 GiB of {region.end:#x}: "
+                                  "the jmp back cannot reach it")
+        code += bytes((_JMP_REL32,)) + back.to_bytes(4, "little", signed=True)
     return Trampoline(address, code, len(action), tuple(relocated), return_jump, region.end,
-                      tuple(flag_pushes), _ACTION_POPF)
+                      tuple(flag_pushes), counted_offset)
 
 
 def count_trampoline(region: Region, address: int, counter_address: int) -> Trampoline:
@@ -481,7 +469,7 @@ def jump_patch(region: Region, trampoline_address: int) -> bytes:
     """The bytes to write over REGION: ``jmp rel32`` to the trampoline, then int3 up to
     region.end (see the module docstring for why int3). Raises RelocationError when the
     trampoline is beyond ±2 GiB of the region."""
-    rel = _rel32(region.start + JMP_REL32_LENGTH, trampoline_address)
+    rel = rel32(region.start + JMP_REL32_LENGTH, trampoline_address)
     if rel is None:
         raise RelocationError(f"trampoline {trampoline_address:#x} is beyond ±2 GiB of "
                               f"{region.start:#x}: map it near the module")
