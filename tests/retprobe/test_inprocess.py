@@ -13,6 +13,7 @@ import time
 import pytest
 
 from pyprobes import ReturnRecord
+from pyprobes.x86.shadow import thread_frames
 
 from .conftest import maps, text_differences
 from .test_unwind import N as THROW_N, expected as throw_expected
@@ -188,7 +189,7 @@ def test_detach_with_threads_inside_probed_calls(procs, fixture):
         proc.run(timeout=0.02)
     code, area = inprocess.code, inprocess.area
     assert code and area
-    assert sum(len(inprocess.frames(key)) for _, key, _ in inprocess._entries()) == 4
+    assert sum(len(frames) for frames in thread_frames(inprocess.view, inprocess.layout).values()) == 4
     proc.detach()
     assert text_differences(run.pid, exe) == []
     assert not any(start <= code < end or start <= area < end for start, end, _, _ in maps(run.pid))

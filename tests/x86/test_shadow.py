@@ -255,6 +255,20 @@ def test_routines_fit_the_code_page_and_end_where_they_should(layout):
     assert len(rdtsc) == 1 and call[0] < rdtsc[0]  # the entry record before the timestamp
 
 
+def test_shared_routines_load_no_flags_image():
+    """Migration single-steps a thread through the routines a trampoline calls (or a return
+    lands on): a stepped popf would load the step's TF for the program's (engine/optimizer.py
+    migrate), so none of them may hold a pushf or popf."""
+    from pyprobes.x86.record import record_action_routine
+
+    area, code = 0x7F10_0000_0000, 0x7F00_0000_1000
+    for routine in (shadow_entry_routine(code, area, ShadowLayout()),
+                    return_trampoline(code, area, ShadowLayout()),
+                    record_routine(code, area, 1024), record_action_routine(code, area, 1024)):
+        mnemonics = {i.mnemonic for i in Decoder(64, routine, ip=code)}
+        assert not mnemonics & {Mnemonic.PUSHF, Mnemonic.PUSHFQ, Mnemonic.POPF, Mnemonic.POPFQ}
+
+
 def test_calls_return_exact_values_and_count_every_return(functions):
     live = Live(functions)
     value = live.function("value")

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE, SlotMapError
 from ..tracee import Memory, Regs, Tracee
-from ..x86 import decode_function, pushed_flags_fixup
 from ..x86 import shadow as sx
 from .histogram import LatencyHistogram
 from .native import measure_overhead_ticks
@@ -56,8 +55,8 @@ if TYPE_CHECKING:
 ACTIONS = ("count", "hist", "record")
 RETURN_TRAMPOLINE_OFFSET = PAGE_SIZE // 2  # in the code page; the entry routine at its start
 _WORD = struct.Struct("<Q")
-_FIXED_ONE = 1 << 32
-TRAP_FLAG = 0x100  # RFLAGS.TF
+# each routine fits its half of the code page
+assert sx.SHADOW_CODE_BOUND <= RETURN_TRAMPOLINE_OFFSET
 
 
 class InProcessReturnProbe(ReturnProbe):
@@ -142,7 +141,7 @@ class InProcessReturns:
         self.returns = returns
         self.tracee = tracee
         self.memory = tracee.memory
-        self.pages = pages        # the slot host: map_page, map_shared_page, unmap_page
+        self.pages = pages        # the slot host: map_shared_with_code, unmap_page
         self.ring = ring
         self.layout = layout or sx.ShadowLayout()
         self.area = 0             # the area in the tracee (0: not made)
@@ -152,10 +151,9 @@ class InProcessReturns:
         self._by_entry: dict[Any, InProcessReturnProbe] = {}
         self.unavailable = ""     # why the area could not be made (then every probe is stop-based)
         self.ns_per_tick = 1.0
+        self.fixed_ns_per_tick = sx.ns_per_tick_fixed(1.0)  # the same as the area's header holds
         self.overhead_ticks = 0
         self._regs = Regs()
-        self.flag_pushes: dict[int, int] = {}  # routine address of a pushf -> its image's width
-        self.flag_pops: set[int] = set()       # routine addresses of a popfq
 
     # ------------------------------------------------------------------ making
     @property
@@ -176,62 +174,21 @@ class InProcessReturns:
             return self.unavailable
         layout = self.layout
         try:
-            near = _anchor(self.tracee.pid)
-            code_page = 0  # generated before mapping anything: a missing generator maps nothing
-            entry = sx.shadow_entry_routine(0x1000_0000, 0x2000_0000, layout)
-            back = sx.return_trampoline(0x1000_0000 + RETURN_TRAMPOLINE_OFFSET, 0x2000_0000, layout)
-            if len(entry) > RETURN_TRAMPOLINE_OFFSET or len(back) > PAGE_SIZE - RETURN_TRAMPOLINE_OFFSET:
-                raise ProbeError(f"the shadow routines take {len(entry)} and {len(back)} bytes: more than a page")
             self.ns_per_tick = self.ring.ns_per_tick if self.ring.address else _TscClock.calibrate()[0]
-            area, view = self.pages.map_shared_page(near, "pyprobes-returns", layout.size)
-            try:
-                code_page = self.pages.map_page(near)
-            except BaseException:
-                view.close()
-                self.pages.unmap_page(area, layout.size)
-                raise
-        except NotImplementedError as e:
-            self.unavailable = f"no in-process return probes yet ({e})"
-            return self.unavailable
-        except (ProbeError, SlotMapError, OSError, ValueError) as e:
+            area, view, code_page = self.pages.map_shared_with_code(_anchor(self.tracee.pid), "pyprobes-returns",
+                                                                    layout.size)
+        except (SlotMapError, OSError) as e:
             self.unavailable = f"no room for the return probes' area: {e}"
             return self.unavailable
         self.overhead_ticks = _measured_overhead(self.ns_per_tick)
         self.area, self.code, self.view = area, code_page, view
-        sx.HEADER.pack_into(view, 0, sx.SHADOW_MAGIC, sx.SHADOW_VERSION, layout.threads, layout.depth,
-                            sx.FRAME_SIZE, self.trampoline, round(self.ns_per_tick * _FIXED_ONE),
-                            self.overhead_ticks, 0, layout.probes)
-        self.flag_pushes.clear()
-        self.flag_pops.clear()
-        for address, code in ((code_page, sx.shadow_entry_routine(code_page, area, layout)),
-                              (self.trampoline, sx.return_trampoline(self.trampoline, area, layout))):
-            self.memory.write(address, code)
-            for insn in decode_function(code, address):
-                if pushed_flags_fixup(insn):
-                    self.flag_pushes[insn.address] = pushed_flags_fixup(insn)
-                elif insn.text.split()[0] == "popfq":
-                    self.flag_pops.add(insn.address)
+        self.fixed_ns_per_tick = sx.ns_per_tick_fixed(self.ns_per_tick)
+        view[:sx.HEADER.size] = sx.shadow_header(layout, self.trampoline, self.fixed_ns_per_tick,
+                                                 self.overhead_ticks)
+        # SHADOW_CODE_BOUND (x86/shadow_code.py) keeps each within its half of the page
+        self.memory.write(code_page, sx.shadow_entry_routine(code_page, area, layout))
+        self.memory.write(self.trampoline, sx.return_trampoline(self.trampoline, area, layout))
         return ""
-
-    def step(self, tid: int, pc: int) -> None:
-        """Move a stopped thread at PC in a routine on by one instruction (migration). A popfq
-        is done here, never single-stepped (the kernel would take the TF it loads for the
-        program's and leave it set: a SIGTRAP after detach); a flags image a stepped pushfq
-        left holds the step's TF: cleared, as the trampolines' after_step does."""
-        tracee = self.tracee
-        if pc in self.flag_pops:
-            regs = tracee.get_regs(tid, self._regs)
-            regs.eflags = self.memory.read_u64(regs.rsp) & ~TRAP_FLAG
-            regs.rsp += 8
-            regs.rip = pc + 1
-            tracee.set_regs(tid, regs)
-            return
-        tracee.step(tid)
-        width = self.flag_pushes.get(pc)
-        if width:
-            rsp = tracee.get_regs(tid, self._regs).rsp
-            image = int.from_bytes(self.memory.read(rsp, width), "little") & ~TRAP_FLAG
-            self.memory.write(rsp, image.to_bytes(width, "little"))
 
     def add(self, target: "Target", action: str, maxactive: int) -> InProcessReturnProbe:
         """A return probe at TARGET doing ACTION in the process where it can, else stop-based."""
@@ -252,9 +209,9 @@ class InProcessReturns:
             rp.shadow_id = len(self.probes)
             self.probes.append(rp)
             offset = self.layout.probe_offset(rp.shadow_id)
-            sx.STATS.pack_into(self.view, offset, *([0] * 8))
-            if action == "record":
-                self._record_returns(rp, offset)
+            page = sx.probe_page(sx.RECORD_RETURN, return_record_id=self._record_returns(rp)) \
+                if action == "record" else sx.probe_page()
+            self.view[offset:offset + len(page)] = page
             rp.entry_probe = returns.place_entry(rp, action="return")
             self._by_entry[rp.entry_probe] = rp
         returns.probes.append(rp)
@@ -272,13 +229,12 @@ class InProcessReturns:
             return "another in-process return probe is on this function (both are followed with stops)"
         return ""
 
-    def _record_returns(self, rp: InProcessReturnProbe, offset: int) -> None:
-        """RP's return trampoline appends a ReturnRecord to the ring (made now if need be)."""
+    def _record_returns(self, rp: InProcessReturnProbe) -> int:
+        """The ring (made now if need be) for RP's return records: its probe id there."""
         routine = self.ring.ensure(self.area)
         _WORD.pack_into(self.view, sx.HEADER_RECORD_ROUTINE, routine)
-        _WORD.pack_into(self.view, offset + 40, sx.RECORD_RETURN)  # STATS: flags
-        _WORD.pack_into(self.view, offset + 56, self.ring.probe_id(rp))  # STATS: return records' id
         self.ring.returns = self
+        return self.ring.probe_id(rp)
 
     def breakpoint_handler(self, probe: "Probe") -> Callable[[int, Any], None]:
         """The entry probe's pre-handler while it is a breakpoint: the stop-based entry."""
@@ -298,14 +254,7 @@ class InProcessReturns:
         if self.view is None:
             return
         for rp in self.probes:
-            offset = self.layout.probe_offset(rp.shadow_id)
-            buckets = memoryview(self.view)[offset + sx.PROBE_BUCKETS_OFFSET:
-                                            offset + sx.PROBE_BUCKETS_OFFSET + 8 * sx.BUCKETS]
-            # the code counts a return only in its bucket
-            _, missed, dropped, _, max_ns = sx.STATS.unpack_from(self.view, offset)[:5]
-            total = sx.probe_sum(self.view, self.layout, rp.shadow_id)
-            stats = (sum(buckets.cast("Q")), missed, dropped, total, max_ns)
-            buckets.release()
+            stats = sx.probe_stats(self.view, self.layout, rp.shadow_id)[:5]
             old = rp._stats
             rp.hits += stats[0] - old[0]
             rp.missed += stats[1] - old[1]
@@ -320,56 +269,38 @@ class InProcessReturns:
 
     def return_record(self, tsc: int, tid: int, probe: Any, args: tuple[int, ...],
                       to_ns: Callable[[int], int]) -> ReturnRecord:
-        """A return record of the ring (args: rax, entry TSC, rdi, rsi, rdx, rcx) decoded."""
-        ticks = max(tsc - args[1] - self.overhead_ticks, 0)
-        return ReturnRecord(to_ns(tsc), tid, probe, args[0], int(ticks * self.ns_per_tick), tuple(args[2:]))
+        """A return record of the ring (args: rax, entry TSC, rdi, rsi, rdx, rcx) decoded, its
+        latency as the return trampoline bins it."""
+        latency = sx.latency_ns(tsc - args[1], self.overhead_ticks, self.fixed_ns_per_tick)
+        return ReturnRecord(to_ns(tsc), tid, probe, args[0], latency, tuple(args[2:]))
 
     # ------------------------------------------------------------------ thread entries
-    def _entries(self) -> list[tuple[int, int, int]]:
-        """(offset, key, depth) of every claimed table entry."""
-        layout, view, out = self.layout, self.view, []
-        for i in range(layout.threads):
-            offset = layout.thread_offset(i)
-            key, depth = struct.unpack_from("<QQ", view, offset)
-            if key:
-                out.append((offset, key, min(depth, layout.depth)))
-        return out
+    def _index(self, key: int) -> int | None:
+        """KEY's table entry, found as the routines find it (keys are never cleared)."""
+        return sx.find_thread(self.view, self.layout, key) if self.view is not None and key else None
 
-    def _entry(self, key: int) -> tuple[int, int] | None:
-        for offset, k, depth in self._entries() if self.view is not None and key else ():
-            if k == key:
-                return offset, depth
-        return None
+    def frames(self, key: int) -> list[sx.Frame]:
+        """The frames of the thread whose TCB is KEY, outermost first."""
+        index = self._index(key)
+        return [] if index is None else sx.entry_frames(self.view, self.layout, index)
 
-    def frames(self, key: int) -> list[tuple[int, ...]]:
-        """The frames of the thread whose TCB is KEY, outermost first: (ret, slot, tsc, probe id, args...)."""
-        found = self._entry(key)
-        if found is None:
-            return []
-        offset, depth = found
-        base = offset + sx.THREAD_HEADER
-        return [sx.FRAME.unpack_from(self.view, base + i * sx.FRAME_SIZE) for i in range(depth)]
-
-    def _empty(self, key: int, memory: Memory | None) -> None:
-        """Drop every frame of KEY's entry (its thread stopped or gone), writing each real return
-        address back into the stack in MEMORY first (None: the stack is gone)."""
-        found = self._entry(key)
-        if found is None:
-            return
-        for frame in self.frames(key):
+    def _empty(self, index: int, memory: Memory | None, dropped: bool) -> None:
+        """Drop every frame of table entry INDEX (its thread stopped or gone), writing each real
+        return address back into the stack in MEMORY first (None: the stack is gone); DROPPED:
+        count each in its probe's ``dropped``."""
+        for frame in sx.entry_frames(self.view, self.layout, index):
             if memory is not None:
                 self._write_back(memory, frame)
-            if frame[3] < len(self.probes):
-                self.probes[frame[3]].dropped += 1
-        _WORD.pack_into(self.view, found[0] + 8, 0)
+            if dropped and frame.probe_id < len(self.probes):
+                self.probes[frame.probe_id].dropped += 1
+        _WORD.pack_into(self.view, self.layout.thread_offset(index) + sx.THREAD_DEPTH, 0)
 
-    def _write_back(self, memory: Memory, frame: tuple[int, ...]) -> None:
-        ret, slot = frame[0], frame[1]
-        if ret == self.trampoline:
+    def _write_back(self, memory: Memory, frame: sx.Frame) -> None:
+        if frame.ret == self.trampoline:
             return  # a chained frame: the outer one on this slot holds the real caller
         try:
-            if memory.read_u64(slot) == self.trampoline:
-                memory.write_u64(slot, ret)
+            if memory.read_u64(frame.slot) == self.trampoline:
+                memory.write_u64(frame.slot, frame.ret)
         except OSError:
             pass  # the stack is gone
 
@@ -384,13 +315,15 @@ class InProcessReturns:
         if not self.code or value != self.trampoline:
             return value
         for frame in self.frames(self._key(tid)):
-            if frame[1] == slot and frame[0] != self.trampoline:
-                return frame[0]
+            if frame.slot == slot and frame.ret != self.trampoline:
+                return frame.ret
         return value
 
     def restore_thread(self, key: int) -> None:
         """A C++ throw in the thread whose TCB is KEY (stopped at the unwinder's entry)."""
-        self._empty(key, self.memory)
+        index = self._index(key)
+        if index is not None:
+            self._empty(index, self.memory, dropped=True)
 
     def thread_exited(self, tid: int) -> None:
         """TID is gone: its entry emptied, unless a new thread already runs with its TCB (once
@@ -399,8 +332,10 @@ class InProcessReturns:
         frames by stack pointer as it goes."""
         pointers = self.tracee.thread_pointers
         key = pointers.get(tid, 0)
-        if key and not any(pointers.get(other) == key for other in self.tracee.threads if other != tid):
-            self._empty(key, None)
+        index = self._index(key)
+        if index is not None and not any(pointers.get(other) == key for other in self.tracee.threads
+                                         if other != tid):
+            self._empty(index, None, dropped=True)
 
     def restore_forked_child(self, memory: Memory, parent_tid: int) -> None:
         """The child of PARENT_TID's fork copied its hijacked slots: the real callers, in its
@@ -416,10 +351,8 @@ class InProcessReturns:
         if self.view is None:
             return
         self.sync()
-        for offset, key, depth in self._entries():
-            for frame in self.frames(key):
-                self._write_back(self.memory, frame)
-            _WORD.pack_into(self.view, offset + 8, 0)
+        for index in sx.claimed_entries(self.view, self.layout).values():
+            self._empty(index, self.memory, dropped=False)
 
     def forget(self) -> None:
         """After exec (or at release): the area is gone from the tracee; the last statistics stay."""

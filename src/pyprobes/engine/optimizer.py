@@ -402,7 +402,7 @@ class Optimizer:
             moved = True
             if self._in_routine(pc):  # a routine returns to its trampoline's action, a return
                 # trampoline to the real caller
-                self.engine.returns.inprocess.step(tid, pc)
+                tracee.step(tid)  # they hold no pushfq/popfq: a step leaves no TF behind
                 pc = tracee.get_rip(tid)
                 continue
             slot = self.cache.slot_at(pc)

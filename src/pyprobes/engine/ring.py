@@ -142,13 +142,7 @@ class Ring:
         if self.address:
             return self.routine
         self.ns_per_tick, self.tsc0, self.ns0 = _TscClock.calibrate()
-        address, view = self.host.map_shared_page(near, "pyprobes-records", self.size)
-        try:
-            routine = self.host.map_page(near)
-        except BaseException:
-            view.close()
-            self.host.unmap_page(address, self.size)
-            raise
+        address, view, routine = self.host.map_shared_with_code(near, "pyprobes-records", self.size)
         RING_HEADER.pack_into(view, 0, RING_MAGIC, RING_VERSION, RECORD_SIZE, self.capacity,
                               self.ns_per_tick, self.tsc0, self.ns0)
         code = record_routine(routine, address, self.capacity)

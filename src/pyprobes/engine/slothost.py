@@ -173,6 +173,17 @@ class TraceeSlotHost:
                 syscalls.close(self.tracee, tid, fd)
         raise SlotMapError(f"no free page within ±2 GiB of {near:#x} for counters")
 
+    def map_shared_with_code(self, near: int, name: str, size: int) -> tuple[int, _mmap.mmap, int]:
+        """map_shared_page(NEAR, NAME, SIZE) and an r-x page for the code that writes it: (the
+        area's address, the tracer's view, the code page's address); both or neither."""
+        area, view = self.map_shared_page(near, name, size)
+        try:
+            return area, view, self.map_page(near)
+        except BaseException:
+            view.close()
+            self.unmap_page(area, size)
+            raise
+
     def unmap_page(self, address: int, size: int = PAGE_SIZE) -> None:
         with self._stopped_thread() as tid:
             try:

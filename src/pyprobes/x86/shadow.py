@@ -73,10 +73,13 @@ __all__ = [
     "SHADOW_MAGIC",
     "SHADOW_VERSION",
     "STATS",
+    "THREAD_DEPTH",
     "THREAD_HASH_MULTIPLIER",
     "ProbeStats",
     "ShadowLayout",
     "bucket_bounds",
+    "claimed_entries",
+    "entry_frames",
     "find_thread",
     "latency_bucket",
     "latency_ns",
@@ -108,6 +111,7 @@ HEADER_RECORD_ROUTINE = 64
 FRAME = struct.Struct("<QQQQ6Q")
 FRAME_SIZE = FRAME.size  # 80
 THREAD_HEADER = 16       # key, depth
+THREAD_DEPTH = 8         # the depth's offset in a table entry
 
 # A probe page's statistics: a reserved word (version 1's returns count: the code writes
 # nothing there, every return is counted once in its bucket, so returns = the buckets' sum),
@@ -220,22 +224,30 @@ class Frame(NamedTuple):
     args: tuple[int, ...]  # rdi rsi rdx rcx r8 r9 at entry
 
 
-def thread_frames(view: Buffer, layout: ShadowLayout) -> dict[int, list[Frame]]:
-    """Every claimed table entry's live frames, outermost first, by thread key (%fs:0). A
-    depth beyond the layout's (a torn read) is clamped."""
-    frames: dict[int, list[Frame]] = {}
+def entry_frames(view: Buffer, layout: ShadowLayout, index: int) -> list[Frame]:
+    """Table entry INDEX's live frames, outermost first. A depth beyond the layout's (a torn
+    read) is clamped."""
+    at = layout.thread_offset(index)
+    stack = []
+    for i in range(min(_word(view, at + THREAD_DEPTH), layout.depth)):
+        ret, slot, tsc, probe_id, *args = FRAME.unpack_from(view, at + THREAD_HEADER + i * FRAME_SIZE)
+        stack.append(Frame(ret, slot, tsc, probe_id, tuple(args)))
+    return stack
+
+
+def claimed_entries(view: Buffer, layout: ShadowLayout) -> dict[int, int]:
+    """Thread key (%fs:0) -> its table entry's index, for every claimed entry."""
+    found = {}
     for index in range(layout.threads):
-        at = layout.thread_offset(index)
-        key = _word(view, at)
-        if key == 0:
-            continue
-        depth = min(_word(view, at + 8), layout.depth)
-        stack = []
-        for i in range(depth):
-            ret, slot, tsc, probe_id, *args = FRAME.unpack_from(view, at + THREAD_HEADER + i * FRAME_SIZE)
-            stack.append(Frame(ret, slot, tsc, probe_id, tuple(args)))
-        frames[key] = stack
-    return frames
+        key = _word(view, layout.thread_offset(index))
+        if key:
+            found[key] = index
+    return found
+
+
+def thread_frames(view: Buffer, layout: ShadowLayout) -> dict[int, list[Frame]]:
+    """Every claimed table entry's live frames, outermost first, by thread key (%fs:0)."""
+    return {key: entry_frames(view, layout, index) for key, index in claimed_entries(view, layout).items()}
 
 
 class ProbeStats(NamedTuple):
