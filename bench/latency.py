@@ -24,7 +24,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from .build import BuildError, compile_cached
@@ -53,23 +52,14 @@ def unprobed(exe: str, func: str, n: int) -> int:
 def pyprobes_hist(exe: str, func: str, n: int) -> tuple[int, float, str, float, float]:
     """(program's median ns per call, pyprobes' median latency, mode, overhead subtracted (ns),
     pyprobes' mean latency (its exact sum over the count))."""
-    import pyprobes
+    from .spawned import spawned
 
-    with tempfile.TemporaryFile() as out:
-        saved = os.dup(1)
-        try:
-            os.dup2(out.fileno(), 1)
-            proc = pyprobes.spawn([exe, func, str(n)])
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        with proc:
-            rp = proc.return_probe(func, action="hist")
-            code = proc.run()
-            hist = rp.histogram
-            mode, overhead = rp.mode, rp.overhead_ns
-        out.seek(0)
-        calls, own = _parse(out.read().decode())
+    with spawned([exe, func, str(n)]) as (proc, printed):
+        rp = proc.return_probe(func, action="hist")
+        code = proc.run()
+        hist = rp.histogram
+        mode, overhead = rp.mode, rp.overhead_ns
+        calls, own = _parse(printed())
     if code != 0 or rp.hits + rp.missed != calls or hist.count != rp.hits:
         raise RuntimeError(f"{func}: exit {code}, {rp.hits} returns + {rp.missed} missed of {calls} calls")
     return own, hist.percentile(50), mode, overhead, hist.mean

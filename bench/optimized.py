@@ -45,23 +45,12 @@ def unprobed(work: str, n: int, threads: int) -> tuple[float, int]:
 
 def pyprobes_count(work: str, n: int, threads: int, spec: str, action: str | None) -> tuple[float, int, str]:
     """(ns per call, probe hits, mode), checked against the workload's own count."""
-    import pyprobes
+    from .spawned import spawned
 
-    r, w = os.pipe()
-    saved = os.dup(1)
-    os.dup2(w, 1)
-    try:
-        proc = pyprobes.spawn([work, str(n), str(threads)])
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(w)
-    with proc:
+    with spawned([work, str(n), str(threads)]) as (proc, printed):
         probe = proc.probe(spec, action=action)
         code = proc.run()
-    out = os.read(r, 65536).decode()
-    os.close(r)
-    calls, own, ns = _parse(out)
+        calls, own, ns = _parse(printed())
     if code != 0 or probe.hits != own or own != calls:
         raise RuntimeError(f"{spec}: exit {code}, {probe.hits} counted, workload ran {own} of {calls}")
     return ns, probe.hits, probe.mode
@@ -78,19 +67,10 @@ def pyprobes_record(work: str, n: int, threads: int, spec: str, capacity: int,
     the ring and decoding them): action="record", drained and decoded every RECORD_TICK while
     the workload runs, or (not DRAIN_DURING) once it has exited, the consumer idle meanwhile;
     records + lost checked against its count."""
-    import pyprobes
+    from .spawned import spawned
 
-    r, w = os.pipe()
-    saved = os.dup(1)
-    os.dup2(w, 1)
-    try:
-        proc = pyprobes.spawn([work, str(n), str(threads)])
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(w)
     records = 0
-    with proc:
+    with spawned([work, str(n), str(threads)]) as (proc, printed):
         proc.ring_capacity = capacity
         probe = proc.probe(spec, action="record")
         code = None
@@ -100,9 +80,7 @@ def pyprobes_record(work: str, n: int, threads: int, spec: str, capacity: int,
         records += len(proc.records())
         lost = proc.lost_records
         drain = proc.engine.optimizer.ring.stats
-    out = os.read(r, 65536).decode()
-    os.close(r)
-    calls, own, ns = _parse(out)
+        calls, own, ns = _parse(printed())
     if code != 0 or probe.hits != own or records + lost != own or own != calls:
         raise RuntimeError(f"{spec}: exit {code}, {probe.hits} hits, {records} records + {lost} lost, "
                            f"workload ran {own} of {calls}")

@@ -20,7 +20,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,11 @@ if str(REPO / "src") not in sys.path:
 
 import pyprobes  # noqa: E402
 from pyprobes.symbols import ElfFile  # noqa: E402
+
+try:
+    from .spawned import spawned
+except ImportError:  # run as a script
+    from spawned import spawned
 
 WORKLOAD = r"""
 #include <stdio.h>
@@ -116,21 +120,12 @@ def run_plain(exe: Path, n: int) -> tuple[float, int | None]:
 
 def run_pyprobes(place: Callable[[pyprobes.Process], Callable[[], int]]):
     def run(exe: Path, n: int) -> tuple[float, int | None]:
-        with tempfile.TemporaryFile() as out:
-            saved = os.dup(1)
-            try:
-                os.dup2(out.fileno(), 1)
-                proc = pyprobes.spawn([str(exe), str(n)])
-            finally:
-                os.dup2(saved, 1)
-                os.close(saved)
-            with proc:
-                count = place(proc)
-                code = proc.run()
+        with spawned([str(exe), str(n)]) as (proc, printed):
+            count = place(proc)
+            code = proc.run()
             if code != 0:
                 raise RuntimeError(f"workload exited with {code}")
-            out.seek(0)
-            ns, hits = parse(out.read().decode(), n)
+            ns, hits = parse(printed(), n)
             return ns, count()
     return run
 

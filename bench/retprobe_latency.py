@@ -12,14 +12,11 @@ what tests/retprobe/test_values.py::test_elapsed_time_of_a_10ms_sleep used to bo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
-
-import pyprobes
 
 from .build import BuildError, compile_cached
+from .spawned import spawned
 
 WORKLOAD = r"""
 #include <stdio.h>
@@ -64,19 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as e:
         sys.exit(f"bench.retprobe_latency: {e}")
     durations: list[int] = []
-    with tempfile.TemporaryFile() as out:
-        saved = os.dup(1)
-        try:
-            os.dup2(out.fileno(), 1)
-            proc = pyprobes.spawn([str(exe), str(args.calls), str(args.ms)])
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        with proc:
-            rp = proc.return_probe("nap", lambda tid, value, ns, data: durations.append(ns))
-            code = proc.run()
-        out.seek(0)
-        own = [int(line.split()[2]) for line in out.read().decode().splitlines() if line.startswith("nap ns ")]
+    with spawned([str(exe), str(args.calls), str(args.ms)]) as (proc, printed):
+        rp = proc.return_probe("nap", lambda tid, value, ns, data: durations.append(ns))
+        code = proc.run()
+        own = [int(line.split()[2]) for line in printed().splitlines() if line.startswith("nap ns ")]
     if code != 0 or len(own) != args.calls or len(durations) != args.calls or rp.missed:
         print(f"workload exit {code}, {len(own)} calls printed, {len(durations)} returns seen, "
               f"{rp.missed} missed", file=sys.stderr)

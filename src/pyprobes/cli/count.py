@@ -208,6 +208,7 @@ def run(args, command: list[str], on_done=None) -> int:
     if latency:
         if not any(spec.strip().endswith("%return") for spec in args.probes):
             raise CliError("--latency needs a return probe (SYMBOL%return)", 2)
+    if latency and return_action is None:  # followed with stops: each latency added at its return
         hists = {}
 
         def ret_for(target):
@@ -220,7 +221,7 @@ def run(args, command: list[str], on_done=None) -> int:
     report = Report(args.output)
     session = Session(args.pid, command, report, args.verbose, same_cpu=args.same_cpu, busy_wait_us=args.busy_wait)
     if latency and return_action is not None:
-        hists, ret_for = ReturnHistograms(session), None
+        hists = ReturnHistograms(session)  # kept in the tracee, read when shown
     # Ctrl-C, SIGTERM and SIGHUP are ours from the start: one that comes while the probes go
     # in ends the session right after, cleanly (never a KeyboardInterrupt mid-placement).
     session.install_signals()
