@@ -1,6 +1,6 @@
 """In-process return probes (x86/shadow.py, shadow_code.py): the entry routine and the return
 trampoline run here, in the test process, no ptrace. Small functions assembled with ``as`` are
-copied into an rwx page, jump-patched onto record trampolines (record.py) that call the entry
+copied into an rwx page, jump-patched onto routine-calling trampolines (record.py) that call the entry
 routine, and called through ctypes; the area is an mmap of this process."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from iced_x86 import Code, Decoder, Mnemonic
 
 from pyprobes.x86 import Region, find_region, jump_patch
-from pyprobes.x86.record import RECORD, RECORD_SIZE, RING_HEADER_SIZE, record_routine, record_trampoline
+from pyprobes.x86.record import RECORD, RECORD_SIZE, RING_HEADER_SIZE, record_routine, routine_trampoline
 from pyprobes.x86.shadow import (
     BUCKETS,
     SHADOW_CODE_BOUND,
@@ -154,7 +154,7 @@ def _u64(view, offset: int) -> int:
 
 
 class Live:
-    """Functions, their record trampolines, the routines and the area, in this process.
+    """Functions, their routine-calling trampolines, the routines and the area, in this process.
 
     code page: 0x0000 functions, 0x1000 trampolines (64 bytes each), 0x2000 hit counters and at
     0x2ff8 the pointer to the entry routine, 0x3000 entry routine, 0x3400 return trampoline,
@@ -191,7 +191,7 @@ class Live:
         region = find_region(bytes(self.code[offset:offset + size]), address, size, address)
         assert isinstance(region, Region), region
         slot = self.base + 0x1000 + 64 * probe_id
-        t = record_trampoline(region, slot, self.base + 0x2000 + 8 * probe_id, self.base + 0x2FF8, probe_id)
+        t = routine_trampoline(region, slot, self.base + 0x2000 + 8 * probe_id, self.base + 0x2FF8, probe_id)
         self.code[slot - self.base:slot - self.base + len(t.code)] = t.code
         self.code[offset:offset + region.length] = jump_patch(region, slot)
 

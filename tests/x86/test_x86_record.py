@@ -1,4 +1,4 @@
-"""record: the record trampoline and the shared record routine (x86/record.py).
+"""record: the record and routine-calling trampolines and the shared record routine (x86/record.py).
 
 Decoded at real high addresses (iced quietly uses absolute addressing for targets that fit 32
 bits), and the routine also run here, in this process, against a ring in our own memory."""
@@ -14,7 +14,7 @@ from pyprobes.x86 import TRAMPOLINE_SLOT_SIZE, Region, find_region
 from pyprobes.x86.decode import _FORMATTER
 from pyprobes.x86.record import (HEAD_OFFSET, LOST_OFFSET, PROBE_ID_OFFSET, RECORD, RECORD_ACTION_ROUTINE_OFFSET,
                                  RECORD_SIZE, RING_HEADER_SIZE, TAIL_OFFSET, record_action_routine,
-                                 record_action_trampoline, record_routine, record_trampoline)
+                                 record_action_trampoline, record_routine, routine_trampoline)
 
 FUNC = 0x7F12_3400_1000
 TRAMPOLINE = 0x7F12_3456_0000
@@ -41,7 +41,7 @@ def region_of(hexcode: str) -> Region:
 
 def test_trampoline_counts_calls_the_routine_and_runs_the_region():
     region = region_of("f30f1efa 488d4701 4801f0 c3")  # endbr64; lea rax,[rdi+1]; add rax,rsi; ret
-    t = record_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 7)
+    t = routine_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 7)
     assert texts(t.code, TRAMPOLINE) == [
         "lea rsp,[rsp-0x80]", "pushfq", f"lock inc qword ptr [{COUNTER:#x}]", "push r11",
         "mov r11d,7", f"call qword ptr [{POINTER:#x}]", "pop r11", "popfq", "lea rsp,[rsp+0x80]",
@@ -59,16 +59,16 @@ def test_the_longest_region_fits_a_slot():
     relocation keeps lengths, so the trampoline is its action + 19 + the jmp back."""
     region = region_of("488d4701 48818424 00010000 01000000 c3")  # lea; add qword [rsp+0x100],1
     assert region.length == 16
-    t = record_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 0xFFFF_FFFF)
+    t = routine_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 0xFFFF_FFFF)
     assert len(t.code) - region.length + 4 + 15 <= TRAMPOLINE_SLOT_SIZE
 
 
 def test_trampoline_refuses_what_it_cannot_encode():
     region = region_of("488d4701 4801f0 c3")
     with pytest.raises(ValueError):
-        record_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 1 << 32)
+        routine_trampoline(region, TRAMPOLINE, COUNTER, POINTER, 1 << 32)
     with pytest.raises(Exception, match="2 GiB"):
-        record_trampoline(region, TRAMPOLINE, COUNTER, TRAMPOLINE + (3 << 30), 1)
+        routine_trampoline(region, TRAMPOLINE, COUNTER, TRAMPOLINE + (3 << 30), 1)
 
 
 def test_routine_reserves_by_cmpxchg_and_publishes_last():

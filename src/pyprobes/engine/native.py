@@ -17,7 +17,7 @@ import ctypes
 import mmap
 
 from ..x86 import Region, find_region, jump_patch
-from ..x86.record import record_trampoline
+from ..x86.record import routine_trampoline
 from ..x86.shadow import (
     ShadowLayout,
     probe_page,
@@ -65,7 +65,7 @@ def _place(code: mmap.mmap, area: mmap.mmap, layout: ShadowLayout):
     code[0:len(_EMPTY_FUNCTION)] = _EMPTY_FUNCTION
     region = find_region(_EMPTY_FUNCTION, base, len(_EMPTY_FUNCTION), base)
     assert isinstance(region, Region), region
-    trampoline = record_trampoline(region, base + _TRAMPOLINE, base + _COUNTER, base + _POINTER, 0)
+    trampoline = routine_trampoline(region, base + _TRAMPOLINE, base + _COUNTER, base + _POINTER, 0)
     code[_TRAMPOLINE:_TRAMPOLINE + len(trampoline.code)] = trampoline.code
     code[_POINTER:_POINTER + 8] = (base + _ENTRY).to_bytes(8, "little")
     entry = shadow_entry_routine(base + _ENTRY, area_address, layout)

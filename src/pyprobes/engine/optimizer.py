@@ -35,7 +35,7 @@ from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, R
                    Trampoline, count_trampoline, find_region, jump_patch,
                    reached_addresses, stack_pointer, stack_words)
 from ..x86.action import flags_saved_by_lahf
-from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline, record_trampoline
+from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline, routine_trampoline
 from .probe import ProbePoint
 from .ring import Ring
 from .trampolines import _COUNTER, COUNTER_SIZE, TrampolineHost
@@ -209,7 +209,7 @@ class Optimizer:
         returns = self.engine.returns.inprocess
         pointer = PAGE_SIZE - 2 * COUNTER_SIZE
         _COUNTER.pack_into(view, pointer, returns.entry_routine)
-        return record_trampoline(region, slot.address, counter, counters + pointer, returns.shadow_id(probe))
+        return routine_trampoline(region, slot.address, counter, counters + pointer, returns.shadow_id(probe))
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a

@@ -19,13 +19,13 @@ routine's body; a record it drops it counts in the counter. Every hit is a commi
 a drop, so the tracer makes Probe.hits exact from the two (engine/optimizer.py), with no
 ``lock inc`` per hit (9 ns of some 50).
 
-The *routine-calling* trampoline (record_trampoline) is the shape other routines are called
+The *routine-calling* trampoline (routine_trampoline) is the shape other routines are called
 from (x86/shadow.py): the routine runs with r11 = a probe id, r11 and the flags saved by the
 trampoline, and the probed instruction's stack at rsp + ROUTINE_FRAME::
 
     lea rsp,[rsp-128]          ; step over the red zone
     pushfq
-    lock inc qword [rip+C]     ; the probe's counter: Probe.hits stays exact, drops included
+    lock inc qword [rip+C]     ; the probe's counter: Probe.hits stays exact
     push r11
     mov r11d, PROBE_ID
     call qword [rip+P]         ; P: the routine's address, a word of the counter page
@@ -60,9 +60,8 @@ from typing import Any
 
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
-from .action import encode, encode_action, flags_restore, flags_save, red_zone_step, rel32
+from .action import encode, encode_action, flags_restore, flags_save, red_zone_step
 from .optimize import Region, Trampoline, _assemble
-from .relocate import RelocationError
 
 __all__ = [
     "RECORD",
@@ -78,7 +77,7 @@ __all__ = [
     "record_action_routine",
     "record_action_trampoline",
     "record_routine",
-    "record_trampoline",
+    "routine_trampoline",
     "argument_registers",
     "thread_key",
 ]
@@ -101,10 +100,8 @@ ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 # rdtsc; shl rdx,32; or rax,rdx; ret: the tracer's own clock for calibration (System V ABI).
 TSC_READER = bytes.fromhex("0f31 48c1e220 4809d0 c3".replace(" ", ""))
 
-_ACTION_PUSHF = 5
-_CALL_RIP_LENGTH = 6
-# What a routine called by a record trampoline finds between its stack pointer and the probed
-# instruction's: the call's return address, r11, the flags image and the red zone. A routine
+# What a routine called by a routine-calling trampoline finds between its stack pointer and the
+# probed instruction's: the call's return address, r11, the flags image and the red zone. A routine
 # reads the probed function's return-address slot at rsp + ROUTINE_FRAME (x86/shadow.py).
 ROUTINE_FRAME = 8 + 8 + 8 + 128
 # In a counter page, the probe id of the record probe counting in a counter is this far past it.
@@ -238,47 +235,29 @@ def _record_items(ring_address: int, capacity: int, counted: bool) -> list:
     return items
 
 
-def _record_action(address: int, counter_address: int, pointer_address: int,
-                   probe_id: int) -> tuple[bytes, int]:
-    """The trampoline's action at ADDRESS and the offset of its popfq."""
+def routine_trampoline(region: Region, address: int, counter_address: int, pointer_address: int,
+                       probe_id: int) -> Trampoline:
+    """The routine-calling trampoline for REGION at ADDRESS: counts in COUNTER_ADDRESS and calls
+    the routine whose address is the word at POINTER_ADDRESS (both within ±2 GiB) with r11 =
+    PROBE_ID (below 2**32). The flags go through pushfq/popfq here (the lahf sequence would
+    not leave room in a 64-byte slot for the longest region); migration finishes a thread on the
+    popfq itself (Trampoline.finish_action)."""
+    if not 0 <= probe_id < 1 << 32:
+        raise ValueError(f"probe id {probe_id} does not fit 32 bits")
     R11 = Register.R11
     increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter_address))
     increment.has_lock_prefix = True
     call = Instruction.create_mem(Code.CALL_RM64, MemoryOperand(Register.RIP, displ=pointer_address))
-    items = [
-        Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, MemoryOperand(Register.RSP, displ=-128)),
-        Instruction.create(Code.PUSHFQ),
-        increment,
-        Instruction.create_reg(Code.PUSH_R64, R11),
-        Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.R11D, probe_id),
-        call,
-        Instruction.create_reg(Code.POP_R64, R11),
-    ]
-    code = b""
-    for item in items:
-        here = address + len(code)
-        if item is increment or item is call:
-            target = counter_address if item is increment else pointer_address
-            if rel32(here + (8 if item is increment else _CALL_RIP_LENGTH), target) is None:
-                raise RelocationError(f"counter page {target:#x} is beyond ±2 GiB of trampoline "
-                                      f"{address:#x}: place it near the trampoline")
-        code += encode(item, here)
-    popf = len(code)
-    code += encode(Instruction.create(Code.POPFQ), address + len(code))
-    code += encode(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP,
-                                               MemoryOperand(Register.RSP, displ=128)), address + len(code))
-    return code, popf
-
-
-def record_trampoline(region: Region, address: int, counter_address: int, pointer_address: int,
-                      probe_id: int) -> Trampoline:
-    """The ``record`` trampoline for REGION at ADDRESS: counts in COUNTER_ADDRESS and calls the
-    record routine whose address is the word at POINTER_ADDRESS (both within ±2 GiB) with
-    PROBE_ID (below 2**32)."""
-    if not 0 <= probe_id < 1 << 32:
-        raise ValueError(f"probe id {probe_id} does not fit 32 bits")
-    action, popf = _record_action(address, counter_address, pointer_address, probe_id)
-    return _assemble(region, address, action, ((address + _ACTION_PUSHF, 8),), popf)
+    down = red_zone_step(True)
+    head = [down, Instruction.create(Code.PUSHFQ), increment, Instruction.create_reg(Code.PUSH_R64, R11),
+            Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.R11D, probe_id), call,
+            Instruction.create_reg(Code.POP_R64, R11)]
+    action = encode_action(head, address, {head.index(increment): counter_address,
+                                           head.index(call): pointer_address})
+    popf = len(action)  # the tail: popfq, lea rsp,[rsp+128]
+    action += encode_action([Instruction.create(Code.POPFQ), red_zone_step(False)], address + popf, {})
+    pushf = address + len(encode(down, address))
+    return _assemble(region, address, action, ((pushf, 8),), popf)
 
 
 def record_action_trampoline(region: Region, address: int, counter_address: int,
