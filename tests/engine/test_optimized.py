@@ -67,6 +67,8 @@ def test_count_action_takes_no_handlers(procs, fixture):
         proc.probe("opt_lea", action="count", pre=lambda tid, regs: None)
     with pytest.raises(ProbeError, match="unknown probe action"):
         proc.probe("opt_lea", action="bogus")
+    with pytest.raises(ProbeError, match="unknown probe action"):  # a return probe's entry, internal
+        proc.probe("opt_lea", action="return")
     # A probe with a handler beside a count probe: the point stays a breakpoint.
     counted = proc.probe("opt_push", action="count")
     seen = []

@@ -290,3 +290,26 @@ def test_attach_optimize_detach_fifty_times(procs, fixture):
     results = run.results
     assert results[("calls",)]["bad"] == 0 and results[()]["sigtrap"] == 0
     assert results[("usr1",)] == {"got": 1, "outside": 0, "at": 0}
+
+
+def test_thread_parked_in_a_return_probes_entry_routine_when_its_probe_goes(procs, fixture):
+    """A thread parked inside the entry routine an in-process return probe's trampoline calls
+    (its return address in that trampoline) when the probe goes: removal runs it out of the
+    routine and the trampoline before the trampoline is garbage, so the collection that frees
+    it cannot pull the code from under the thread; the program runs on and its call returns."""
+    run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
+    proc = run.proc
+    run.run_until(r"^ready")
+    rp = proc.return_probe("tort_lea", action="count")
+    proc.run(timeout=0.05)
+    assert rp.mode == "optimized", rp.not_optimized
+    inprocess = proc.engine.returns.inprocess
+    entry, trampoline = inprocess.entry_routine, inprocess.trampoline
+    tid = park(proc, lambda rip: entry < rip < trampoline)  # past the routine's first instruction
+    rp.remove()
+    rip = proc.tracee.get_rip(tid)
+    assert not proc.engine.optimizer.contains(rip), hex(rip)  # neither routine nor trampoline
+    assert proc.trampolines.collect_garbage() == 1
+    proc.tracee.release(tid)
+    calls = finish(run, proc)
+    assert 0 < rp.hits <= calls["lea"]

@@ -350,10 +350,11 @@ class Optimizer:
         trampoline = opt.trampoline
         self._live.pop(trampoline.address, None)  # the original bytes are back: map, not step
         for tid in self._stopped_tids():
-            # In the record routine, it may have come from this trampoline, its hit neither a
-            # committed record nor a counted drop yet.
+            # In a routine a trampoline calls (the record routine, an in-process return probe's
+            # entry routine), it may have come from this trampoline: its return address is here
+            # (and its hit neither a committed record nor a counted drop yet).
             rip = self.tracee.get_rip(tid)
-            if trampoline.address <= rip < trampoline.end or self.ring.contains(rip):
+            if trampoline.address <= rip < trampoline.end or self._in_routine(rip):
                 self.migrate(tid)
         self.sync_point(point)
         point.optimized = None

@@ -91,6 +91,7 @@ class Process:
         pending=True: a PendingProbe, placed at once if SPEC's module is loaded, else the moment
         the dynamic loader maps it (dlopen); dropped if the library is unloaded, placed again if
         it comes back, and placed in the new program after an exec."""
+        _check_probe_action(action)
         if pending:
             return self.pending_probes.add(spec, pre=pre, post=post, boost=boost, action=action)
         targets = self.engine.targets(spec)
@@ -104,6 +105,7 @@ class Process:
                   action: str | None = None) -> list[Probe] | PendingProbe:
         """A probe at every function SPEC matches (globs: 'libc:str*'); pending=True: one
         PendingProbe holding them, matched again in each module as it is loaded."""
+        _check_probe_action(action)
         if pending:
             return self.pending_probes.add(spec, many=True, pre=pre, post=post, boost=boost,
                                            action=action)
@@ -432,6 +434,14 @@ class Process:
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+def _check_probe_action(action: str | None) -> None:
+    """The actions of probe() and probe_all(); "return" is an in-process return probe's entry,
+    which return_probe() places with its probe page."""
+    if action not in (None, "count", "record"):
+        raise ProbeError(f"unknown probe action {action!r}: 'count' or 'record' "
+                         "(return_probe(spec, action=...) for a return)")
 
 
 def spawn(argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None) -> Process:
