@@ -134,8 +134,7 @@ def named_rows(session: Session) -> list[tuple[dict, str]]:
         group: dict[tuple[str, str, int], dict] = {}
         for p in pp.history:
             is_live = id(p) in live
-            mode = return_mode(p) if isinstance(p, ReturnProbe) else p.mode if is_live else "unloaded"
-            mode = mode if is_live else "unloaded"
+            mode = (return_mode(p) if isinstance(p, ReturnProbe) else p.mode) if is_live else "unloaded"
             module = p.target.module
             key = (p.name, module.path, module.to_link(p.address))
             row = group.get(key)

@@ -66,10 +66,11 @@ class LiveCounts:
     def __enter__(self) -> "LiveCounts":
         from rich.live import Live
 
-        self._remember(self.snapshot(), self.clock())
+        rows = self.snapshot()
+        self._remember(rows, self.clock())
         # No refresh thread: the view is drawn from tick(), between two runs of the event loop,
         # so drawing never competes with the tracer for the interpreter.
-        self._live = Live(self._render(self.snapshot(), None), console=self.report.console,
+        self._live = Live(self._render(rows, None), console=self.report.console,
                           auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=True)
         self._live.__enter__()
         return self

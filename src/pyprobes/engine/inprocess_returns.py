@@ -71,8 +71,7 @@ class InProcessReturnProbe(ReturnProbe):
         self.reason = ""                     # why it is not in-process
         self._stats = (0, 0, 0, 0, 0)        # the page's returns, missed, dropped, sum, max at the last sync
         self._page_buckets: list[int] = [0] * sx.BUCKETS  # kept when the page goes (exec)
-        self._stop_buckets: list[int] = [0] * sx.BUCKETS  # returns seen the stop-based way
-        self._stop_sum = self._stop_max = 0
+        self._stopped = LatencyHistogram()   # returns seen the stop-based way
         self._inprocess: "InProcessReturns | None" = None
         self.handler = self._stop_return
         if action == "record":
@@ -89,17 +88,15 @@ class InProcessReturnProbe(ReturnProbe):
             return self.reason
         return self.entry_probe.not_optimized if self.entry_probe is not None else ""
 
-    def _buckets(self) -> list[int]:
-        owner = self._inprocess
-        page = owner.buckets(self) if owner is not None else None
-        return [a + b for a, b in zip(page or self._page_buckets, self._stop_buckets)]
-
     @property
     def histogram(self) -> LatencyHistogram:
         """The latencies of the returns so far (in-process ones with the trampolines' measured
         overhead subtracted, README), read from the probe page now."""
-        return LatencyHistogram.from_buckets(self._buckets(), sum_ns=self.total_latency_ns,
-                                             max_ns=self.max_latency_ns)
+        owner = self._inprocess
+        page = owner.buckets(self) if owner is not None else None
+        in_process = LatencyHistogram.from_buckets(page or self._page_buckets, sum_ns=self._stats[3],
+                                                   max_ns=self._stats[4])
+        return in_process.merge(self._stopped)
 
     @property
     def overhead_ns(self) -> float:
@@ -110,17 +107,15 @@ class InProcessReturnProbe(ReturnProbe):
 
     @property
     def total_latency_ns(self) -> int:
-        return self._stats[3] + self._stop_sum
+        return self._stats[3] + self._stopped.sum
 
     @property
     def max_latency_ns(self) -> int:
-        return max(self._stats[4], self._stop_max)
+        return max(self._stats[4], self._stopped.max or 0)
 
     def _stop_return(self, tid: int, value: int, ns: int, data: Any) -> None:
         """A return seen the stop-based way (its entry was a breakpoint): the same action."""
-        self._stop_buckets[sx.latency_bucket(ns)] += 1
-        self._stop_sum += ns
-        self._stop_max = max(self._stop_max, ns)
+        self._stopped.add(ns)
         if self.action == "record" and self._inprocess is not None:
             self._inprocess.ring.append(ReturnRecord(time.monotonic_ns(), tid, self, int(value), ns, data))
 
@@ -261,11 +256,10 @@ class InProcessReturns:
             rp.dropped += stats[2] - old[2]
             rp._stats = stats
 
-    def buckets(self, rp: InProcessReturnProbe) -> list[int] | None:
+    def buckets(self, rp: InProcessReturnProbe) -> tuple[int, ...] | None:
         if self.view is None or rp.shadow_id is None or rp._inprocess is not self:
             return None
-        start = self.layout.probe_offset(rp.shadow_id) + sx.PROBE_BUCKETS_OFFSET
-        return list(memoryview(self.view)[start:start + 8 * sx.BUCKETS].cast("Q"))
+        return sx.probe_buckets(self.view, self.layout, rp.shadow_id)
 
     def return_record(self, tsc: int, tid: int, probe: Any, args: tuple[int, ...],
                       to_ns: Callable[[int], int]) -> ReturnRecord:

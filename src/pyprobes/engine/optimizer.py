@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..slots import PAGE_SIZE, Slot, SlotCache, SlotMapError
-from ..symbols import CodeReader
 from ..tracee import Event, EventKind, Snapshot, ThreadState, Tracee, is_fault
 from ..x86 import (TRAMPOLINE_SLOT_SIZE, MidInstructionError, Refusal, Region, RelocationError,
                    Trampoline, count_trampoline, find_region, jump_patch,
-                   reached_addresses, stack_pointer, stack_words)
+                   stack_pointer, stack_words)
 from ..x86.action import flags_saved_by_lahf
 from ..x86.record import PROBE_ID_OFFSET, record_action_trampoline, routine_trampoline
 from .probe import ProbePoint
 from .ring import Ring
+from .sweep import ModuleSweep
 from .trampolines import _COUNTER, COUNTER_SIZE, TrampolineHost
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from .probe import Probe
     from .slothost import TraceeSlotHost
 
-_PF_X = 1  # an ELF segment's executable flag
 STACK_SCAN = 16 << 10  # bytes above RSP searched for addresses inside a region before patching
 
 
@@ -78,8 +77,7 @@ class Optimizer:
         self._trampolines: dict[int, Trampoline] = {}  # trampoline address -> code (garbage too)
         self.stats = {"optimized": 0, "unoptimized": 0, "retries": 0}
         self.ring = Ring(host, tracee)  # the record action's ring and routine (ring.py)
-        # module path -> (its ElfFile, every address a branch or RIP-relative operand reaches)
-        self._reached: dict[str, tuple[object, list[int]]] = {}
+        self._sweeps: dict[str, ModuleSweep] = {}  # module path -> what its code reaches
 
     # ------------------------------------------------------------------ queue
     @staticmethod
@@ -218,20 +216,12 @@ class Optimizer:
         module = point.module
         if module is None:
             return "code of an unknown module"
-        elf = module.elf
-        reached = self._reached.get(module.path)
-        if reached is None or reached[0] is not elf:
-            code = [(seg.vaddr, elf.read_vaddr(seg.vaddr, seg.filesz))
-                    for seg in elf.segments if seg.flags & _PF_X]
-            tables = CodeReader(elf).read  # each segment read once
-            reached = (elf, [a for vaddr, data in code for a in reached_addresses(data, vaddr, tables)])
-            reached[1].sort()
-            self._reached[module.path] = reached
-        targets = reached[1]
-        lo, hi = module.to_link(region.start), module.to_link(region.end)
-        at = bisect_right(targets, lo)
-        if at < len(targets) and targets[at] < hi:
-            return f"a branch or address in {module.name} (to {module.to_runtime(targets[at]):#x})"
+        sweep = self._sweeps.get(module.path)
+        if sweep is None or sweep.elf is not module.elf:
+            sweep = self._sweeps[module.path] = ModuleSweep(module.elf)
+        reached = sweep.reached_inside(module.to_link(region.start), module.to_link(region.end))
+        if reached is not None:
+            return f"a branch or address in {module.name} (to {module.to_runtime(reached):#x})"
         return None
 
     def _quiet(self, point: ProbePoint, region: Region, trampoline: Trampoline,
@@ -320,10 +310,11 @@ class Optimizer:
                 probe.hits += delta
 
     def sync(self) -> None:
-        """sync_point() for every optimised point (from our view of the counters: no syscall)."""
+        """sync_point() for every optimised point (from our view of the counters: no syscall),
+        the ring drained first (a record point's hits are its records drained)."""
+        self.ring.drain()
         for point in self.optimized.values():
             self.sync_point(point)
-        self.ring.drain()
         self.engine.returns.inprocess.sync()
 
     # ------------------------------------------------------------------ unoptimising

@@ -14,7 +14,6 @@ import difflib
 import fnmatch
 import os
 import re
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -22,10 +21,8 @@ from ..errors import PyprobesError
 from ..symbols import CodeReader, ElfError, ElfFile, Symbol, SymbolError, main_module, modules, resolve
 from ..symbols.elf import preference
 from ..x86 import (Kind, MidInstructionError, Refusal, RelocationError, classify, count_trampoline,
-                   find_region, instruction_at, reached_addresses, TRAMPOLINE_SLOT_SIZE)
-
-_PF_X = 1  # an ELF segment's executable flag
-
+                   find_region, instruction_at, TRAMPOLINE_SLOT_SIZE)
+from .sweep import ModuleSweep
 
 @dataclass(frozen=True)
 class FunctionPlan:
@@ -47,32 +44,13 @@ class FunctionPlan:
         return not self.not_optimized
 
 
-class _Module:
-    """One file's code, and (swept once, when first needed) every address a direct branch or a
-    RIP-relative operand anywhere in its executable segments reaches, at link time."""
-
-    def __init__(self, elf: ElfFile) -> None:
-        self.code = CodeReader(elf)
-        self._reached: list[int] | None = None
-
-    def reached_inside(self, start: int, end: int) -> int | None:
-        """The first address reached in (START, END), or None."""
-        if self._reached is None:
-            elf = self.code.elf
-            self._reached = sorted(a for seg in elf.segments if seg.flags & _PF_X
-                                   for a in reached_addresses(self.code.read(seg.vaddr, seg.filesz),
-                                                              seg.vaddr, self.code.read))
-        at = bisect_right(self._reached, start)
-        return self._reached[at] if at < len(self._reached) and self._reached[at] < end else None
-
-
-def _plan(module_name: str, address: int, name: str, module: _Module, sym: Symbol) -> FunctionPlan:
+def _plan(module_name: str, address: int, name: str, module: ModuleSweep, sym: Symbol) -> FunctionPlan:
     probe, instruction = _verdict(module.code, sym)
     why = "no probe can be placed here" if probe.startswith("refused") else _not_optimized(module, sym)
     return FunctionPlan(module_name, address, sym.size, name, probe, instruction, why)
 
 
-def _not_optimized(module: _Module, sym: Symbol) -> str:
+def _not_optimized(module: ModuleSweep, sym: Symbol) -> str:
     """Why a count-only probe at SYM's entry would not be jump-optimised ("" if it would be)."""
     try:
         data = module.code.read(sym.address, sym.size) if sym.size > 0 else b""
@@ -140,7 +118,7 @@ def functions_of_binary(path: str, pattern: str | None = None) -> list[FunctionP
         near = difflib.get_close_matches(stem, sorted({s.name for s in elf.functions}), n=5, cutoff=0.6)
         hint = f"; did you mean: {', '.join(near)}?" if near else ""
         raise SymbolError(f"no functions match {pattern!r} in {os.path.basename(path)}{hint}")
-    module = _Module(elf)
+    module = ModuleSweep(elf)
     name = os.path.basename(path)
     return [_plan(name, s.address, s.name, module, s) for s in syms]
 
@@ -151,14 +129,14 @@ def functions_of_process(pid: int, pattern: str | None = None) -> list[FunctionP
     unmatched spec), ProcessLookupError, PermissionError, LookupError."""
     mods = modules(pid)
     spec = pattern if pattern else f"{main_module(pid, mods).path}:*"
-    files: dict[int, _Module] = {}
+    files: dict[int, ModuleSweep] = {}
     out = []
     for t in resolve(pid, spec, mods):
         if t.symbol is None:
             continue
         module = files.get(id(t.module.elf))
         if module is None:
-            module = files[id(t.module.elf)] = _Module(t.module.elf)
+            module = files[id(t.module.elf)] = ModuleSweep(t.module.elf)
         sym = t.symbol
         out.append(_plan(t.module.name, t.address, sym.name + (f"+{t.offset:#x}" if t.offset else ""),
                          module, sym))

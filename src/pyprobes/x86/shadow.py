@@ -84,6 +84,7 @@ __all__ = [
     "latency_bucket",
     "latency_ns",
     "ns_per_tick_fixed",
+    "probe_buckets",
     "probe_page",
     "probe_stats",
     "probe_sum",
@@ -123,6 +124,7 @@ RECORD_ENTRY = 1   # flags: the entry routine appends an entry record (id: STATS
 RECORD_RETURN = 2  # flags: the return trampoline appends a return record (id: STATS field 7)
 PROBE_BUCKETS_OFFSET = 64
 BUCKETS = 496      # latency_bucket() of 2**64 - 1 is 495
+_BUCKETS = struct.Struct(f"<{BUCKETS}Q")
 # A return record in the ring (record.py's RECORD): TSC of the return, thread key, the probe id
 # with this bit set, and args = (rax, entry TSC, entry rdi, rsi, rdx, rcx).
 RETURN_RECORD_FLAG = 1 << 31
@@ -267,10 +269,14 @@ class ProbeStats(NamedTuple):
 def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
     """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum;
     sum_ns: probe_sum())."""
-    at = layout.probe_offset(probe_id)
-    buckets = struct.unpack_from(f"<{BUCKETS}Q", view, at + PROBE_BUCKETS_OFFSET)
-    _, missed, dropped, _, *rest = STATS.unpack_from(view, at)
+    buckets = probe_buckets(view, layout, probe_id)
+    _, missed, dropped, _, *rest = STATS.unpack_from(view, layout.probe_offset(probe_id))
     return ProbeStats(sum(buckets), missed, dropped, probe_sum(view, layout, probe_id), *rest, buckets)
+
+
+def probe_buckets(view: Buffer, layout: ShadowLayout, probe_id: int) -> tuple[int, ...]:
+    """The latency bucket counts of shadow probe PROBE_ID (bucket_bounds(i) for their ranges)."""
+    return _BUCKETS.unpack_from(view, layout.probe_offset(probe_id) + PROBE_BUCKETS_OFFSET)
 
 
 def probe_sum(view: Buffer, layout: ShadowLayout, probe_id: int) -> int:
