@@ -334,9 +334,7 @@ class PendingProbes:
         engine = self.engine
         if pp.kind == "return":
             handler = pp.handler_for(target) if pp.handler_for is not None else pp.handler
-            if handler is None and pp.entry is None and pp.action is not None:
-                return engine.returns.inprocess.add(target, pp.action, pp.maxactive)
-            return engine.returns.add(target, handler, entry=pp.entry, maxactive=pp.maxactive)
+            return engine.returns.add(target, handler, entry=pp.entry, maxactive=pp.maxactive, action=pp.action)
         pre = pp.pre_for(target) if pp.pre_for is not None else pp.pre
         # A factory's handler for this target makes it a breakpoint probe; without one, the action.
         action = pp.action if pre is None and pp.post is None else None

@@ -130,9 +130,8 @@ class Process:
         if pending:
             return self.pending_probes.add(spec, kind="return", handler=handler, entry=entry,
                                            maxactive=maxactive, action=action)
-        if action is not None:
-            return self.engine.returns.inprocess.add(self._one_function(spec), action, maxactive)
-        return self.engine.returns.add(self._one_function(spec), handler, entry=entry, maxactive=maxactive)
+        return self.engine.returns.add(self._one_function(spec), handler, entry=entry, maxactive=maxactive,
+                                       action=action)
 
     def _one_function(self, spec: str | int) -> Target:
         if isinstance(spec, str) and spec.endswith("%return"):

@@ -149,7 +149,12 @@ class ReturnProbes:
 
     # ------------------------------------------------------------------ placing
     def add(self, target: Target, handler: ReturnHandler | None, entry: EntryHandler | None = None,
-            maxactive: int = DEFAULT_MAXACTIVE) -> ReturnProbe:
+            maxactive: int = DEFAULT_MAXACTIVE, action: str | None = None) -> ReturnProbe:
+        """A return probe at TARGET: with HANDLER (or ENTRY) followed with two stops per call;
+        with neither and an ACTION ("count", "hist", "record"), inside the process where its
+        entry takes a jump (inprocess_returns.py)."""
+        if action is not None and handler is None and entry is None:
+            return self.inprocess.add(target, action, maxactive)
         if target.symbol is None or target.offset != 0:
             raise ProbeError(f"a return probe goes on a function's entry, not {target.name}")
         if maxactive < 1:
