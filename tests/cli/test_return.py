@@ -56,7 +56,8 @@ def test_count_returns(ret):
     assert r.returncode == 0, r.stderr
     rows = by_symbol(last_json(r.stderr))
     assert rows["ret_val%return"]["hits"] == rows["ret_outer%return"]["hits"] == rows["ret_val"]["hits"] == 30
-    assert rows["ret_val%return"]["mode"] == "return" and rows["ret_val%return"]["missed"] == 0
+    # the count probe on ret_val shares the return probe's entry trampoline: both in the process
+    assert rows["ret_val%return"]["mode"] == "return optimized" and rows["ret_val%return"]["missed"] == 0
     assert "latency_ns" not in rows["ret_val%return"]
 
 
@@ -67,17 +68,20 @@ def test_glob_return_probes(ret):
     assert {k: v["hits"] for k, v in rows.items()} == {"ret_val%return": 4, "ret_outer%return": 4}
 
 
-def test_latency_histogram_json(ret):
+@pytest.mark.parametrize("flags", [(), ("--no-optimize",)])
+def test_latency_histogram_json(ret, flags):
     n = 40
-    r = cli("count", "--json", "--latency", "ret_val%return", "ret_val", "--", str(ret), str(n))
+    r = cli("count", "--json", "--latency", *flags, "ret_val%return", "ret_val", "--", str(ret), str(n))
     assert r.returncode == 0, r.stderr
     rows = by_symbol(last_json(r.stderr))
     lat = rows["ret_val%return"]["latency_ns"]
     assert lat["count"] == n == rows["ret_val%return"]["hits"]
     assert sum(b[2] for b in lat["hist"]) == n
-    assert 0 < lat["min"] <= lat["mean"] <= lat["max"]
+    # In the process, pyprobes' own measured cost is subtracted: a call this short may read 0
+    # ns (bpftrace's [0] bucket); with stops every latency is well above it.
+    assert (0 < lat["min"] if flags else 0 <= lat["min"]) and lat["min"] <= lat["mean"] <= lat["max"]
     for lo, hi, _ in lat["hist"]:
-        assert hi == 2 * lo and lo & (lo - 1) == 0  # log2 buckets [2^k, 2^(k+1))
+        assert (lo, hi) == (0, 1) or (hi == 2 * lo and lo & (lo - 1) == 0)  # log2 buckets [2^k, 2^(k+1))
     assert lat["hist"][0][0] <= lat["min"] < lat["hist"][0][1]
     assert lat["hist"][-1][0] <= lat["max"] < lat["hist"][-1][1]
     assert "latency_ns" not in rows["ret_val"]  # entry probes have none

@@ -113,7 +113,8 @@ def test_thread_parked_in_the_action_when_its_probe_goes(procs, fixture):
     proc.run(timeout=0.05)  # the others run on; the parked one stays
     assert proc.tracee.get_rip(tid) == saving
     lea.remove()
-    assert proc.tracee.get_rip(tid) == region.start  # through the action, mapped back
+    # through the action and the probed instruction (its hit counted), mapped back after it
+    assert proc.tracee.get_rip(tid) == region.end
     stats = proc.trampolines.stats()
     assert stats["garbage"] == 1
     assert proc.trampolines.collect_garbage() == 1
@@ -313,3 +314,22 @@ def test_thread_parked_in_a_return_probes_entry_routine_when_its_probe_goes(proc
     proc.tracee.release(tid)
     calls = finish(run, proc)
     assert 0 < rp.hits <= calls["lea"]
+
+
+def test_thread_on_the_first_relocated_instruction_when_the_point_is_a_breakpoint_again(procs, fixture):
+    """A thread parked on the trampoline's first relocated instruction (its hit counted by the
+    action) when a probe with a handler joins the point, which goes back to an int3 under the
+    same freeze: the thread runs that instruction where it is, not again under the int3, so
+    the count stays exact (one more otherwise)."""
+    run = procs.spawn(fixture("opt_torture"), THREADS, 0, stdin_pipe=True)
+    proc = run.proc
+    lea = optimized(run, "tort_lea")
+    trampoline = lea.point.optimized.trampoline
+    first = trampoline.address + trampoline.relocated_offset
+    tid = park(proc, lambda rip: rip == first)
+    seen = []
+    proc.probe("tort_lea", pre=lambda tid, regs: seen.append(tid))  # the point: a breakpoint again
+    assert lea.mode != "optimized" and not trampoline.address <= proc.tracee.get_rip(tid) < trampoline.end
+    proc.tracee.release(tid)
+    calls = finish(run, proc)
+    assert lea.hits == calls["lea"] and 0 < len(seen) < lea.hits

@@ -75,6 +75,72 @@ def test_return_values_and_arguments_recorded(procs, fixture):
     assert all(0 <= r.latency_ns < 10**9 for r in returns)
 
 
+def test_entry_records_and_return_records_share_one_trampoline(procs, fixture):
+    """A record probe and a record return probe on one function (`trace f f%return`): one
+    trampoline, whose entry routine appends the entry records too, no stop; each call an entry
+    record then its return record, in time order per thread. Removing the record probe leaves
+    the return probe in the process, with no entry record after."""
+    n, threads = 3000, 2
+    run = procs.spawn(fixture("ret_inproc"), n, threads)
+    proc = run.proc
+    proc.ring_capacity = 1 << 16  # every record fits: none lost between two drains
+    entry = proc.probe("ret_sq", action="record")
+    sq = proc.return_probe("ret_sq", action="record")
+    _in_process(proc, sq)
+    assert entry.mode == "optimized" and entry.point is sq.entry_probe.point
+    records = []
+    while True:
+        code = proc.run(timeout=0.05)
+        records += proc.records()
+        if code is not None:
+            break
+    assert code == 0, run.text
+    records += proc.records()
+    assert proc.lost_records == 0
+    calls = n * threads
+    entries = [r for r in records if not isinstance(r, ReturnRecord)]
+    returns = [r for r in records if isinstance(r, ReturnRecord)]
+    assert entry.hits == sq.hits == len(entries) == len(returns) == calls
+    assert all(r.probe is entry for r in entries) and all(r.probe is sq for r in returns)
+    assert sorted(r.args[0] for r in entries) == sorted(list(range(1, n + 1)) * threads)
+    for tid in {r.tid for r in records}:
+        mine = sorted((r for r in records if r.tid == tid), key=lambda r: r.time_ns)
+        assert [type(r) is ReturnRecord for r in mine] == [False, True] * (len(mine) // 2)
+        assert all(a.args[0] == b.args[0] for a, b in zip(mine[::2], mine[1::2]))
+
+
+def test_count_probe_beside_a_return_probe_stays_optimized(procs, fixture):
+    """`count f f%return`: the return probe's entry trampoline counts every call for both."""
+    n, threads = 20_000, 4
+    run = procs.spawn(fixture("ret_inproc"), n, threads)
+    proc = run.proc
+    counted = proc.probe("ret_outer", action="count")
+    outer = proc.return_probe("ret_outer", action="count")
+    _in_process(proc, outer)
+    assert counted.mode == "optimized"
+    assert proc.run() == 0, run.text
+    assert counted.hits == outer.hits == n * threads == _calls(run.text)[1]
+
+
+def test_removing_the_record_probe_beside_a_return_probe(procs, fixture):
+    """The point's trampoline is made again for what is left: the return probe alone, still in
+    the process, and no entry record of the removed probe after its removal."""
+    n, threads = 200_000, 2
+    run = procs.spawn(fixture("ret_inproc"), n, threads)
+    proc = run.proc
+    entry = proc.probe("ret_sq", action="record")
+    sq = proc.return_probe("ret_sq", action="count")
+    _in_process(proc, sq)
+    proc.run(timeout=0.05)
+    entry.remove()
+    proc.records()  # what it recorded before
+    code = proc.run()
+    assert code == 0, run.text
+    assert sq.mode == "optimized"
+    assert [r for r in proc.records() if r.probe is entry] == []
+    assert sq.hits == n * threads
+
+
 def test_recursion_past_the_depth_limit(procs, fixture):
     depth, rounds = 200, 3
     run = procs.spawn(fixture("ret_recurse"), depth, rounds)

@@ -152,13 +152,16 @@ class Engine:
         if point.optimized is not None:
             optimizer.sync_point(point)  # what was counted so far goes to the probes enabled so far
         point.refresh()
-        want = bool(point.counting or point.pre or point.post) and not point.removed
         if point.optimized is not None:
             if optimizer.wants(point):
                 return
-            optimizer.unoptimize(point)
-        elif want:
-            optimizer.queue(point)
+            optimizer.unoptimize(point)  # armed under its freeze; queued again if still wanted
+        optimizer.queue(point)
+        self.set_armed(point)
+
+    def set_armed(self, point: ProbePoint) -> None:
+        """The int3 at POINT exactly while an enabled probe wants it and no jmp is there."""
+        want = bool(point.counting or point.pre or point.post) and not point.removed and point.optimized is None
         if want and not point.armed:
             self.rescue.arm(point)
             self.tracee.breakpoints.insert(point.address)

@@ -204,7 +204,7 @@ class InProcessReturns:
             rp.shadow_id = len(self.probes)
             self.probes.append(rp)
             offset = self.layout.probe_offset(rp.shadow_id)
-            page = sx.probe_page(sx.RECORD_RETURN, return_record_id=self._record_returns(rp)) \
+            page = sx.probe_page(sx.RECORD_RETURN, return_record_id=self._ring_id(rp)) \
                 if action == "record" else sx.probe_page()
             self.view[offset:offset + len(page)] = page
             rp.entry_probe = returns.place_entry(rp, action="return")
@@ -224,12 +224,23 @@ class InProcessReturns:
             return "another in-process return probe is on this function (both are followed with stops)"
         return ""
 
-    def _record_returns(self, rp: InProcessReturnProbe) -> int:
-        """The ring (made now if need be) for RP's return records: its probe id there."""
+    def _ring_id(self, probe: Any) -> int:
+        """PROBE's id in the ring the routines append records to (made now if need be)."""
         routine = self.ring.ensure(self.area)
         _WORD.pack_into(self.view, sx.HEADER_RECORD_ROUTINE, routine)
         self.ring.returns = self
-        return self.ring.probe_id(rp)
+        return self.ring.probe_id(probe)
+
+    def record_entries(self, probe: "Probe", recorder: "Probe | None") -> None:
+        """The entry routine appends an entry record of RECORDER (a record probe sharing the
+        trampoline of PROBE, a return probe's entry) at each call it follows; None: none. A call
+        not followed (the depth or the thread table exhausted) has no entry record."""
+        page = self.layout.probe_offset(self._by_entry[probe].shadow_id)
+        flags = _WORD.unpack_from(self.view, page + sx.PROBE_FLAGS_OFFSET)[0] & ~sx.RECORD_ENTRY
+        entry_id = 0 if recorder is None else self._ring_id(recorder)
+        # word by word: the words around them are the code's, counted as the program runs
+        _WORD.pack_into(self.view, page + sx.PROBE_ENTRY_ID_OFFSET, entry_id)
+        _WORD.pack_into(self.view, page + sx.PROBE_FLAGS_OFFSET, flags | (sx.RECORD_ENTRY if recorder else 0))
 
     def breakpoint_handler(self, probe: "Probe") -> Callable[[int, Any], None]:
         """The entry probe's pre-handler while it is a breakpoint: the stop-based entry."""

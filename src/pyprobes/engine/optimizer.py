@@ -59,6 +59,7 @@ class Optimized:
     counter: int
     synced: int = 0
     record_id: int | None = None
+    actions: frozenset = frozenset()  # of the probes it was made for: another set needs another one
 
 
 class Optimizer:
@@ -82,7 +83,10 @@ class Optimizer:
     # ------------------------------------------------------------------ queue
     @staticmethod
     def wants(point: ProbePoint) -> bool:
-        return point.may_optimize and bool(point.counting) and not point.removed
+        if not (point.may_optimize and point.counting and not point.removed):
+            return False
+        opt = point.optimized
+        return opt is None or opt.actions == _actions(point)
 
     def queue(self, point: ProbePoint) -> None:
         if point.optimized is None and not point.not_optimized and self.wants(point):
@@ -178,7 +182,7 @@ class Optimizer:
             return None
         counter = self.host.counter(slot)
         try:
-            if point.probes[0].action in ("record", "return"):
+            if _actions(point) & {"record", "return"}:
                 trampoline = self._calling_trampoline(point, region, slot, counter)
             else:
                 trampoline = count_trampoline(region, slot.address, counter)
@@ -196,18 +200,21 @@ class Optimizer:
         """The record and return actions' trampoline: a call to a shared routine through a word of
         its counter page (the ring's action routine's the last, the in-process return probes'
         entry routine's the one before: both kinds share pages). The record action routine finds
-        its probe id PROBE_ID_OFFSET past the counter; the entry routine gets it in r11."""
-        probe = point.probes[0]
+        its probe id PROBE_ID_OFFSET past the counter; the entry routine gets it in r11 (and
+        appends the entry records of a record probe beside the return probe's entry)."""
+        returner = _first(point, "return")
+        recorder = _first(point, "record")
         view, counters = self.host.views[slot.page], self.host.counters[slot.page]
-        if probe.action == "record":
+        if returner is None:
             self.ring.ensure(region.start)
             _COUNTER.pack_into(view, PAGE_SIZE - COUNTER_SIZE, self.ring.action_routine)
-            _COUNTER.pack_into(view, slot.index * COUNTER_SIZE + PROBE_ID_OFFSET, self.ring.probe_id(probe))
+            _COUNTER.pack_into(view, slot.index * COUNTER_SIZE + PROBE_ID_OFFSET, self.ring.probe_id(recorder))
             return record_action_trampoline(region, slot.address, counter, counters + PAGE_SIZE - COUNTER_SIZE)
         returns = self.engine.returns.inprocess
+        returns.record_entries(returner, recorder)
         pointer = PAGE_SIZE - 2 * COUNTER_SIZE
         _COUNTER.pack_into(view, pointer, returns.entry_routine)
-        return routine_trampoline(region, slot.address, counter, counters + pointer, returns.shadow_id(probe))
+        return routine_trampoline(region, slot.address, counter, counters + pointer, returns.shadow_id(returner))
 
     def _branch_into(self, point: ProbePoint, region: Region) -> str | None:
         """What in the point's module (any function: hand-written code jumps into others, a
@@ -285,9 +292,11 @@ class Optimizer:
             point.armed = False
             self.engine.rescue.disarm(point)  # no int3 left here for a dead tracer's rescue to undo
         breakpoints.patch(region.start, jump_patch(region, slot.address))
-        first = point.probes[0]
-        record_id = self.ring.probe_id(first) if first.action == "record" else None
-        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id)
+        actions = _actions(point)
+        # A record trampoline's counter counts its drops, its records the rest; a return probe's
+        # entry trampoline counts every call, for every probe of the point.
+        record_id = self.ring.probe_id(_first(point, "record")) if actions == {"record"} else None
+        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id, actions=actions)
         self.optimized[point.address] = point
         self._live[slot.address] = point
         self._trampolines[slot.address] = trampoline
@@ -319,8 +328,9 @@ class Optimizer:
 
     # ------------------------------------------------------------------ unoptimising
     def unoptimize(self, point: ProbePoint) -> None:
-        """Put the original bytes back (every thread frozen), count the hits of threads inside
-        the trampoline's action, and free the trampoline dirty. The caller re-arms the int3."""
+        """Put the original bytes back and the int3 over them if a probe still wants the point,
+        under one freeze (no thread runs the bare original between the jmp and the int3), count
+        the hits of threads inside the trampoline's action, and free the trampoline dirty."""
         opt = point.optimized
         if opt is None:
             return
@@ -329,6 +339,7 @@ class Optimizer:
             self.tracee.freeze()
         try:
             self._restore(point)
+            self.engine.set_armed(point)
         finally:
             if own_freeze:
                 self.tracee.thaw()
@@ -367,7 +378,6 @@ class Optimizer:
             opt = point.optimized
             if point.address < address < opt.region.end:
                 self.unoptimize(point)
-                self.engine.update_point(point)
 
     def abandon(self, point: ProbePoint) -> None:
         """POINT's library is unmapped: forget its patch without writing; its trampoline is garbage."""
@@ -384,9 +394,10 @@ class Optimizer:
     # ------------------------------------------------------------------ migration
     def migrate(self, tid: int) -> bool:
         """Move a stopped thread out of the trampolines. The action is single-stepped out (the
-        hit counted, the red zone and flags given back); in the relocated part, a trampoline whose
-        patch is gone maps RIP to the original instruction, a live one is stepped out through
-        its jmp back (the original bytes past region.start are the jmp's)."""
+        hit counted, the red zone and flags given back) and through the first relocated
+        instruction (the probed one); further in the relocated part, a trampoline whose patch is
+        gone maps RIP to the original instruction, a live one is stepped out through its jmp back
+        (the original bytes past region.start are the jmp's)."""
         tracee = self.tracee
         pc = tracee.get_rip(tid)
         moved = False
@@ -404,7 +415,10 @@ class Optimizer:
             if trampoline is not None and trampoline.finish_action(tracee, self.memory, tid, pc):
                 pc = tracee.get_rip(tid)
                 continue
-            if trampoline is None or trampoline.in_action(pc) or live or new is None:
+            # The first relocated instruction is the probed one, whose hit the action counted: it
+            # runs here, never again under the point's int3 (back at once if still wanted).
+            counted = trampoline is not None and pc == trampoline.address + trampoline.relocated_offset
+            if trampoline is None or trampoline.in_action(pc) or live or new is None or counted:
                 event = tracee.step(tid)
                 if trampoline is not None:
                     trampoline.after_step(tracee, self.memory, tid, pc)
@@ -455,3 +469,12 @@ class Optimizer:
         """Detach, after unoptimize_all and migration: unmap every trampoline and counter page."""
         self.cache.release_all()
         self.ring.release()
+
+
+def _actions(point: ProbePoint) -> frozenset:
+    """The actions of POINT's enabled probes: what its trampoline does."""
+    return frozenset(p.action for p in point.counting)
+
+
+def _first(point: ProbePoint, action: str) -> "Probe | None":
+    return next((p for p in point.counting if p.action == action), None)

@@ -99,8 +99,11 @@ class ProbePoint:
         if not self.probes:
             return  # the last probe went: the point keeps the mode it had
         self.may_boost = all(p.boost for p in self.probes) and not self.post and not self.step_only
+        # One trampoline does one action, or a return probe's entry and one more: the entry
+        # routine it calls also appends the entry records, its counter counts every call.
         actions = {p.action for p in self.probes}
-        self.may_optimize = len(actions) == 1 and actions <= {"count", "record", "return"}
+        self.may_optimize = actions <= {"count", "record", "return"} and len(actions - {"return"}) <= 1 \
+            and sum(p.action == "return" for p in self.probes) <= 1
         if not self.may_boost:
             self.boosted = False
 
@@ -216,8 +219,8 @@ def check_action(target: Any, point: ProbePoint | None, action: str | None,
         raise ProbeError(f"a probe with action={action!r} has no handlers")
     # A probe with handlers (action None) keeps the point a breakpoint, where each probe
     # does its own (a record probe records from the tracer, a return probe's entry follows the
-    # call the stop-based way): they mix. Two actions could only share a trampoline that does
-    # both, which there is not.
+    # call the stop-based way): they mix. Count and record could only share a trampoline that
+    # does both, which there is not; a return probe's entry routine also records entries.
     actions = {action, *(p.action for p in point.probes)} if point is not None else set()
     if "record" in actions and len(actions - {None, "return"}) > 1:
         raise ProbeError(f"{target.spec}: the probes at {target.address:#x} share one action; "

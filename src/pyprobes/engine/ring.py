@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ..slots import PAGE_SIZE
 from ..tracee import ProcessExited
-from ..x86.record import (RECORD, RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RING_MAGIC,
+from ..x86.record import (RECORD_SIZE, RING_HEADER, RING_HEADER_SIZE, RING_MAGIC,
                           RECORD_ACTION_ROUTINE_OFFSET, RING_VERSION, TSC_READER, argument_registers,
                           record_action_routine, record_routine, thread_key)
 from ..x86.record import HEAD_OFFSET, LOST_OFFSET, TAIL_OFFSET

@@ -67,6 +67,8 @@ __all__ = [
     "Frame",
     "HEADER",
     "PROBE_BUCKETS_OFFSET",
+    "PROBE_ENTRY_ID_OFFSET",
+    "PROBE_FLAGS_OFFSET",
     "RECORD_ENTRY",
     "RECORD_RETURN",
     "RETURN_RECORD_FLAG",
@@ -120,6 +122,7 @@ THREAD_DEPTH = 8         # the depth's offset in a table entry
 # sum of latencies: each thread entry sums its own, unlocked, and probe_sum() adds them up),
 # max latency (ns), flags, the ring probe id of its entry records, of its return records.
 STATS = struct.Struct("<QQQQQQQQ")
+PROBE_FLAGS_OFFSET, PROBE_ENTRY_ID_OFFSET = 40, 48  # STATS fields 5 and 6: the tracer's to change
 RECORD_ENTRY = 1   # flags: the entry routine appends an entry record (id: STATS field 6)
 RECORD_RETURN = 2  # flags: the return trampoline appends a return record (id: STATS field 7)
 PROBE_BUCKETS_OFFSET = 64
