@@ -25,6 +25,20 @@ def _in_process(proc, *rps) -> None:
         assert rp.mode == "optimized", (rp, rp.not_optimized)
 
 
+def _run_recording(run) -> list:
+    """Run the fixture to its end, draining the records as it goes; none may be lost."""
+    proc, records = run.proc, []
+    while True:
+        code = proc.run(timeout=0.05)
+        records += proc.records()
+        if code is not None:
+            break
+    assert code == 0, run.text
+    records += proc.records()
+    assert proc.lost_records == 0
+    return records
+
+
 def _calls(text: str) -> tuple[int, int, int]:
     m = re.search(r"^calls sq (\d+) outer (\d+) bad (\d+)$", text, re.M)
     assert m, text
@@ -55,15 +69,7 @@ def test_return_values_and_arguments_recorded(procs, fixture):
     proc = run.proc
     sq = proc.return_probe("ret_sq", action="record")
     _in_process(proc, sq)
-    records = []
-    while True:
-        code = proc.run(timeout=0.05)
-        records += proc.records()
-        if code is not None:
-            break
-    assert code == 0, run.text
-    records += proc.records()
-    assert proc.lost_records == 0
+    records = _run_recording(run)
     returns = [r for r in records if isinstance(r, ReturnRecord)]
     assert len(returns) == n * threads == sq.hits
     assert all(r.probe is sq for r in returns)
@@ -88,15 +94,7 @@ def test_entry_records_and_return_records_share_one_trampoline(procs, fixture):
     sq = proc.return_probe("ret_sq", action="record")
     _in_process(proc, sq)
     assert entry.mode == "optimized" and entry.point is sq.entry_probe.point
-    records = []
-    while True:
-        code = proc.run(timeout=0.05)
-        records += proc.records()
-        if code is not None:
-            break
-    assert code == 0, run.text
-    records += proc.records()
-    assert proc.lost_records == 0
+    records = _run_recording(run)
     calls = n * threads
     entries = [r for r in records if not isinstance(r, ReturnRecord)]
     returns = [r for r in records if isinstance(r, ReturnRecord)]
