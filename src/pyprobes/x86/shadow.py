@@ -90,6 +90,7 @@ __all__ = [
     "probe_page",
     "probe_stats",
     "probe_sum",
+    "probe_sums",
     "shadow_header",
     "thread_frames",
     "thread_hash",
@@ -269,12 +270,14 @@ class ProbeStats(NamedTuple):
     buckets: tuple[int, ...]  # BUCKETS counts, bucket_bounds(i) for their ranges
 
 
-def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int) -> ProbeStats:
+def probe_stats(view: Buffer, layout: ShadowLayout, probe_id: int,
+                sums: list[int] | None = None) -> ProbeStats:
     """The statistics of shadow probe PROBE_ID in the area VIEW (returns: the buckets' sum;
-    sum_ns: probe_sum())."""
+    sum_ns: probe_sum(), or SUMS[PROBE_ID] given probe_sums() for many probes)."""
     buckets = probe_buckets(view, layout, probe_id)
     _, missed, dropped, _, *rest = STATS.unpack_from(view, layout.probe_offset(probe_id))
-    return ProbeStats(sum(buckets), missed, dropped, probe_sum(view, layout, probe_id), *rest, buckets)
+    total = probe_sum(view, layout, probe_id) if sums is None else sums[probe_id]
+    return ProbeStats(sum(buckets), missed, dropped, total, *rest, buckets)
 
 
 def probe_buckets(view: Buffer, layout: ShadowLayout, probe_id: int) -> tuple[int, ...]:
@@ -286,12 +289,18 @@ def probe_sum(view: Buffer, layout: ShadowLayout, probe_id: int) -> int:
     """The latencies (ns) of shadow probe PROBE_ID summed over every claimed thread entry
     (an entry keeps its sums when its thread exits: they only grow), mod 2**64."""
     layout.probe_offset(probe_id)  # the range check
-    total = 0
+    return probe_sums(view, layout)[probe_id]
+
+
+def probe_sums(view: Buffer, layout: ShadowLayout) -> list[int]:
+    """probe_sum() of every shadow probe id, in one pass over the thread table."""
+    sums = struct.Struct(f"<{layout.probes}Q")
+    totals = [0] * layout.probes
     for index in range(layout.threads):
         at = layout.thread_offset(index)
         if _word(view, at):
-            total += _word(view, at + layout.sums_offset + 8 * probe_id)
-    return total & _U64
+            totals = [a + b for a, b in zip(totals, sums.unpack_from(view, at + layout.sums_offset))]
+    return [t & _U64 for t in totals]
 
 
 def probe_page(flags: int = 0, entry_record_id: int = 0, return_record_id: int = 0) -> bytes:
