@@ -25,10 +25,11 @@ examples:
   pyprobes count --folded -o out.folded f -- ./prog flame-graph folded stacks: root;...;leaf COUNT
 
 PROBE is [MODULE:]SYMBOL[+OFFSET] or MODULE:0xADDR; SYMBOL may be a glob ('libc:str*');
-SYMBOL%return counts returns. An entry probe is jump-optimised where the function's entry
-allows it (mode "optimized": counted inside the process, no stop per hit; `pyprobes list`
-says where and why not); the others are breakpoints (boosted, emulated or stepped), as are
-%return probes and every probe with --no-optimize. A PROBE in a library that is not loaded
+SYMBOL%return counts returns. A probe is jump-optimised where the function's entry allows it
+(mode "optimized", "return optimized": counted inside the process, no stop per call, a return's
+latency with pyprobes' own measured cost taken out; `pyprobes list` says where and why not);
+the others are breakpoints (boosted, emulated or stepped, "return": two stops per call), as is
+every probe with --no-optimize. A PROBE in a library that is not loaded
 yet is pending (mode "pending") until the program loads it; probes of a library it unloads
 show mode "unloaded".
 --stacks and --folded unwind each hit's stack with the modules' .eh_frame, so every probe

@@ -43,11 +43,12 @@ most 256 bytes, "..." when cut) or double (xmm0, xmm1... for a function). In JSO
 holds these typed values. Both need a stop to read memory: those probes are breakpoints.
 A return (SYMBOL%return): the return value (rax) in hex, or typed by the debug info,
 and the time since the call; JSON: {"time_s", "tid", "probe", "retval", "latency_ns"}.
-Other entry probes record each hit inside the process where the entry allows it (a ring in
-shared memory, read every 0.2 s: lines come in batches, in time order within each); "N records
-lost" at the end when the ring was full at times (the program never waits for pyprobes). Typed
-arguments need a stop to read memory, so those probes are breakpoints; with a %return probe, or
---no-optimize, every probe is a breakpoint (calls and returns print in order).
+Entry probes and returns are recorded inside the process where the function's entry allows it
+(a ring in shared memory, read every 0.2 s: lines come in batches, in time order within each;
+the latency has pyprobes' own measured cost taken out); "N records lost" at the end when the
+ring was full at times (the program never waits for pyprobes). Typed arguments and typed return
+values need a stop to read memory, so those probes are breakpoints, as is every probe with
+--no-optimize.
 --stack: the hit's frames (module:symbol+0xoff), unwound with the modules' .eh_frame;
 JSON: "stack": [frames, innermost first]. A probe with a stack is a breakpoint.
 --perfetto FILE: a Perfetto trace (open it at https://ui.perfetto.dev, "Open trace file"):
