@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 
 import pytest
 
 from pyprobes import ReturnRecord
-from pyprobes.x86.shadow import thread_frames
+from pyprobes.x86.shadow import THREAD_DEPTH, claimed_entries, thread_frames
 
 from .conftest import maps, text_differences
 from .test_unwind import N as THROW_N, expected as throw_expected
@@ -137,6 +138,24 @@ def test_removing_the_record_probe_beside_a_return_probe(procs, fixture):
     assert sq.mode == "optimized"
     assert [r for r in proc.records() if r.probe is entry] == []
     assert sq.hits == n * threads
+
+
+def test_vfork_child_on_its_parents_shadow_stack(procs, fixture):
+    """A vfork child without a TLS of its own (clone CLONE_VM|CLONE_VFORK) runs on its parent
+    thread's shadow stack, with a stack pointer above the parent's frames: its call drops them
+    as dead and pushes its own. The parent's entry is given back as it was when the child is
+    done (VFORK_DONE): the parent's return finds its frame (ud2, SIGILL, before), and the
+    child's drop is not counted."""
+    rounds = 3
+    run = procs.spawn(fixture("ret_vfork"), rounds)
+    proc = run.proc
+    outer = proc.return_probe("outer", action="count")
+    inner = proc.return_probe("inner", action="count")
+    _in_process(proc, outer, inner)
+    assert proc.run() == 0, run.text
+    assert run.text.splitlines() == [f"round {r} got {r + 1}" for r in range(rounds)] + ["done"]
+    assert (outer.hits, outer.missed, outer.dropped) == (rounds, 0, 0)
+    assert (inner.hits, inner.missed, inner.dropped) == (rounds, 0, 0)
 
 
 def test_recursion_past_the_depth_limit(procs, fixture):
@@ -267,6 +286,29 @@ def test_detach_with_threads_inside_probed_calls(procs, fixture):
         "caller_b got relay:hello outer 2011",
         "done",
     ]
+
+
+def test_a_fault_in_the_return_trampoline_reaches_the_program(procs, fixture):
+    """A fault raised by the routines' own code (here the return trampoline's ud2, its frame
+    taken away under it) is delivered to the program where it happened: migration does not
+    single-step the faulting instruction forever (the tracer hung before)."""
+    run = procs.spawn(fixture("ret_block"), stdin_pipe=True)
+    proc = run.proc
+    inprocess = proc.engine.returns.inprocess
+    rps = [proc.return_probe(name, action="count") for name in ("outer", "read_line")]
+    _in_process(proc, *rps)
+    run.run_until("^ready$")
+    deadline = time.monotonic() + 20
+    while not all(rp.entry_probe.hits == 2 for rp in rps):
+        assert time.monotonic() < deadline, [rp.entry_probe.hits for rp in rps]
+        proc.run(timeout=0.02)
+    for index in claimed_entries(inprocess.view, inprocess.layout).values():  # the frames go
+        at = inprocess.layout.thread_offset(index) + THREAD_DEPTH
+        inprocess.view[at:at + 8] = bytes(8)
+    run.write(b"hello\n")
+    while proc.alive:
+        proc.run(timeout=0.5)
+    assert proc.exit_code == -signal.SIGILL, run.text  # the ud2's, where it happened
 
 
 def test_unknown_action_is_refused(procs, fixture):

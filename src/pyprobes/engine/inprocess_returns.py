@@ -23,6 +23,8 @@ alone touches its table entry while it runs):
   its stack and dropped, so the unwinder reads real return addresses;
 * a fork: the forking thread's real return addresses written into the *child's* stack (the area
   is MAP_SHARED: the child's table is ours, so it is never touched on the child's behalf);
+* a vfork: the child runs on the parent thread's TLS, so on its entry: the parent's frames are
+  kept at the VFORK stop and given back at VFORK_DONE (tracee.vfork_handler);
 * detach: with every thread frozen and stepped out of the code page (optimizer.migrate), every
   frame's real return address written back, then the area and the code page unmapped;
 * exec: everything forgotten (the statistics read last stay with the probes).
@@ -149,6 +151,8 @@ class InProcessReturns:
         self.fixed_ns_per_tick = sx.ns_per_tick_fixed(1.0)  # the same as the area's header holds
         self.overhead_ticks = 0
         self._regs = Regs()
+        self._vforks: dict[int, list[sx.Frame]] = {}  # a vforking thread's frames, until VFORK_DONE
+        tracee.vfork_handler = self.vfork
 
     # ------------------------------------------------------------------ making
     @property
@@ -331,6 +335,33 @@ class InProcessReturns:
         if index is not None:
             self._empty(index, self.memory, dropped=True)
 
+    def vfork(self, tid: int, done: bool) -> None:
+        """Thread TID vforks (its child runs in its memory on its TLS, so on its shadow stack):
+        its entry's frames are kept before the child runs (not DONE) and given back once the
+        child has exec'd or exited. The child's calls may have pushed frames, or dropped the
+        parent's as dead (its stack above theirs): its drops are not counted, its frames that
+        never returned (it exec'd or exited inside a call) are."""
+        if self.view is None:
+            return
+        key = self._key(tid)
+        if not done:
+            self._vforks[tid] = self.frames(key)
+            return
+        kept = self._vforks.pop(tid, [])
+        index = self._index(key)
+        if index is None:
+            return
+        now = sx.entry_frames(self.view, self.layout, index)
+        common = _common_prefix(kept, now)
+        for frame, change in [(f, -1) for f in kept[common:]] + [(f, 1) for f in now[common:]]:
+            if frame.probe_id < len(self.probes):
+                self.probes[frame.probe_id].dropped += change
+        at = self.layout.thread_offset(index)
+        for i, frame in enumerate(kept):
+            sx.FRAME.pack_into(self.view, at + sx.THREAD_HEADER + i * sx.FRAME_SIZE,
+                               frame.ret, frame.slot, frame.tsc, frame.probe_id, *frame.args)
+        _WORD.pack_into(self.view, at + sx.THREAD_DEPTH, len(kept))
+
     def thread_exited(self, tid: int) -> None:
         """TID is gone: its entry emptied, unless a new thread already runs with its TCB (once
         the exiting thread was let go past its exit stop, glibc may give a new thread its TCB
@@ -400,3 +431,10 @@ def _measured_overhead(ns_per_tick: float) -> int:
         except OSError:  # no executable memory for us: nothing subtracted
             _overhead.append(0)
     return _overhead[0]
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

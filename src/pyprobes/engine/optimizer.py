@@ -405,7 +405,9 @@ class Optimizer:
             moved = True
             if self._in_routine(pc):  # a routine returns to its trampoline's action, a return
                 # trampoline to the real caller
-                tracee.step(tid)  # they hold no pushfq/popfq: a step leaves no TF behind
+                event = tracee.step(tid)  # they hold no pushfq/popfq: a step leaves no TF behind
+                if is_fault(event):  # the routine's own fault (the return trampoline's ud2): there
+                    return True
                 pc = tracee.get_rip(tid)
                 continue
             slot = self.cache.slot_at(pc)

@@ -69,6 +69,9 @@ class Tracee(Lifecycle, Freezer, Stepper, EventLoop, StopDecoder, HeldSignals):
         # (tid); each must resume the thread. Unset, those traps come out of wait() as events.
         self.breakpoint_handler: Callable[[int, int], None] | None = None
         self.step_handler: Callable[[int], None] | None = None
+        # The owner's look at a thread that vforks (tid, False: before the child runs) and at
+        # it again once the child has exec'd or exited (tid, True): the child ran in its memory.
+        self.vfork_handler: Callable[[int, bool], None] | None = None
         # After resuming a thread, wait() polls for the next stop this long before it blocks:
         # a tracer asleep in waitpid is woken by the scheduler (several µs per stop here), one
         # that polls sees the stop at once. Bounded, so a quiet tracee costs one budget per stop.

@@ -44,6 +44,7 @@ class StopDecoder:
     alive: bool
     exit_code: int | None
     breakpoint_handler: Callable[[int, int], None] | None
+    vfork_handler: Callable[[int, bool], None] | None
     step_handler: Callable[[int], None] | None
     _queue: deque[Event]
     _queue_all: bool
@@ -170,11 +171,15 @@ class StopDecoder:
     def _vfork(self, t: Thread, sig: int) -> Event:
         child = ptrace.geteventmsg(t.tid)
         t.in_vfork = True
+        if self.vfork_handler is not None:
+            self.vfork_handler(t.tid, False)
         self._adopt(child, vfork_child=True)
         return self._settle(t, Event(EventKind.VFORK, t.tid, child=child))
 
     def _vfork_done(self, t: Thread, sig: int) -> None:
         t.in_vfork = False
+        if self.vfork_handler is not None:
+            self.vfork_handler(t.tid, True)
         if not self._queue_all:
             self._resume_quietly(t)
         return None
