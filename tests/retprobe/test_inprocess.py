@@ -311,6 +311,30 @@ def test_a_fault_in_the_return_trampoline_reaches_the_program(procs, fixture):
     assert proc.exit_code == -signal.SIGILL, run.text  # the ud2's, where it happened
 
 
+def test_probe_pages_of_removed_probes_are_used_again(procs, fixture):
+    """More in-process return probes placed and removed, one after another, than there are probe
+    pages (a library dlopened and dlclosed again and again): each still in the process, each
+    count its own (every call it followed returned into its statistics, none from a probe
+    before it on the page); a removed one keeps its last statistics."""
+    run = procs.spawn(fixture("ret_inproc"), 50_000_000, 1)
+    proc = run.proc
+    pages = proc.engine.returns.inprocess.layout.probes
+    proc.run(timeout=0.1)  # past the program's start: its calls have begun
+    placed = []
+    for _ in range(pages + 3):
+        rp = proc.return_probe("ret_outer", action="hist")
+        _in_process(proc, rp)
+        proc.run(timeout=0.005)
+        rp.remove()
+        placed.append(rp)
+    assert len({rp.shadow_id for rp in placed}) <= pages
+    proc.run(timeout=0.01)  # the last calls in flight return
+    for rp in placed:
+        assert rp.hits == rp.entry_probe.hits == rp.histogram.count, rp
+    assert sum(rp.hits for rp in placed) > 0
+    proc.kill()
+
+
 def test_unknown_action_is_refused(procs, fixture):
     run = procs.spawn(fixture("ret_inproc"), 1, 1)
     with pytest.raises(Exception, match="unknown return probe action"):

@@ -149,13 +149,11 @@ class Engine:
         """Arm or disarm after a change: the breakpoint is there exactly while an enabled probe wants
         it and the point is not jump-optimised (then queued for the optimizer)."""
         optimizer = self.optimizer
-        if point.optimized is not None:
-            optimizer.sync_point(point)  # what was counted so far goes to the probes enabled so far
+        optimizer.sync_point(point)  # what was counted so far goes to the probes it counted for
         point.refresh()
-        if point.optimized is not None:
-            if optimizer.wants(point):
-                return
-            optimizer.unoptimize(point)  # armed under its freeze; queued again if still wanted
+        if optimizer.still_serves(point):
+            return
+        optimizer.unoptimize(point)  # armed under its freeze; queued again if still wanted
         optimizer.queue(point)
         self.set_armed(point)
 

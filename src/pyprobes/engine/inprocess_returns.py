@@ -201,12 +201,11 @@ class InProcessReturns:
         returns.ensure_trampoline()  # the stop-based path (before optimisation, fallback), the unwinder probe
         rp = InProcessReturnProbe(returns, target, action, maxactive)
         rp._inprocess = self
-        rp.reason = self._refusal(target, maxactive)
+        rp.reason, page = self._page_for(target, maxactive)
         if rp.reason:
             rp.entry_probe = returns.place_entry(rp)
         else:
-            rp.shadow_id = len(self.probes)
-            self.probes.append(rp)
+            rp.shadow_id = self._claim_page(rp, page)
             offset = self.layout.probe_offset(rp.shadow_id)
             page = sx.probe_page(sx.RECORD_RETURN, return_record_id=self._ring_id(rp)) \
                 if action == "record" else sx.probe_page()
@@ -216,17 +215,44 @@ class InProcessReturns:
         returns.probes.append(rp)
         return rp
 
-    def _refusal(self, target: "Target", maxactive: int) -> str:
+    def _page_for(self, target: "Target", maxactive: int) -> tuple[str, int]:
+        """("", the probe page) for a return probe at TARGET followed in the process, or (why
+        not, -1)."""
         if maxactive != self.layout.depth:
-            return f"maxactive {maxactive}: the in-process shadow stacks are {self.layout.depth} deep"
+            return f"maxactive {maxactive}: the in-process shadow stacks are {self.layout.depth} deep", -1
         reason = self._ensure()
         if reason:
-            return reason
-        if len(self.probes) >= self.layout.probes:
-            return f"all {self.layout.probes} in-process return probe pages are in use"
+            return reason, -1
         if any(rp.address == target.address and not rp.removed for rp in self.probes):
-            return "another in-process return probe is on this function (both are followed with stops)"
-        return ""
+            return "another in-process return probe is on this function (both are followed with stops)", -1
+        page = self._free_page()
+        if page is None:
+            return f"all {self.layout.probes} in-process return probe pages are in use", -1
+        return "", page
+
+    def _free_page(self) -> int | None:
+        """A probe page for a new probe: the next never used, else a removed probe's that no frame
+        of any thread names any more (none can again: its trampoline is gone)."""
+        if len(self.probes) < self.layout.probes:
+            return len(self.probes)
+        named = {f.probe_id for frames in sx.thread_frames(self.view, self.layout).values() for f in frames}
+        return next((i for i, old in enumerate(self.probes) if old.removed and i not in named), None)
+
+    def _claim_page(self, rp: InProcessReturnProbe, index: int) -> int:
+        """Page INDEX (from _free_page()) for RP: a removed probe there keeps its last
+        statistics, and the page and its latency sums in every thread entry start from zero."""
+        if index == len(self.probes):
+            self.probes.append(rp)
+            return index
+        self.sync()
+        old = self.probes[index]
+        old._page_buckets, old._inprocess = list(self.buckets(old)), None
+        self.probes[index] = rp
+        start = self.layout.probe_offset(index)
+        self.view[start:start + sx.PAGE] = bytes(sx.PAGE)
+        for entry in sx.claimed_entries(self.view, self.layout).values():
+            _WORD.pack_into(self.view, self.layout.thread_offset(entry) + self.layout.sums_offset + 8 * index, 0)
+        return index
 
     def _ring_id(self, probe: Any) -> int:
         """PROBE's id in the ring the routines append records to (made now if need be)."""

@@ -60,6 +60,7 @@ class Optimized:
     synced: int = 0
     record_id: int | None = None
     actions: frozenset = frozenset()  # of the probes it was made for: another set needs another one
+    counting: tuple = ()  # the probes its counter's hits go to (a removed one's last ones too)
 
 
 class Optimizer:
@@ -87,6 +88,16 @@ class Optimizer:
             return False
         opt = point.optimized
         return opt is None or opt.actions == _actions(point)
+
+    def still_serves(self, point: ProbePoint) -> bool:
+        """After POINT's probes changed: whether its trampoline still does what they want (the
+        hits it counts are theirs from now on). If not, unoptimize() credits its last hits to
+        the probes it counted for until then."""
+        opt = point.optimized
+        if opt is None or not self.wants(point):
+            return False
+        opt.counting = point.counting
+        return True
 
     def queue(self, point: ProbePoint) -> None:
         if point.optimized is None and not point.not_optimized and self.wants(point):
@@ -296,7 +307,8 @@ class Optimizer:
         # A record trampoline's counter counts its drops, its records the rest; a return probe's
         # entry trampoline counts every call, for every probe of the point.
         record_id = self.ring.probe_id(_first(point, "record")) if actions == {"record"} else None
-        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id, actions=actions)
+        point.optimized = Optimized(region, trampoline, slot, counter, record_id=record_id, actions=actions,
+                                    counting=point.counting)
         self.optimized[point.address] = point
         self._live[slot.address] = point
         self._trampolines[slot.address] = trampoline
@@ -305,7 +317,7 @@ class Optimizer:
 
     # ------------------------------------------------------------------ counting
     def sync_point(self, point: ProbePoint) -> None:
-        """Add what POINT's counter grew by since the last sync to its enabled probes' hits."""
+        """Add what POINT's counter grew by since the last sync to the hits of the probes it counts for."""
         opt = point.optimized
         if opt is None:
             return
@@ -315,7 +327,7 @@ class Optimizer:
             self.ring.drain()
             delta += self.ring.recorded.pop(opt.record_id, 0)
         if delta:
-            for probe in point.counting:
+            for probe in opt.counting:
                 probe.hits += delta
 
     def sync(self) -> None:
