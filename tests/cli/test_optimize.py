@@ -44,6 +44,9 @@ def test_count_optimizes_by_default_and_no_optimize_places_breakpoints(build):
             "opt_lea": 6000, "opt_jmp": 60, "opt_copy": 60, "opt_push%return": 6000}
         modes[flags] = {name: row["mode"] for name, row in rows.items()}
         said = [line for line in r.stderr.splitlines() if "not optimized" in line]
+        placed = next(line for line in r.stderr.splitlines() if "opt_lea -> " in line)
+        # -v says how each probe runs once the optimizer has been at it
+        assert (", optimized: a jmp to a trampoline" in placed) == (not flags), placed
         if flags:
             assert said == []
         else:  # -v says why a probe stayed a breakpoint

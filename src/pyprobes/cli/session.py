@@ -29,6 +29,8 @@ def placed_line(spec: str, probe: Probe | ReturnProbe) -> str:
     """What -v says about one placed probe."""
     entry = probe.entry_probe if isinstance(probe, ReturnProbe) else probe
     how = entry.classification + (f" ({entry.reason})" if entry.reason else "")
+    if entry.mode == "optimized":
+        how = f"optimized: a jmp to a trampoline, no stop per hit (as a breakpoint: {how})"
     if probe.target.ifunc is not None:
         how += f"; {probe.target.ifunc.name} is an IFUNC: this is the implementation the loader selected"
     elif probe.target.is_ifunc_resolver:
@@ -182,11 +184,6 @@ class Session:
                 note(f"{spec}: module {parsed.module!r} is not loaded yet; the probe is pending "
                      "until the program loads it")
                 continue
-            if self.verbose:
-                for probe in pp.probes:
-                    note(placed_line(spec, probe))
-                if len(pp.probes) > 1:
-                    note(f"{spec}: {len(pp.probes)} probes placed")
             if (line := resolver_note(spec, pp.probes)) is not None:
                 note(line)
             self._note_skipped(pp)
@@ -194,6 +191,12 @@ class Session:
             proc.optimize()  # in the placement's freeze: the clock starts with the jumps in place
         except ProcessExited:
             pass  # run() reports how it ended
+        if self.verbose:  # after the optimizer: each line says how the probe runs
+            for pp in self.pendings:
+                for probe in pp.probes:
+                    note(placed_line(pp.spec, probe))
+                if len(pp.probes) > 1:
+                    note(f"{pp.spec}: {len(pp.probes)} probes placed")
         return self.pendings
 
     def _note_skipped(self, pp: PendingProbe, already: int = 0) -> None:
